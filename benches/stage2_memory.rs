@@ -1,0 +1,78 @@
+//! Stage-2 memory and throughput: streams N pulses (default 10M) through the window
+//! operator over a real RocksDB store, with event time advancing so windows rotate,
+//! and reports peak RSS at 1M and at N pulses. Bounded memory means the two peaks stay
+//! within 20% of each other.
+//!
+//!     cargo bench --bench stage2_memory            # 10M pulses
+//!     PULSES_BENCH_PULSES=2000000 cargo bench --bench stage2_memory
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use pulses::pulse::{GroupedPulse, SourceRef};
+use pulses::state::{PartitionStore, StoreResources};
+use pulses::window::{Output, WindowOperator, WindowSettings};
+use rust_decimal::Decimal;
+
+/// Peak resident set size of this process so far (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let total: u64 = std::env::var("PULSES_BENCH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
+    let tenants = 500u64;
+    let skus = ["storage.standard", "compute.vcpu", "api.requests", "network.egress"];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let resources = StoreResources::new(128 << 20);
+    let mut store = PartitionStore::open(dir.path(), &resources).expect("open store");
+    let settings = Arc::new(WindowSettings { retention_ms: 60_000, ..WindowSettings::default() });
+    let mut op = WindowOperator::restore(settings, &mut store).expect("restore");
+    let base = 1_795_341_600_000i64;
+    let mut out = Vec::new();
+    let mut emitted = 0u64;
+    let started = Instant::now();
+    let mut rss_1m = f64::NAN;
+    let amount = Decimal::from_str("0.125").unwrap_or_default();
+    let mut pulse = GroupedPulse {
+        object_id: String::new(),
+        pulse_id: String::new(),
+        tenant_id: String::new(),
+        product_sku: String::new(),
+        use_unit: "unit".into(),
+        used_amount: amount,
+        event_time: base,
+        attributes: None,
+        source: SourceRef { topic: "bench".into(), partition: 0, offset: 0 },
+    };
+    for i in 0..total {
+        pulse.pulse_id = format!("p{i}");
+        pulse.tenant_id = format!("tenant-{}", i % tenants);
+        pulse.product_sku = skus[(i / tenants) as usize % skus.len()].into();
+        // 2,000 pulses per second of event time: windows keep rotating.
+        pulse.event_time = base + (i / 2) as i64;
+        op.process(&pulse, 0, &mut store, &mut out).expect("process");
+        emitted += out.iter().filter(|o| matches!(o, Output::Aggregate { .. })).count() as u64;
+        out.clear();
+        if i % 5_000 == 4_999 {
+            op.flush(&mut store).expect("flush");
+            store.commit().expect("commit");
+        }
+        if i + 1 == 1_000_000 {
+            rss_1m = peak_rss_mib();
+        }
+    }
+    op.flush(&mut store).expect("flush");
+    store.commit().expect("commit");
+    let secs = started.elapsed().as_secs_f64();
+    let rss_end = peak_rss_mib();
+    println!("stage2_memory: {total} pulses in {secs:.1} s = {:.0} pulses/s (one core), {emitted} aggregates emitted", total as f64 / secs);
+    println!("stage2_memory: peak RSS at 1M pulses {rss_1m:.1} MiB, at {total} pulses {rss_end:.1} MiB ({:+.1}%)", (rss_end / rss_1m - 1.0) * 100.0);
+    println!("stage2_memory: open windows at end {}", op.open_windows());
+}

@@ -1,0 +1,280 @@
+//! Configuration: built-in defaults, overlaid by a TOML file (`topology/pulses.toml`),
+//! then by `PULSES_*` environment variables and command-line flags (see [`crate::cli`]).
+//! Every field has a default so an empty file is a valid configuration.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::window::{WindowSettings, WindowSpec};
+
+/// Errors reading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration of a pulses process.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Kafka bootstrap servers, `host:port[,host:port]`.
+    pub bootstrap_servers: String,
+    /// Prefix of consumer-group ids, transactional ids and internal topics.
+    pub application_id: String,
+    /// Consumer-group id prefix; defaults to `application_id`.
+    pub group_id: Option<String>,
+    /// Where RocksDB state and checkpoints live.
+    pub state_dir: PathBuf,
+    /// Listen address of the HTTP endpoint (metrics, health).
+    pub http_addr: String,
+    pub topics: Topics,
+    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
+    pub kafka: BTreeMap<String, String>,
+    pub group: GroupStage,
+    pub aggregate: AggregateStage,
+    /// Tumbling windows computed at once (SPEC §4).
+    pub windows: Vec<WindowSpec>,
+}
+
+/// Stage 2 (windowed aggregation) settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregateStage {
+    /// How long after a window's end it waits for out-of-order pulses before closing.
+    #[serde(deserialize_with = "duration")]
+    pub grace: Duration,
+    /// How long after a window's end late pulses still correct it (revision + 1).
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    /// Wall-clock time without input after which a partition's watermark advances.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// How long a pulse_id is remembered for de-duplication (stream time).
+    #[serde(deserialize_with = "duration")]
+    pub dedupe_horizon: Duration,
+    /// Least time between two interim records of a window with `emit = "updates"`.
+    #[serde(deserialize_with = "duration")]
+    pub update_interval: Duration,
+    /// Most records handled between two commits.
+    pub max_batch: usize,
+    #[serde(deserialize_with = "duration")]
+    pub max_batch_wait: Duration,
+    /// RocksDB memory (block cache + memtables) shared by all partition stores, MiB.
+    pub state_memory_mib: usize,
+}
+
+impl Default for AggregateStage {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            retention: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(30),
+            dedupe_horizon: Duration::from_secs(86_400),
+            update_interval: Duration::from_secs(1),
+            max_batch: 5_000,
+            max_batch_wait: Duration::from_millis(100),
+            state_memory_mib: 128,
+        }
+    }
+}
+
+/// Topic names (SPEC §2).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    pub source: String,
+    pub grouped: String,
+    pub aggregated: String,
+    pub dlq: String,
+    pub late: String,
+}
+
+/// Stage 1 (grouping) tuning.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GroupStage {
+    /// Most records handled between two offset commits.
+    pub max_batch: usize,
+    /// Longest a batch stays open waiting for more records.
+    #[serde(deserialize_with = "duration")]
+    pub max_batch_wait: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            application_id: "pulses".into(),
+            group_id: None,
+            state_dir: PathBuf::from("state"),
+            http_addr: "127.0.0.1:9464".into(),
+            topics: Topics::default(),
+            kafka: BTreeMap::new(),
+            group: GroupStage::default(),
+            aggregate: AggregateStage::default(),
+            windows: WindowSpec::defaults(),
+        }
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            source: "source.pulses".into(),
+            grouped: "tenant.grouped.pulses".into(),
+            aggregated: "tenant.aggregated.pulses.amount".into(),
+            dlq: "source.pulses.dlq".into(),
+            late: "tenant.late.pulses".into(),
+        }
+    }
+}
+
+impl Default for GroupStage {
+    fn default() -> Self {
+        Self { max_batch: 5_000, max_batch_wait: Duration::from_millis(100) }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The consumer-group id of stage 1.
+    pub fn group_stage_group_id(&self) -> String {
+        format!("{}.group", self.group_id.as_deref().unwrap_or(&self.application_id))
+    }
+
+    /// The consumer-group id of stage 2.
+    pub fn aggregate_stage_group_id(&self) -> String {
+        format!("{}.aggregate", self.group_id.as_deref().unwrap_or(&self.application_id))
+    }
+
+    /// The window operator's settings, in milliseconds.
+    pub fn window_settings(&self) -> WindowSettings {
+        let a = &self.aggregate;
+        let ms = |d: Duration| d.as_millis() as i64;
+        WindowSettings {
+            windows: self.windows.clone(),
+            grace_ms: ms(a.grace),
+            retention_ms: ms(a.retention),
+            idle_timeout_ms: ms(a.idle_timeout),
+            dedupe_horizon_ms: ms(a.dedupe_horizon),
+            update_interval_ms: ms(a.update_interval),
+        }
+    }
+
+    /// Checks what serde cannot: non-empty names, sane sizes.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.bootstrap_servers.trim().is_empty() {
+            return invalid("bootstrap_servers is empty".into());
+        }
+        if !valid_kafka_name(&self.application_id) {
+            return invalid(format!("application_id {:?} must be 1-200 chars of [A-Za-z0-9._-]", self.application_id));
+        }
+        let t = &self.topics;
+        for (what, name) in [("source", &t.source), ("grouped", &t.grouped), ("aggregated", &t.aggregated), ("dlq", &t.dlq), ("late", &t.late)] {
+            if !valid_kafka_name(name) {
+                return invalid(format!("topics.{what} {name:?} is not a valid topic name"));
+            }
+        }
+        if t.source == t.grouped || t.source == t.dlq || t.grouped == t.dlq {
+            return invalid("topics.source, topics.grouped and topics.dlq must differ".into());
+        }
+        if self.group.max_batch == 0 || self.aggregate.max_batch == 0 {
+            return invalid("max_batch must be at least 1".into());
+        }
+        if self.windows.is_empty() {
+            return invalid("at least one [[windows]] entry is needed".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for w in &self.windows {
+            if !valid_kafka_name(&w.name) || !names.insert(w.name.as_str()) {
+                return invalid(format!("window name {:?} must be unique, 1-200 chars of [A-Za-z0-9._-]", w.name));
+            }
+            if w.size.is_zero() {
+                return invalid(format!("window {:?} has size 0", w.name));
+            }
+        }
+        if self.aggregate.retention < self.aggregate.grace {
+            return invalid("aggregate.retention must be at least aggregate.grace".into());
+        }
+        if self.aggregate.state_memory_mib < 8 {
+            return invalid("aggregate.state_memory_mib must be at least 8".into());
+        }
+        Ok(())
+    }
+}
+
+fn valid_kafka_name(s: &str) -> bool {
+    (1..=200).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// Parses durations such as `250ms`, `5s`, `1m`, `1h`, `1d` (one number, one unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 1m, 1h, 1d"))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use ms, s, m, h or d")),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Serde adapter for [`parse_duration`].
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("1.5s").is_err());
+        assert!(parse_duration("s").is_err());
+    }
+
+    #[test]
+    fn shipped_topology_file_parses_and_checks() {
+        let cfg = Config::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topology/pulses.toml"))).unwrap();
+        cfg.check().unwrap();
+        assert_eq!(cfg.topics, Topics::default());
+        assert_eq!(cfg.window_settings(), WindowSettings::default());
+        assert_eq!(cfg, Config::default(), "the shipped file documents the defaults");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Config::from_toml("bootstrap = 'x'").is_err());
+        assert!(Config::from_toml("[topics]\nsorce = 'x'").is_err());
+    }
+}

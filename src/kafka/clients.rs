@@ -1,0 +1,123 @@
+//! librdkafka client configuration shared by every Kafka-facing command.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{ProducerContext, ThreadedProducer};
+
+use crate::config::Config;
+
+/// Base settings: bootstrap servers and client id, with the user's `[kafka]` table.
+pub fn base(cfg: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers);
+    c.set("client.id", &cfg.application_id);
+    with_user_overrides(c, cfg)
+}
+
+/// Applies the user's `[kafka]` table last, so it wins over pulses' own settings.
+fn with_user_overrides(mut c: ClientConfig, cfg: &Config) -> ClientConfig {
+    for (k, v) in &cfg.kafka {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A consumer in `group_id` that commits offsets only when told to, after the outputs
+/// of the records are durably written (never auto-commit: that could lose pulses).
+pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
+    let mut c = base(cfg);
+    c.set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        // Producers may write transactionally; only committed input counts.
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "30000");
+    with_user_overrides(c, cfg)
+}
+
+/// An idempotent producer (no duplicates from internal retries) partitioning keys like
+/// the Java client (murmur2), so Kafka Streams or Flink readers co-partition with us.
+pub fn producer_config(cfg: &Config) -> ClientConfig {
+    let mut c = base(cfg);
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000");
+    with_user_overrides(c, cfg)
+}
+
+/// Counts failed deliveries so a batch is never committed past a lost record.
+#[derive(Default, Clone)]
+pub struct DeliveryTracker {
+    failed: Arc<AtomicU64>,
+    last_error: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl DeliveryTracker {
+    /// Failed deliveries since start.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// The most recent delivery error, for the log line that explains a failure.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|g| g.clone())
+    }
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
+        if let Err((err, msg)) = result {
+            self.failed.fetch_add(1, Ordering::AcqRel);
+            use rdkafka::Message;
+            let text = format!("delivery to {} failed: {err}", msg.topic());
+            tracing::error!("{text}");
+            if let Ok(mut g) = self.last_error.lock() {
+                *g = Some(text);
+            }
+        }
+    }
+}
+
+/// A producer whose delivery reports are polled by a background thread.
+pub type TrackedProducer = ThreadedProducer<DeliveryTracker>;
+
+pub fn tracked_producer(cfg: &Config) -> Result<TrackedProducer, KafkaError> {
+    producer_config(cfg).create_with_context(DeliveryTracker::default())
+}
+
+/// Enqueues a record, waiting while librdkafka's local queue is full instead of
+/// failing: back-pressure, not loss.
+pub fn send_with_backpressure<'a, K, P, C>(
+    producer: &ThreadedProducer<C>,
+    mut record: rdkafka::producer::BaseRecord<'a, K, P, ()>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+    C: ProducerContext<DeliveryOpaque = ()> + 'static,
+{
+    use rdkafka::types::RDKafkaErrorCode::QueueFull;
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Kafka plumbing: client configuration, the DLQ record format, and topic admin.
+//! Stages use these; nothing here knows what a pulse is.
+
+pub mod admin;
+pub mod clients;
+pub mod dlq;

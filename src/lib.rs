@@ -1,0 +1,17 @@
+//! pulses: a Kafka-native Kappa stream processor that meters cloud usage for billing.
+//!
+//! Where to look:
+//! - a pulse enters in [`stage::group`], is validated by [`pulse::validate`] and leaves
+//!   re-keyed by tenant to the grouped topic, or to the DLQ ([`kafka::dlq`]);
+//! - the pure core ([`pulse`]) has no Kafka in sight and is unit-tested on plain values;
+//! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
+
+pub mod cli;
+pub mod config;
+pub mod kafka;
+pub mod ops;
+pub mod pulse;
+pub mod state;
+pub mod stage;
+pub mod window;
+pub mod stub;

@@ -1,0 +1,3 @@
+//! Operations: counters the stages update and the process reports.
+
+pub mod metrics;

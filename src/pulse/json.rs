@@ -1,0 +1,59 @@
+//! JSON codec for pulses. Decoding borrows from the record bytes where it can and keeps
+//! `used_amount` and `timestamp` as raw JSON text, so a number like `12.50` reaches
+//! [`rust_decimal`] digit for digit instead of passing through an `f64`.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::{GroupedPulse, RejectReason, Rejection};
+
+/// A pulse as a producer wrote it, before validation. Field names of the original Go
+/// ingestor (`used_ammount`, `use_unity`) are accepted as aliases (SPEC §3).
+#[derive(Debug, Deserialize)]
+pub struct RawPulse<'a> {
+    #[serde(borrow, default)]
+    pub pulse_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub tenant_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub product_sku: Option<Cow<'a, str>>,
+    #[serde(borrow, default, alias = "use_unity")]
+    pub use_unit: Option<Cow<'a, str>>,
+    #[serde(borrow, default, alias = "used_ammount")]
+    pub used_amount: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub timestamp: Option<&'a RawValue>,
+    #[serde(default)]
+    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// Decodes the JSON value of a `source.pulses` record.
+///
+/// Malformed JSON (or anything but an object) is `invalid_json`; well-formed JSON with a
+/// field of the wrong type (say `"tenant_id": 7`) is `invalid_field`.
+pub fn decode_pulse(bytes: &[u8]) -> Result<RawPulse<'_>, Rejection> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(Rejection::new(RejectReason::InvalidJson, "expected a JSON object"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        let reason = match e.classify() {
+            serde_json::error::Category::Data => RejectReason::InvalidField,
+            _ => RejectReason::InvalidJson,
+        };
+        Rejection::new(reason, e.to_string())
+    })
+}
+
+/// Encodes a grouped pulse as the JSON value written to `tenant.grouped.pulses`.
+pub fn encode_grouped(p: &GroupedPulse) -> Vec<u8> {
+    // Serialising plain strings, decimals and maps cannot fail.
+    serde_json::to_vec(p).unwrap_or_default()
+}
+
+/// Decodes a record of `tenant.grouped.pulses`.
+pub fn decode_grouped(bytes: &[u8]) -> Result<GroupedPulse, serde_json::Error> {
+    serde_json::from_slice(bytes)
+}

@@ -1,0 +1,357 @@
+//! The RocksDB [`WindowStore`]. Writes of a batch go to a `WriteBatch` (plus an
+//! in-memory overlay, so reads within the batch see them) and reach disk in one atomic
+//! write at [`PartitionStore::commit`], which stage 2 calls before committing offsets.
+//!
+//! Key layout (one byte of prefix, then big-endian fields so keys sort by time):
+//! - `m`                                 → watermark (JSON)
+//! - `o` window start tenant\0sku\0unit   → open window state (JSON)
+//! - `c` end window start tenant\0sku\0unit → closed window within retention (JSON)
+//! - `d` tenant\0pulse_id                 → stream time it was counted at (sortable, 8 bytes)
+//! - `x` at tenant\0pulse_id              → (empty) expiry index of `d`
+//!
+//! Identifiers never contain NUL (validation allows `[A-Za-z0-9._:-]` only).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
+
+use crate::window::aggregate::GroupKey;
+use crate::window::store::{WindowKey, WindowState, WindowStore};
+use crate::window::watermark::Watermark;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb at {path}: {source}")]
+    Rocks { path: PathBuf, source: rocksdb::Error },
+    #[error("corrupt state at {path}: {detail}")]
+    Corrupt { path: PathBuf, detail: String },
+}
+
+/// Memory shared by all partition stores of a process, so RSS is bounded by
+/// configuration rather than by the number of assigned partitions.
+#[derive(Clone)]
+pub struct StoreResources {
+    cache: Cache,
+    write_buffers: Arc<WriteBufferManager>,
+}
+
+impl StoreResources {
+    /// `memory_bytes` is split between the block cache and all memtables.
+    pub fn new(memory_bytes: usize) -> Self {
+        let cache = Cache::new_lru_cache(memory_bytes / 2);
+        let write_buffers = Arc::new(WriteBufferManager::new_write_buffer_manager(memory_bytes / 2, false));
+        Self { cache, write_buffers }
+    }
+}
+
+/// The state store of one input partition.
+pub struct PartitionStore {
+    db: DB,
+    path: PathBuf,
+    batch: WriteBatch,
+    /// Writes of the current batch: `None` is a delete.
+    overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Closed windows and dedupe entries up to these bounds are already purged, so
+    /// purging never rescans tombstones.
+    purged_closed: Option<i64>,
+    expired_seen: Option<i64>,
+}
+
+impl PartitionStore {
+    pub fn open(path: &Path, resources: &StoreResources) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(path).map_err(|e| StoreError::Corrupt { path: path.to_owned(), detail: e.to_string() })?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.set_write_buffer_manager(&resources.write_buffers);
+        opts.set_write_buffer_size(16 << 20);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let mut block = rocksdb::BlockBasedOptions::default();
+        block.set_block_cache(&resources.cache);
+        block.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&block);
+        let db = DB::open(&opts, path).map_err(|source| StoreError::Rocks { path: path.to_owned(), source })?;
+        Ok(Self {
+            db,
+            path: path.to_owned(),
+            batch: WriteBatch::default(),
+            overlay: HashMap::new(),
+            purged_closed: None,
+            expired_seen: None,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes the buffered batch atomically. Not fsynced per batch: the input offsets
+    /// are committed after this, and on a machine crash the WAL plus re-processing
+    /// from the committed offsets (deduplicated) restore the state.
+    pub fn commit(&mut self) -> Result<(), StoreError> {
+        if self.overlay.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.db.write(batch).map_err(|e| self.rocks(e))?;
+        self.overlay.clear();
+        Ok(())
+    }
+
+    fn rocks(&self, source: rocksdb::Error) -> StoreError {
+        StoreError::Rocks { path: self.path.clone(), source }
+    }
+
+    fn corrupt(&self, detail: impl Into<String>) -> StoreError {
+        StoreError::Corrupt { path: self.path.clone(), detail: detail.into() }
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        self.db.get(key).map_err(|e| self.rocks(e))
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.put(&key, &value);
+        self.overlay.insert(key, Some(value));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.batch.delete(&key);
+        self.overlay.insert(key, None);
+    }
+
+    /// Deletes every key in `[from, to)`, on disk and in the current batch.
+    fn delete_span(&mut self, from: Vec<u8>, to: Vec<u8>) -> Result<(), StoreError> {
+        let mut doomed: Vec<Vec<u8>> =
+            self.overlay.iter().filter(|(k, v)| v.is_some() && **k >= from && **k < to).map(|(k, _)| k.clone()).collect();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.clone());
+        ro.set_iterate_upper_bound(to);
+        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            doomed.push(k.to_vec());
+        }
+        for k in doomed {
+            self.delete(k);
+        }
+        Ok(())
+    }
+
+    fn decode_state(&self, bytes: &[u8]) -> Result<WindowState, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| self.corrupt(format!("window state: {e}")))
+    }
+}
+
+/// Big-endian encoding of an i64 that sorts like the number (sign bit flipped).
+fn sortable(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn unsortable(b: &[u8]) -> Option<i64> {
+    Some((u64::from_be_bytes(b.get(..8)?.try_into().ok()?) ^ (1 << 63)) as i64)
+}
+
+fn push_group(k: &mut Vec<u8>, g: &GroupKey) {
+    k.extend_from_slice(g.tenant_id.as_bytes());
+    k.push(0);
+    k.extend_from_slice(g.product_sku.as_bytes());
+    k.push(0);
+    k.extend_from_slice(g.use_unit.as_bytes());
+}
+
+fn open_key(w: &WindowKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.push(b'o');
+    k.extend_from_slice(&w.window.to_be_bytes());
+    k.extend_from_slice(&sortable(w.start));
+    k.extend_from_slice(&sortable(w.end));
+    push_group(&mut k, &w.key);
+    k
+}
+
+fn closed_key(w: &WindowKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.push(b'c');
+    k.extend_from_slice(&sortable(w.end));
+    k.extend_from_slice(&w.window.to_be_bytes());
+    k.extend_from_slice(&sortable(w.start));
+    push_group(&mut k, &w.key);
+    k
+}
+
+fn seen_key(tenant: &str, pulse_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.len() + pulse_id.len());
+    k.push(b'd');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(pulse_id.as_bytes());
+    k
+}
+
+fn expiry_key(at: i64, tenant: &str, pulse_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + tenant.len() + pulse_id.len());
+    k.push(b'x');
+    k.extend_from_slice(&sortable(at));
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(pulse_id.as_bytes());
+    k
+}
+
+fn prefixed_time(prefix: u8, t: i64) -> Vec<u8> {
+    let mut k = vec![prefix];
+    k.extend_from_slice(&sortable(t));
+    k
+}
+
+/// Parses an `o` key back into its window key.
+fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
+    let window = u16::from_be_bytes(k.get(1..3)?.try_into().ok()?);
+    let start = unsortable(k.get(3..11)?)?;
+    let end = unsortable(k.get(11..19)?)?;
+    let mut parts = k.get(19..)?.split(|b| *b == 0).map(|p| String::from_utf8(p.to_vec()).ok());
+    let key = GroupKey { tenant_id: parts.next()??, product_sku: parts.next()??, use_unit: parts.next()?? };
+    Some(WindowKey { end, window, start, key: Arc::new(key) })
+}
+
+const WATERMARK_KEY: &[u8] = b"m";
+
+impl WindowStore for PartitionStore {
+    type Error = StoreError;
+
+    fn load_watermark(&mut self) -> Result<Option<Watermark>, StoreError> {
+        match self.get(WATERMARK_KEY)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| self.corrupt(format!("watermark: {e}"))),
+        }
+    }
+
+    fn put_watermark(&mut self, w: &Watermark) {
+        self.put(WATERMARK_KEY.to_vec(), serde_json::to_vec(w).unwrap_or_default());
+    }
+
+    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, StoreError> {
+        let mut out = Vec::new();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(b"o".to_vec());
+        ro.set_iterate_upper_bound(b"p".to_vec());
+        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            let key = parse_open_key(&k).ok_or_else(|| self.corrupt("unreadable open-window key"))?;
+            out.push((key, self.decode_state(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) {
+        self.put(open_key(k), serde_json::to_vec(s).unwrap_or_default());
+    }
+
+    fn delete_open(&mut self, k: &WindowKey) {
+        self.delete(open_key(k));
+    }
+
+    fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, StoreError> {
+        match self.get(&closed_key(k))? {
+            None => Ok(None),
+            Some(b) => self.decode_state(&b).map(Some),
+        }
+    }
+
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) {
+        self.put(closed_key(k), serde_json::to_vec(s).unwrap_or_default());
+    }
+
+    fn purge_closed(&mut self, end_at_most: i64) -> Result<(), StoreError> {
+        if self.purged_closed.is_some_and(|p| p >= end_at_most) {
+            return Ok(());
+        }
+        let from = self.purged_closed.map_or_else(|| b"c".to_vec(), |p| prefixed_time(b'c', p.saturating_add(1)));
+        self.delete_span(from, prefixed_time(b'c', end_at_most.saturating_add(1)))?;
+        self.purged_closed = Some(end_at_most);
+        Ok(())
+    }
+
+    fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, StoreError> {
+        Ok(self.get(&seen_key(tenant, pulse_id))?.is_some())
+    }
+
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
+        self.put(seen_key(tenant, pulse_id), sortable(at).to_vec());
+        self.put(expiry_key(at, tenant, pulse_id), Vec::new());
+    }
+
+    fn expire_seen(&mut self, at_most: i64) -> Result<(), StoreError> {
+        if self.expired_seen.is_some_and(|p| p >= at_most) {
+            return Ok(());
+        }
+        let from = self.expired_seen.map_or_else(|| b"x".to_vec(), |p| prefixed_time(b'x', p.saturating_add(1)));
+        let to = prefixed_time(b'x', at_most.saturating_add(1));
+        // Collect the expired index entries first, then delete them and their `d` keys.
+        let mut doomed = Vec::new();
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.clone());
+        ro.set_iterate_upper_bound(to.clone());
+        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, _) = item.map_err(|e| self.rocks(e))?;
+            doomed.push(k.to_vec());
+        }
+        doomed.extend(self.overlay.iter().filter(|(k, v)| v.is_some() && **k >= from && **k < to).map(|(k, _)| k.clone()));
+        for x in doomed {
+            let mut d = Vec::with_capacity(x.len() - 8);
+            d.push(b'd');
+            d.extend_from_slice(&x[9..]);
+            // Only forget the id if it was not seen again later (a later `x` entry).
+            if self.get(&d)?.as_deref() == Some(&x[1..9]) {
+                self.delete(d);
+            }
+            self.delete(x);
+        }
+        self.expired_seen = Some(at_most);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::aggregate::Accumulator;
+    use rust_decimal::Decimal;
+
+    fn key(start: i64) -> WindowKey {
+        let g = GroupKey { tenant_id: "acme".into(), product_sku: "s.k-u:1".into(), use_unit: "GB".into() };
+        WindowKey { end: start + 1000, window: 2, start, key: Arc::new(g) }
+    }
+
+    #[test]
+    fn state_survives_reopen_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = StoreResources::new(16 << 20);
+        let st = WindowState::new(Accumulator::first(Decimal::new(125, 1), 7));
+        {
+            let mut s = PartitionStore::open(dir.path(), &res).unwrap();
+            s.put_open(&key(-5_000), &st);
+            s.put_closed(&key(1_000), &st);
+            s.put_closed(&key(9_000), &st);
+            s.mark_seen("acme", "p1", 100);
+            s.put_watermark(&Watermark { current: 42, last_input_wall_ms: 1, last_input_watermark: 42 });
+            assert!(s.seen("acme", "p1").unwrap(), "reads see the uncommitted batch");
+            s.commit().unwrap();
+        }
+        let mut s = PartitionStore::open(dir.path(), &res).unwrap();
+        assert_eq!(s.load_open().unwrap(), vec![(key(-5_000), st.clone())]);
+        assert_eq!(s.load_watermark().unwrap().map(|w| w.current), Some(42));
+        assert!(s.seen("acme", "p1").unwrap());
+        assert!(!s.seen("acme", "p2").unwrap());
+        s.purge_closed(2_000).unwrap(); // key(1_000) ends at 2_000
+        assert_eq!(s.get_closed(&key(1_000)).unwrap(), None);
+        assert_eq!(s.get_closed(&key(9_000)).unwrap(), Some(st));
+        s.expire_seen(100).unwrap();
+        assert!(!s.seen("acme", "p1").unwrap());
+        s.commit().unwrap();
+    }
+}

@@ -1,0 +1,183 @@
+//! The exact accumulator of one window and the aggregate record it becomes (SPEC §3).
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::pulse::{ids, time};
+
+/// What windows are grouped by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GroupKey {
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub use_unit: String,
+}
+
+/// Sum, count, min, max and event-time span of the pulses in one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accumulator {
+    pub total: Decimal,
+    pub count: u64,
+    pub min: Decimal,
+    pub max: Decimal,
+    pub first_event_time: i64,
+    pub last_event_time: i64,
+}
+
+/// Adding would lose digits: the total no longer fits rust_decimal's 96-bit mantissa
+/// at the scale the amounts need. Never rounded silently.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("adding {amount} to {total} does not fit an exact decimal")]
+pub struct InexactSum {
+    pub total: Decimal,
+    pub amount: Decimal,
+}
+
+impl Accumulator {
+    pub fn first(amount: Decimal, event_ms: i64) -> Self {
+        Self { total: amount, count: 1, min: amount, max: amount, first_event_time: event_ms, last_event_time: event_ms }
+    }
+
+    /// Sums exactly, or refuses (the accumulator is then unchanged).
+    pub fn add(&mut self, amount: Decimal, event_ms: i64) -> Result<(), InexactSum> {
+        let total = exact_add(self.total, amount).ok_or(InexactSum { total: self.total, amount })?;
+        self.total = total;
+        self.count += 1;
+        self.min = self.min.min(amount);
+        self.max = self.max.max(amount);
+        self.first_event_time = self.first_event_time.min(event_ms);
+        self.last_event_time = self.last_event_time.max(event_ms);
+        Ok(())
+    }
+}
+
+/// `a + b` if representable without rounding. rust_decimal rounds (drops scale) when
+/// the exact sum needs more than 96 bits; a smaller result scale betrays that.
+pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    let sum = a.checked_add(b)?;
+    (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+}
+
+/// One emitted window aggregate: the value of `tenant.aggregated.pulses.amount`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowAggregate {
+    pub aggregate_id: String,
+    pub revision: u32,
+    pub tenant_id: String,
+    pub product_sku: String,
+    pub use_unit: String,
+    pub window: String,
+    #[serde(with = "time::rfc3339_ms")]
+    pub window_start: i64,
+    #[serde(with = "time::rfc3339_ms")]
+    pub window_end: i64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub total_amount: Decimal,
+    pub pulse_count: u64,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub min_amount: Decimal,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub max_amount: Decimal,
+    #[serde(with = "time::rfc3339_ms")]
+    pub first_event_time: i64,
+    #[serde(with = "time::rfc3339_ms")]
+    pub last_event_time: i64,
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    #[serde(with = "time::rfc3339_ms")]
+    pub emitted_at: i64,
+}
+
+impl WindowAggregate {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: &GroupKey,
+        window: &str,
+        start: i64,
+        end: i64,
+        acc: &Accumulator,
+        revision: u32,
+        is_final: bool,
+        emitted_at: i64,
+    ) -> Self {
+        Self {
+            aggregate_id: ids::aggregate_id(&key.tenant_id, &key.product_sku, &key.use_unit, window, start),
+            revision,
+            tenant_id: key.tenant_id.clone(),
+            product_sku: key.product_sku.clone(),
+            use_unit: key.use_unit.clone(),
+            window: window.to_owned(),
+            window_start: start,
+            window_end: end,
+            total_amount: acc.total,
+            pulse_count: acc.count,
+            min_amount: acc.min,
+            max_amount: acc.max,
+            first_event_time: acc.first_event_time,
+            last_event_time: acc.last_event_time,
+            is_final,
+            emitted_at,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn point_one_ten_times_is_exactly_one() {
+        let mut acc = Accumulator::first(d("0.1"), 0);
+        for i in 1..10 {
+            acc.add(d("0.1"), i).unwrap();
+        }
+        assert_eq!(acc.total, d("1.0"));
+        assert_eq!(acc.total.to_string(), "1.0");
+        assert_eq!(acc.count, 10);
+    }
+
+    #[test]
+    fn min_max_and_span() {
+        let mut acc = Accumulator::first(d("5"), 100);
+        acc.add(d("0.5"), 50).unwrap();
+        acc.add(d("9.0"), 200).unwrap();
+        assert_eq!((acc.min, acc.max, acc.first_event_time, acc.last_event_time), (d("0.5"), d("9.0"), 50, 200));
+    }
+
+    #[test]
+    fn inexact_sums_are_refused_not_rounded() {
+        let mut acc = Accumulator::first(d("1000000000000000000"), 0);
+        let before = acc.clone();
+        let err = acc.add(d("0.0000000000000000000000000001"), 1).unwrap_err();
+        assert_eq!(err.total, before.total);
+        assert_eq!(acc, before);
+        assert!(exact_add(Decimal::MAX, Decimal::ONE).is_none());
+    }
+
+    #[test]
+    fn aggregate_json_matches_spec_shape() {
+        let key = GroupKey { tenant_id: "acme".into(), product_sku: "storage.standard".into(), use_unit: "GB".into() };
+        let acc = Accumulator::first(d("12.5"), 1_795_341_600_123);
+        let agg = WindowAggregate::new(&key, "minute", 1_795_341_600_000, 1_795_341_660_000, &acc, 0, true, 1_795_341_666_000);
+        let v: serde_json::Value = serde_json::from_slice(&agg.to_json()).unwrap();
+        assert_eq!(v["window_start"], "2026-11-22T10:00:00.000Z");
+        assert_eq!(v["window_end"], "2026-11-22T10:01:00.000Z");
+        assert_eq!(v["total_amount"], "12.5");
+        assert_eq!(v["final"], true);
+        assert_eq!(v["pulse_count"], 1);
+        assert_eq!(WindowAggregate::from_json(&agg.to_json()).unwrap(), agg);
+    }
+}

@@ -1,0 +1,136 @@
+//! What the window operator needs from its state store, as a trait over plain types,
+//! with an in-memory implementation for tests and benchmarks. The RocksDB store
+//! ([`crate::state`]) implements the same trait.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::aggregate::{Accumulator, GroupKey};
+use super::watermark::Watermark;
+
+/// Identifies one window of one group: window index (into the configured windows),
+/// its `[start, end)` and the group key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WindowKey {
+    pub end: i64,
+    pub window: u16,
+    pub start: i64,
+    pub key: Arc<GroupKey>,
+}
+
+/// The state of one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowState {
+    pub acc: Accumulator,
+    /// Revision the next emitted record of this window gets.
+    pub next_revision: u32,
+    /// Changed since the last interim update (emit = "updates").
+    pub updated_since_emit: bool,
+    /// Wall-clock time of the last interim update.
+    pub last_emit_wall_ms: i64,
+}
+
+impl WindowState {
+    pub fn new(acc: Accumulator) -> Self {
+        Self { acc, next_revision: 0, updated_since_emit: true, last_emit_wall_ms: i64::MIN }
+    }
+}
+
+/// Durable state of one input partition's windows. Writes may be buffered until the
+/// owner commits them; reads must see earlier writes of the same batch.
+pub trait WindowStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    fn load_watermark(&mut self) -> Result<Option<Watermark>, Self::Error>;
+    fn put_watermark(&mut self, w: &Watermark);
+    /// Every open window, for restoring the operator.
+    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, Self::Error>;
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState);
+    fn delete_open(&mut self, k: &WindowKey);
+    /// A closed window still within retention.
+    fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error>;
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState);
+    /// Forgets closed windows with `end <= end_at_most`.
+    fn purge_closed(&mut self, end_at_most: i64) -> Result<(), Self::Error>;
+    /// Whether `pulse_id` of `tenant` was already counted.
+    fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error>;
+    /// Remembers `pulse_id` as counted at stream time `at`.
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64);
+    /// Forgets pulse_ids marked at a stream time `<= at_most`.
+    fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error>;
+}
+
+/// A [`WindowStore`] in plain maps: for unit tests, benchmarks and bounded replays.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    watermark: Option<Watermark>,
+    open: HashMap<WindowKey, WindowState>,
+    closed: BTreeMap<WindowKey, WindowState>,
+    seen: HashMap<(String, String), i64>,
+    seen_by_time: BTreeMap<(i64, String, String), ()>,
+}
+
+impl MemoryStore {
+    pub fn closed_len(&self) -> usize {
+        self.closed.len()
+    }
+
+    pub fn seen_len(&self) -> usize {
+        self.seen.len()
+    }
+}
+
+impl WindowStore for MemoryStore {
+    type Error = std::convert::Infallible;
+
+    fn load_watermark(&mut self) -> Result<Option<Watermark>, Self::Error> {
+        Ok(self.watermark)
+    }
+    fn put_watermark(&mut self, w: &Watermark) {
+        self.watermark = Some(*w);
+    }
+    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, Self::Error> {
+        Ok(self.open.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) {
+        self.open.insert(k.clone(), s.clone());
+    }
+    fn delete_open(&mut self, k: &WindowKey) {
+        self.open.remove(k);
+    }
+    fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error> {
+        Ok(self.closed.get(k).cloned())
+    }
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) {
+        self.closed.insert(k.clone(), s.clone());
+    }
+    fn purge_closed(&mut self, end_at_most: i64) -> Result<(), Self::Error> {
+        // WindowKey orders by `end` first.
+        self.closed.retain(|k, _| k.end > end_at_most);
+        Ok(())
+    }
+    fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error> {
+        Ok(self.seen.contains_key(&(tenant.to_owned(), pulse_id.to_owned())))
+    }
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
+        let k = (tenant.to_owned(), pulse_id.to_owned());
+        if let Some(old) = self.seen.insert(k.clone(), at) {
+            self.seen_by_time.remove(&(old, k.0.clone(), k.1.clone()));
+        }
+        self.seen_by_time.insert((at, k.0, k.1), ());
+    }
+    fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error> {
+        while let Some(((at, t, p), ())) = self.seen_by_time.first_key_value() {
+            if *at > at_most {
+                break;
+            }
+            let key = (t.clone(), p.clone());
+            let at = *at;
+            self.seen_by_time.remove(&(at, key.0.clone(), key.1.clone()));
+            self.seen.remove(&key);
+        }
+        Ok(())
+    }
+}

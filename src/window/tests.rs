@@ -1,0 +1,194 @@
+//! Scenario tests of the window operator over the in-memory store.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use super::operator::{LateReason, Output, WindowOperator};
+use super::store::MemoryStore;
+use super::{EmitMode, WindowSettings, WindowSpec};
+use crate::pulse::{GroupedPulse, SourceRef};
+
+fn settings() -> Arc<WindowSettings> {
+    Arc::new(WindowSettings {
+        windows: vec![WindowSpec::new("inflight", 1_000, EmitMode::Final), WindowSpec::new("postflight", 10_000, EmitMode::Final)],
+        grace_ms: 5_000,
+        retention_ms: 60_000,
+        idle_timeout_ms: 30_000,
+        dedupe_horizon_ms: 120_000,
+        update_interval_ms: 1_000,
+    })
+}
+
+fn pulse(id: &str, tenant: &str, amount: &str, event_ms: i64) -> GroupedPulse {
+    GroupedPulse {
+        object_id: format!("o-{id}"),
+        pulse_id: id.into(),
+        tenant_id: tenant.into(),
+        product_sku: "api.requests".into(),
+        use_unit: "requests".into(),
+        used_amount: Decimal::from_str(amount).unwrap(),
+        event_time: event_ms,
+        attributes: None,
+        source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+    }
+}
+
+struct Harness {
+    op: WindowOperator,
+    store: MemoryStore,
+    out: Vec<Output>,
+}
+
+impl Harness {
+    fn new(settings: Arc<WindowSettings>) -> Self {
+        let mut store = MemoryStore::default();
+        let op = WindowOperator::restore(settings, &mut store).unwrap();
+        Self { op, store, out: Vec::new() }
+    }
+
+    fn send(&mut self, p: GroupedPulse) {
+        self.op.process(&p, 0, &mut self.store, &mut self.out).unwrap();
+        self.op.flush(&mut self.store).unwrap();
+    }
+
+    /// (window, start, revision, total, count, final) of emitted aggregates, drained.
+    fn aggregates(&mut self) -> Vec<(String, i64, u32, String, u64, bool)> {
+        let mut v = Vec::new();
+        for o in self.out.drain(..) {
+            if let Output::Aggregate { record: r, .. } = o {
+                v.push((r.window, r.window_start, r.revision, r.total_amount.to_string(), r.pulse_count, r.is_final));
+            }
+        }
+        v
+    }
+}
+
+fn agg(w: &str, start: i64, rev: u32, total: &str, count: u64) -> (String, i64, u32, String, u64, bool) {
+    (w.into(), start, rev, total.into(), count, true)
+}
+
+#[test]
+fn window_closes_only_when_watermark_passes_end_plus_grace() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1.5", 100));
+    h.send(pulse("b", "t1", "2.5", 999));
+    h.send(pulse("c", "t1", "1", 5_999)); // watermark 5_999 < 1_000 + 5_000
+    assert_eq!(h.aggregates(), vec![]);
+    h.send(pulse("d", "t1", "1", 6_000)); // reaches end + grace: [0, 1000) closes
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "4.0", 2)]);
+}
+
+#[test]
+fn out_of_order_within_grace_counts_in_its_window() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("b", "t1", "1", 4_000));
+    h.send(pulse("c", "t1", "2", 700)); // behind the watermark, but within grace
+    h.send(pulse("d", "t1", "1", 6_000));
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "3", 2)]);
+}
+
+#[test]
+fn late_after_grace_emits_a_correction_with_next_revision() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("b", "t1", "1", 16_000)); // closes [0,1000) and postflight [0,10000)
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "1", 1), agg("postflight", 0, 0, "1", 1)]);
+    h.send(pulse("c", "t1", "0.25", 900)); // late, within retention
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 1, "1.25", 2), agg("postflight", 0, 1, "1.25", 2)]);
+    h.send(pulse("d", "t1", "0.25", 901));
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 2, "1.50", 3), agg("postflight", 0, 2, "1.50", 3)]);
+}
+
+#[test]
+fn beyond_retention_goes_to_late_and_is_counted_nowhere() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("b", "t1", "1", 70_000)); // watermark 70s; [0,1000) + 60s retention passed
+    h.aggregates();
+    h.send(pulse("c", "t1", "7", 500));
+    assert!(matches!(&h.out[..], [Output::Late { reason: LateReason::BeyondRetention, pulse }] if pulse.pulse_id == "c"));
+    // postflight [0,10000) + 60 s = 70 s: also beyond retention, so no window counts it.
+    assert_eq!(h.store.closed_len(), 0, "closed windows past retention are purged");
+}
+
+#[test]
+fn duplicates_are_counted_once_until_the_horizon_expires() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("a", "t1", "1", 500));
+    assert!(matches!(h.out.last(), Some(Output::Duplicate { .. })));
+    h.out.clear();
+    h.send(pulse("a", "t2", "1", 500)); // same id, other tenant: a different pulse
+    assert!(h.out.is_empty(), "counted, not a duplicate: {:?}", h.out);
+    h.out.clear();
+    h.send(pulse("x", "t1", "1", 200_000)); // horizon 120 s: "a" (seen at 500) expires
+    assert_eq!(h.store.seen_len(), 1);
+    h.out.clear();
+    h.send(pulse("a", "t1", "1", 199_500));
+    assert!(!h.out.iter().any(|o| matches!(o, Output::Duplicate { .. })));
+}
+
+#[test]
+fn idle_partition_closes_trailing_windows() {
+    let mut h = Harness::new(settings());
+    h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(1_029_000, &mut h.store, &mut h.out);
+    assert_eq!(h.aggregates(), vec![]);
+    h.op.on_time(1_030_000, &mut h.store, &mut h.out); // idle: watermark → 1_030_000
+    assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "1", 1), agg("postflight", 1_000_000, 0, "1", 1)]);
+}
+
+#[test]
+fn updates_mode_emits_interim_records_then_one_final() {
+    let mut s = (*settings()).clone();
+    s.windows = vec![WindowSpec::new("postflight", 10_000, EmitMode::Updates)];
+    let mut h = Harness::new(Arc::new(s));
+    h.op.process(&pulse("a", "t1", "1", 100), 0, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(0, &mut h.store, &mut h.out);
+    h.op.on_time(500, &mut h.store, &mut h.out); // nothing changed: no update
+    h.op.process(&pulse("b", "t1", "2", 200), 600, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(700, &mut h.store, &mut h.out); // changed, but within update_interval
+    h.op.on_time(1_000, &mut h.store, &mut h.out);
+    h.op.process(&pulse("c", "t1", "1", 15_000), 1_100, &mut h.store, &mut h.out).unwrap();
+    let got = h.aggregates();
+    assert_eq!(
+        got,
+        vec![
+            ("postflight".into(), 0, 0, "1".into(), 1, false),
+            ("postflight".into(), 0, 1, "3".into(), 2, false),
+            ("postflight".into(), 0, 2, "3".into(), 2, true),
+        ]
+    );
+}
+
+#[test]
+fn restored_operator_continues_where_it_stopped() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("b", "t1", "2", 800));
+    // A new operator over the same store (a restart) keeps open windows and dedupe.
+    let mut op = WindowOperator::restore(settings(), &mut h.store).unwrap();
+    assert_eq!(op.watermark().current, 800);
+    assert_eq!(op.open_windows(), 2);
+    op.process(&pulse("a", "t1", "1", 500), 0, &mut h.store, &mut h.out).unwrap();
+    assert!(matches!(h.out.last(), Some(Output::Duplicate { .. })));
+    op.process(&pulse("c", "t1", "1", 6_000), 0, &mut h.store, &mut h.out).unwrap();
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "3", 2)]);
+}
+
+#[test]
+fn inexact_sum_goes_to_late_in_no_window() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1000000000000000000", 500));
+    h.send(pulse("b", "t1", "0.0000000000000000000000000001", 600));
+    assert!(matches!(h.out.last(), Some(Output::Late { reason: LateReason::InexactSum, .. })));
+    h.out.clear();
+    h.send(pulse("c", "t1", "1", 16_000));
+    assert_eq!(
+        h.aggregates(),
+        vec![agg("inflight", 0, 0, "1000000000000000000", 1), agg("postflight", 0, 0, "1000000000000000000", 1)]
+    );
+}

@@ -1,0 +1,278 @@
+//! Stage 2 against a real broker: windows, grace, corrections, retention, dedupe, idle.
+//! Expected aggregates are computed here by a plain fold over the test's own input.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rust_decimal::Decimal;
+
+const SECOND: i64 = 1_000;
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[derive(Clone, Debug)]
+struct P {
+    id: String,
+    tenant: String,
+    sku: String,
+    unit: String,
+    amount: Decimal,
+    at: i64,
+}
+
+impl P {
+    fn json(&self) -> Vec<u8> {
+        format!(
+            r#"{{"pulse_id":"{}","tenant_id":"{}","product_sku":"{}","use_unit":"{}","used_amount":"{}","timestamp":"{}"}}"#,
+            self.id, self.tenant, self.sku, self.unit, self.amount, rfc3339(self.at)
+        )
+        .into_bytes()
+    }
+}
+
+fn produce_pulses(topic: &str, pulses: &[P]) {
+    produce(topic, &pulses.iter().map(|p| (None, p.json())).collect::<Vec<_>>());
+}
+
+type AggKey = (String, String, String, String, i64); // tenant, sku, unit, window, start
+
+#[derive(Debug, Clone, PartialEq)]
+struct Expect {
+    total: Decimal,
+    count: u64,
+    min: Decimal,
+    max: Decimal,
+}
+
+/// The independent expectation: fold the counted pulses into tumbling windows.
+fn fold(pulses: &[P], windows: &[(&str, i64)], closed_before: i64) -> BTreeMap<AggKey, Expect> {
+    let mut out: BTreeMap<AggKey, Expect> = BTreeMap::new();
+    for p in pulses {
+        for (name, size) in windows {
+            let start = p.at - p.at.rem_euclid(*size);
+            if start + size > closed_before {
+                continue;
+            }
+            let e = out
+                .entry((p.tenant.clone(), p.sku.clone(), p.unit.clone(), name.to_string(), start))
+                .or_insert(Expect { total: Decimal::ZERO, count: 0, min: p.amount, max: p.amount });
+            e.total += p.amount;
+            e.count += 1;
+            e.min = e.min.min(p.amount);
+            e.max = e.max.max(p.amount);
+        }
+    }
+    out
+}
+
+/// Latest revision of every final aggregate, keyed like [`fold`]; asserts no
+/// (aggregate_id, revision) pair was emitted twice.
+fn latest_finals(topic: &str) -> (BTreeMap<AggKey, (u32, Expect)>, usize) {
+    let mut seen = HashSet::new();
+    let mut latest: BTreeMap<AggKey, (u32, Expect)> = BTreeMap::new();
+    let records = read_all(topic);
+    for r in &records {
+        let v = r.json();
+        let id = v["aggregate_id"].as_str().unwrap().to_owned();
+        let rev = v["revision"].as_u64().unwrap() as u32;
+        assert!(seen.insert((id, rev)), "(aggregate_id, revision) emitted twice: {v}");
+        assert_eq!(r.key_str(), v["tenant_id"].as_str().unwrap());
+        if !v["final"].as_bool().unwrap() {
+            continue;
+        }
+        let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap()).unwrap().timestamp_millis();
+        let key = (
+            v["tenant_id"].as_str().unwrap().to_owned(),
+            v["product_sku"].as_str().unwrap().to_owned(),
+            v["use_unit"].as_str().unwrap().to_owned(),
+            v["window"].as_str().unwrap().to_owned(),
+            start,
+        );
+        let d = |f: &str| Decimal::from_str(v[f].as_str().unwrap()).unwrap();
+        let e = Expect { total: d("total_amount"), count: v["pulse_count"].as_u64().unwrap(), min: d("min_amount"), max: d("max_amount") };
+        if latest.get(&key).is_none_or(|(r, _)| *r < rev) {
+            latest.insert(key, (rev, e));
+        }
+    }
+    (latest, records.len())
+}
+
+const WINDOWS: &[(&str, i64)] = &[("inflight", SECOND), ("postflight", 10 * SECOND), ("minute", 60 * SECOND)];
+
+fn config(retention: &str, idle_timeout: &str) -> String {
+    format!(
+        r#"
+[aggregate]
+grace = "5s"
+retention = "{retention}"
+idle_timeout = "{idle_timeout}"
+max_batch_wait = "50ms"
+
+[[windows]]
+name = "inflight"
+size = "1s"
+
+[[windows]]
+name = "postflight"
+size = "10s"
+
+[[windows]]
+name = "minute"
+size = "1m"
+"#
+    )
+}
+
+fn wait_pipeline_done(t: &Topics) {
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    wait_all_committed(&format!("{}.aggregate", t.app), &t.grouped);
+}
+
+#[test]
+fn scripted_dataset_matches_an_independent_fold() {
+    let t = Topics::create("scripted", 1); // one source partition: input order is kept
+    let base = (now_ms() / 60_000 - 10) * 60_000; // a minute boundary, 10 minutes ago
+    let tenants = ["t-a", "t-b", "t-c", "t-d"];
+    let skus = ["storage.standard", "compute.vcpu", "api.requests"];
+    let units = ["GB", "vCPU-s"];
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for t in tenants {
+        for s in skus {
+            for u in units {
+                keys.push((t, s, u));
+            }
+        }
+    }
+    let pulse = |id: String, k: &(&str, &str, &str), amount: Decimal, at: i64| P {
+        id,
+        tenant: k.0.into(),
+        sku: k.1.into(),
+        unit: k.2.into(),
+        amount,
+        at,
+    };
+
+    // Phase A: 20 pulses per key over the first minute, then every 10th moved five
+    // places later: out of order by well under the 5 s grace.
+    let mut a: Vec<P> = Vec::new();
+    for (ki, k) in keys.iter().enumerate() {
+        for i in 0..20i64 {
+            let amount = Decimal::new(i * 1000 + (ki as i64 * 7) % 1000 + 1, 3);
+            a.push(pulse(format!("A-{ki}-{i}"), k, amount, base + i * 2_900 + ki as i64 * 37));
+        }
+    }
+    a.sort_by_key(|p| p.at);
+    for i in (0..a.len() - 6).step_by(10) {
+        let p = a.remove(i);
+        a.insert(i + 5, p);
+    }
+    let dup_a: Vec<P> = a.iter().step_by(23).cloned().collect();
+    // Phase B: one pulse per tenant at base + 70 s closes every window of phase A.
+    let push1: Vec<P> = tenants.iter().map(|t| pulse(format!("B-{t}"), &(*t, "clock", "tick"), Decimal::ONE, base + 70 * SECOND)).collect();
+    // Phase C: late after grace, within the 30 s retention: corrections (revision 1+).
+    let c: Vec<P> = keys.iter().enumerate().step_by(2)
+        .map(|(ki, k)| pulse(format!("C-{ki}"), k, Decimal::new(5, 1), base + 45 * SECOND + ki as i64 * 400))
+        .collect();
+    // Phase D: stream time to base + 200 s; then pulses for base + 10 s are beyond
+    // retention (late topic); duplicates of phase C are not counted again.
+    let push2: Vec<P> = tenants.iter().map(|t| pulse(format!("D-{t}"), &(*t, "clock", "tick"), Decimal::ONE, base + 200 * SECOND)).collect();
+    let beyond: Vec<P> = keys.iter().enumerate().take(12)
+        .map(|(ki, k)| pulse(format!("X-{ki}"), k, Decimal::new(99, 0), base + 10 * SECOND + ki as i64))
+        .collect();
+
+    let mut input = Vec::new();
+    for phase in [&a, &dup_a, &push1, &c, &push2, &beyond, &c] {
+        input.extend(phase.iter().cloned());
+    }
+    produce_pulses(&t.source, &input);
+    let _p = Proc::run(&t, &config("30s", "1h"), &[]);
+    wait_pipeline_done(&t);
+
+    let counted: Vec<P> = a.iter().chain(&push1).chain(&c).chain(&push2).cloned().collect();
+    let closed_before = base + 200 * SECOND - 5 * SECOND; // watermark - grace
+    let expected = fold(&counted, WINDOWS, closed_before);
+    let (got, emitted) = latest_finals(&t.aggregated);
+    let got_values: BTreeMap<AggKey, Expect> = got.iter().map(|(k, (_, e))| (k.clone(), e.clone())).collect();
+    for (k, e) in &expected {
+        assert_eq!(got_values.get(k), Some(e), "aggregate {k:?}");
+    }
+    assert_eq!(got_values.len(), expected.len(), "no unexpected final aggregates ({emitted} records)");
+    let corrected: Vec<_> = got.iter().filter(|(_, (rev, _))| *rev >= 1).collect();
+    assert!(!corrected.is_empty(), "phase C corrected closed windows");
+    let size = |w: &str| WINDOWS.iter().find(|(n, _)| *n == w).map(|(_, s)| *s).unwrap();
+    for (k, _) in &corrected {
+        let touched = c.iter().any(|p| (&p.tenant, &p.sku, &p.unit) == (&k.0, &k.1, &k.2) && p.at >= k.4 && p.at < k.4 + size(&k.3));
+        assert!(touched, "only windows holding a phase C pulse are corrected: {k:?}");
+    }
+
+    let late = read_all(&t.late);
+    let late_ids: HashSet<String> = late.iter().map(|r| r.json()["pulse_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(late.len(), beyond.len());
+    assert_eq!(late_ids, beyond.iter().map(|p| p.id.clone()).collect());
+    assert!(late.iter().all(|r| r.headers["late.reason"] == "beyond_retention"));
+}
+
+#[test]
+fn seed_scenario_ten_per_second_for_thirty_seconds() {
+    let t = Topics::create("seed", 1);
+    let base = (now_ms() / 60_000 - 5) * 60_000;
+    let pulses: Vec<P> = (0..300)
+        .map(|i| P { id: format!("s{i}"), tenant: "acme".into(), sku: "api.requests".into(), unit: "requests".into(), amount: Decimal::ONE, at: base + i * 100 })
+        .collect();
+    produce_pulses(&t.source, &pulses);
+    // Nothing pushes the watermark: the idle advance closes the windows.
+    let _p = Proc::run(&t, &config("1h", "2s"), &[]);
+    let got = wait_for("seed windows closed", DEADLINE, || {
+        let (got, _) = latest_finals(&t.aggregated);
+        let n = |w: &str| got.keys().filter(|k| k.3 == w).count();
+        (n("inflight") == 30 && n("postflight") == 3 && n("minute") == 1).then_some(got)
+    });
+    for ((.., window, _), (rev, e)) in &got {
+        let want = match window.as_str() {
+            "inflight" => 10,
+            "postflight" => 100,
+            _ => 300,
+        };
+        assert_eq!((e.count, e.total, *rev), (want, Decimal::from(want), 0), "{window}");
+    }
+}
+
+#[test]
+fn idle_partitions_close_trailing_windows_in_time() {
+    let t = Topics::create("idle", 2);
+    let _p = Proc::run(&t, &config("1h", "5s"), &[]);
+    // Live pulses: event time = now, 8 tenants, for 3 s.
+    let mut pulses = Vec::new();
+    let start = now_ms();
+    let mut i = 0;
+    while now_ms() < start + 3_000 {
+        let at = now_ms();
+        pulses.push(P { id: format!("i{i}"), tenant: format!("t{}", i % 8), sku: "api.requests".into(), unit: "requests".into(), amount: Decimal::new(i + 1, 2), at });
+        produce_pulses(&t.source, &pulses[pulses.len() - 1..]);
+        i += 1;
+    }
+    let input_end = Instant::now();
+    let expected = fold(&pulses, WINDOWS, i64::MAX);
+    // idle_timeout + grace + the longest window, plus slack for the group join.
+    let bound = Duration::from_secs(5 + 5 + 60 + 30);
+    let got = wait_for("trailing windows closed by idle advance", bound, || {
+        let (got, _) = latest_finals(&t.aggregated);
+        expected.keys().all(|k| got.contains_key(k)).then_some(got)
+    });
+    eprintln!("trailing windows closed {:?} after input ended", input_end.elapsed());
+    for (k, e) in &expected {
+        assert_eq!(&got[k].1, e, "{k:?}");
+    }
+    let total: u64 = got.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, (_, e))| e.count).sum();
+    assert_eq!(total, pulses.len() as u64);
+}

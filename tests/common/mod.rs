@@ -1,0 +1,325 @@
+//! Test harness: a real Kafka-protocol broker (Nisshi, started by `scripts/broker`),
+//! the real `pulses` binary as a child process, and polling helpers with deadlines.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+/// Generous: a consumer-group join on Nisshi can take over 20 s.
+pub const DEADLINE: Duration = Duration::from_secs(180);
+
+pub fn bootstrap() -> String {
+    std::env::var("PULSES_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A name unique to this test run, so tests share one broker without interfering.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis();
+    format!("{prefix}-{}-{t}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Polls `f` until it returns Some, or panics with `what` at the deadline.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn create_topics(topics: &[(&str, i32)]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).create().expect("admin client");
+    let new: Vec<NewTopic<'_>> = topics.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let results = rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+/// Topic names of one test, all unique.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub source: String,
+    pub grouped: String,
+    pub aggregated: String,
+    pub dlq: String,
+    pub late: String,
+    pub app: String,
+}
+
+impl Topics {
+    /// Creates all five topics: `source_partitions` for the source, 3 for the rest.
+    pub fn create(name: &str, source_partitions: i32) -> Self {
+        let u = unique(name);
+        let t = Topics {
+            source: format!("{u}.source"),
+            grouped: format!("{u}.grouped"),
+            aggregated: format!("{u}.aggregated"),
+            dlq: format!("{u}.dlq"),
+            late: format!("{u}.late"),
+            app: u,
+        };
+        create_topics(&[(&t.source, source_partitions), (&t.grouped, 3), (&t.aggregated, 3), (&t.dlq, 3), (&t.late, 3)]);
+        t
+    }
+
+    /// The common flags pointing a pulses command at these topics.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            ("--bootstrap-servers", bootstrap()),
+            ("--application-id", self.app.clone()),
+            ("--source-topic", self.source.clone()),
+            ("--grouped-topic", self.grouped.clone()),
+            ("--aggregated-topic", self.aggregated.clone()),
+            ("--dlq-topic", self.dlq.clone()),
+            ("--late-topic", self.late.clone()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+}
+
+pub fn pulses_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pulses"))
+}
+
+/// A running `pulses` child process; killed if the test ends without stopping it.
+pub struct Proc {
+    pub child: Child,
+    pub state_dir: tempfile::TempDir,
+}
+
+impl Proc {
+    /// Starts `pulses run` with `extra` args, a fresh state dir and the given config.
+    pub fn run(topics: &Topics, config_toml: &str, extra: &[&str]) -> Proc {
+        let state_dir = tempfile::tempdir().expect("tempdir");
+        Self::run_in(topics, config_toml, extra, state_dir)
+    }
+
+    pub fn run_in(topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
+        let config = state_dir.path().join("pulses.toml");
+        // Test setup only: Nisshi holds a group join for about half the session
+        // timeout, so a short one keeps joins and rebalances quick.
+        let config_toml = format!("{config_toml}\n[kafka]\n\"session.timeout.ms\" = \"6000\"\n");
+        std::fs::write(&config, config_toml).expect("write config");
+        let child = Command::new(pulses_bin())
+            .arg("run")
+            .args(topics.flags())
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(state_dir.path().join("state"))
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start pulses run");
+        Proc { child, state_dir }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
+        assert!(ok, "kill -TERM failed");
+        wait_for("pulses to exit after SIGTERM", within, || self.child.try_wait().expect("try_wait"))
+    }
+
+    /// Takes the state dir away (to restart a replica with the same state).
+    pub fn into_state(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.state_dir, dir)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn producer() -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer")
+}
+
+/// Produces (key, value) records in order and waits until all are acknowledged.
+pub fn produce(topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let p = producer();
+    for (key, value) in records {
+        let mut r = BaseRecord::<[u8], [u8]>::to(topic).payload(value.as_slice());
+        if let Some(k) = key {
+            r = r.key(k.as_slice());
+        }
+        let mut r = r;
+        loop {
+            match p.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    p.poll(Duration::from_millis(50));
+                }
+            }
+        }
+        p.poll(Duration::ZERO);
+    }
+    p.flush(Duration::from_secs(60)).expect("flush");
+    assert_eq!(p.in_flight_count(), 0);
+}
+
+/// One record read back.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Vec<u8>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Record {
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.value).expect("JSON value")
+    }
+}
+
+fn reader() -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        // End of partition as the fetch path sees it (see `read_to_end`).
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("consumer")
+}
+
+pub fn partitions(topic: &str) -> Vec<i32> {
+    let c = reader();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    md.topics()[0].partitions().iter().map(|p| p.id()).collect()
+}
+
+/// Reads every record of `topic` (assign, no group) until each partition reports its
+/// end, and returns them with the end offset of each partition.
+///
+/// Nisshi 0.7.0-pre.2 answers ListOffsets (high watermark) with the base offset of the
+/// last batch + 1 instead of the log end when that batch holds several records, so the
+/// end is taken from the fetch path (partition EOF), which is right.
+pub fn read_to_end(topic: &str) -> (Vec<Record>, HashMap<i32, i64>) {
+    let parts = partitions(topic);
+    let c = reader();
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("tpl");
+    }
+    c.assign(&tpl).expect("assign");
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    let mut next: HashMap<i32, i64> = parts.iter().map(|p| (*p, 0)).collect();
+    let mut out = Vec::new();
+    let start = Instant::now();
+    while ends.len() < parts.len() {
+        assert!(start.elapsed() < DEADLINE, "reading {topic} timed out");
+        match c.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                next.insert(m.partition(), m.offset() + 1);
+                ends.remove(&m.partition());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(|k| k.to_vec()),
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                let pos = c.position().ok().and_then(|tpl| match tpl.find_partition(topic, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(o)) => Some(o),
+                    _ => None,
+                });
+                ends.insert(p, pos.unwrap_or(next[&p]).max(next[&p]));
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    (out, ends)
+}
+
+/// Every record of `topic`, up to its end.
+pub fn read_all(topic: &str) -> Vec<Record> {
+    read_to_end(topic).0
+}
+
+/// End offset of every partition of `topic`.
+pub fn end_offsets(topic: &str) -> Vec<(i32, i64)> {
+    read_to_end(topic).1.into_iter().collect()
+}
+
+/// Committed offsets of `group` on `topic`, by partition (missing: none committed).
+pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", group).create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions(topic) {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    got.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some((e.partition(), o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits until `group` has committed every offset of `topic` up to its end.
+pub fn wait_all_committed(group: &str, topic: &str) {
+    let ends = end_offsets(topic);
+    wait_for(&format!("{group} to commit all of {topic}"), DEADLINE, || {
+        let c = committed(group, topic);
+        ends.iter().all(|(p, end)| *end == 0 || c.get(p).is_some_and(|o| o >= end)).then_some(())
+    });
+}
