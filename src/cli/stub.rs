@@ -74,7 +74,11 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
         }
         if let Some(rate) = args.rate {
             // Pace against the schedule, not the previous send, so the rate holds.
-            let due = started + Duration::from_secs_f64(sent as f64 / rate);
+            let offset = Duration::from_secs_f64(sent as f64 / rate);
+            if args.duration.is_some_and(|d| offset >= d) {
+                break;
+            }
+            let due = started + offset;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }

@@ -2,5 +2,6 @@
 //! Stages use these; nothing here knows what a pulse is.
 
 pub mod admin;
+pub mod batch;
 pub mod clients;
 pub mod dlq;

@@ -11,15 +11,15 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{ClientContext, Message};
 
-use super::StageError;
+use super::{flush_outputs, StageError};
 use crate::config::Config;
+use crate::kafka::batch::{commit_offsets, poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients::{self, send_with_backpressure, TrackedProducer};
 use crate::ops::metrics::{self, Metrics};
 use crate::pulse::json::{decode_grouped, encode_grouped};
@@ -27,7 +27,6 @@ use crate::pulse::time::now_ms;
 use crate::state::{PartitionStore, StoreResources};
 use crate::window::{Output, WindowOperator, WindowSettings};
 
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 /// Header of a late-topic record saying why it was not counted.
 pub const H_LATE_REASON: &str = "late.reason";
 
@@ -46,8 +45,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
         producer,
         tasks: Mutex::new(BTreeMap::new()),
-        pending: Mutex::new(BTreeMap::new()),
-        failure: Mutex::new(None),
+        pending: PendingOffsets::default(),
+        failure: FailureSlot::default(),
         metrics,
     };
     let consumer: BaseConsumer<AggregateContext> =
@@ -56,28 +55,16 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
         group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(), "stage 2 (aggregate) started");
 
-    let max_wait = cfg.aggregate.max_batch_wait;
+    let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
-        let started = Instant::now();
-        let mut n = 0;
-        while n < cfg.aggregate.max_batch {
-            let Some(left) = max_wait.checked_sub(started.elapsed()) else { break };
-            match consumer.poll(left) {
-                None => break,
-                Some(Err(e)) => tracing::warn!("consumer: {e}"),
-                Some(Ok(msg)) => {
-                    consumer.context().aggregate_one(&msg)?;
-                    n += 1;
-                }
-            }
-        }
-        consumer.context().take_failure()?;
-        consumer.context().on_time()?;
-        consumer.context().commit(&consumer)?;
+        poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
+        ctx.failure.take()?;
+        ctx.on_time()?;
+        ctx.commit(&consumer)?;
     }
-    consumer.context().commit(&consumer)?;
+    ctx.commit(&consumer)?;
     consumer.unsubscribe();
-    let m = &consumer.context().metrics.aggregate;
+    let m = &ctx.metrics.aggregate;
     tracing::info!(consumed = metrics::get(&m.consumed), emitted = metrics::get(&m.emitted),
         late = metrics::get(&m.late), duplicates = metrics::get(&m.duplicates), "stage 2 (aggregate) stopped");
     Ok(())
@@ -91,9 +78,8 @@ struct AggregateContext {
     resources: StoreResources,
     producer: Arc<TrackedProducer>,
     tasks: Mutex<BTreeMap<i32, Task>>,
-    /// partition → next offset to consume, for records handled since the last commit.
-    pending: Mutex<BTreeMap<i32, i64>>,
-    failure: Mutex<Option<StageError>>,
+    pending: PendingOffsets,
+    failure: FailureSlot<StageError>,
     metrics: Arc<Metrics>,
 }
 
@@ -130,9 +116,7 @@ impl AggregateContext {
             }
         }
         self.emit(outputs)?;
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(partition, msg.offset() + 1);
-        }
+        self.pending.record(partition, msg.offset());
         Ok(())
     }
 
@@ -196,20 +180,9 @@ impl AggregateContext {
         Ok(Task { store, op })
     }
 
-    fn take_failure(&self) -> Result<(), StageError> {
-        match self.failure.lock().ok().and_then(|mut f| f.take()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// Outputs delivered → state written → offsets committed (see the module docs).
     fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
-        self.producer.flush(FLUSH_TIMEOUT)?;
-        let failed = self.producer.context().failed();
-        if failed > 0 {
-            return Err(StageError::Delivery(failed, self.producer.context().last_error().unwrap_or_default()));
-        }
+        flush_outputs(&self.producer)?;
         {
             let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
             for task in tasks.values_mut() {
@@ -217,26 +190,10 @@ impl AggregateContext {
                 task.store.commit()?;
             }
         }
-        let pending = match self.pending.lock() {
-            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
-            _ => return Ok(()),
-        };
-        let mut tpl = TopicPartitionList::with_capacity(pending.len());
-        for (partition, next) in &pending {
-            tpl.add_partition_offset(&self.cfg.topics.grouped, *partition, Offset::Offset(*next))?;
-        }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => metrics::add(&self.metrics.aggregate.commits, 1),
-            Err(e) => tracing::warn!("offset commit failed, records will be re-processed (deduplicated): {e}"),
+        if commit_offsets(consumer, &self.cfg.topics.grouped, &self.pending.take())? {
+            metrics::add(&self.metrics.aggregate.commits, 1);
         }
         Ok(())
-    }
-
-    fn fail(&self, e: StageError) {
-        tracing::error!("{e}");
-        if let Ok(mut f) = self.failure.lock() {
-            f.get_or_insert(e);
-        }
     }
 }
 
@@ -247,7 +204,7 @@ impl ConsumerContext for AggregateContext {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions revoked; committing and closing their stores");
             if let Err(e) = self.commit(consumer) {
-                self.fail(e);
+                self.failure.set(e);
                 return;
             }
             if let Ok(mut tasks) = self.tasks.lock() {
@@ -273,7 +230,7 @@ impl ConsumerContext for AggregateContext {
                             tasks.insert(partition, task);
                         }
                     }
-                    Err(e) => self.fail(e),
+                    Err(e) => self.failure.set(e),
                 }
             }
         }

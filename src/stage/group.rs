@@ -6,25 +6,21 @@
 //! only after every output of the batch is acknowledged (at-least-once), and also
 //! before partitions are revoked, so a rebalance re-processes as little as possible.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{ClientContext, Message};
 
-use super::StageError;
+use super::{flush_outputs, StageError};
 use crate::config::Config;
+use crate::kafka::batch::{commit_offsets, poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients::{self, send_with_backpressure, TrackedProducer};
 use crate::kafka::dlq;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{validate, RecordContext};
-
-/// How long a commit waits for outstanding deliveries before the stage gives up.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
@@ -32,8 +28,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let context = GroupContext {
         producer: Arc::clone(&producer),
         source_topic: cfg.topics.source.clone(),
-        pending: Mutex::new(BTreeMap::new()),
-        failure: Mutex::new(None),
+        pending: PendingOffsets::default(),
+        failure: FailureSlot::default(),
         metrics: Arc::clone(&metrics),
     };
     let consumer: BaseConsumer<GroupContext> =
@@ -43,26 +39,17 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         group = %cfg.group_stage_group_id(), "stage 1 (group) started");
 
     let m = &metrics.group;
-    let max_wait = cfg.group.max_batch_wait;
+    let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
-        let started = Instant::now();
-        let mut n = 0;
-        while n < cfg.group.max_batch {
-            let Some(left) = max_wait.checked_sub(started.elapsed()) else { break };
-            match consumer.poll(left) {
-                None => break,
-                Some(Err(e)) => tracing::warn!("consumer: {e}"),
-                Some(Ok(msg)) => {
-                    group_one(cfg, &producer, &msg, m)?;
-                    consumer.context().record_done(msg.partition(), msg.offset());
-                    n += 1;
-                }
-            }
-        }
-        consumer.context().take_failure()?;
-        consumer.context().commit_pending(&consumer)?;
+        poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
+            group_one(cfg, &producer, msg, m)?;
+            ctx.pending.record(msg.partition(), msg.offset());
+            Ok::<_, StageError>(())
+        })?;
+        ctx.failure.take()?;
+        ctx.commit(&consumer)?;
     }
-    consumer.context().commit_pending(&consumer)?;
+    ctx.commit(&consumer)?;
     consumer.unsubscribe();
     tracing::info!(consumed = metrics::get(&m.consumed), grouped = metrics::get(&m.grouped),
         dlq = m.dlq_total(), "stage 1 (group) stopped");
@@ -105,49 +92,22 @@ fn group_one(cfg: &Config, producer: &TrackedProducer, msg: &impl Message, m: &G
 struct GroupContext {
     producer: Arc<TrackedProducer>,
     source_topic: String,
-    /// partition → next offset to consume.
-    pending: Mutex<BTreeMap<i32, i64>>,
-    /// A failure inside a rebalance callback, surfaced by the poll loop.
-    failure: Mutex<Option<StageError>>,
+    pending: PendingOffsets,
+    failure: FailureSlot<StageError>,
     metrics: Arc<Metrics>,
 }
 
 impl GroupContext {
-    fn record_done(&self, partition: i32, offset: i64) {
-        if let Ok(mut p) = self.pending.lock() {
-            p.insert(partition, offset + 1);
-        }
-    }
-
-    fn take_failure(&self) -> Result<(), StageError> {
-        match self.failure.lock().ok().and_then(|mut f| f.take()) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
     /// Waits for every enqueued output, then commits the offsets behind them. A failed
     /// delivery stops the stage before the commit: the records are consumed again.
-    fn commit_pending(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
-        let pending = match self.pending.lock() {
-            Ok(mut p) if !p.is_empty() => std::mem::take(&mut *p),
-            _ => return Ok(()),
-        };
-        self.producer.flush(FLUSH_TIMEOUT)?;
-        let failed = self.producer.context().failed();
-        if failed > 0 {
-            let last = self.producer.context().last_error().unwrap_or_default();
-            return Err(StageError::Delivery(failed, last));
+    fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
+        let pending = self.pending.take();
+        if pending.is_empty() {
+            return Ok(());
         }
-        let mut tpl = TopicPartitionList::with_capacity(pending.len());
-        for (partition, next) in &pending {
-            tpl.add_partition_offset(&self.source_topic, *partition, Offset::Offset(*next))?;
-        }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => metrics::add(&self.metrics.group.commits, 1),
-            // Lost the partitions (rebalance): their new owner re-reads from the last
-            // committed offset. Duplicates in the grouped topic, never loss.
-            Err(e) => tracing::warn!("offset commit failed, records will be re-processed: {e}"),
+        flush_outputs(&self.producer)?;
+        if commit_offsets(consumer, &self.source_topic, &pending)? {
+            metrics::add(&self.metrics.group.commits, 1);
         }
         Ok(())
     }
@@ -159,10 +119,8 @@ impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             tracing::info!(partitions = tpl.count(), "partitions revoked; committing handled records first");
-            if let Err(e) = self.commit_pending(consumer) {
-                if let Ok(mut f) = self.failure.lock() {
-                    *f = Some(e);
-                }
+            if let Err(e) = self.commit(consumer) {
+                self.failure.set(e);
             }
         }
     }

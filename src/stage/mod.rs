@@ -19,3 +19,18 @@ pub enum StageError {
     #[error("topic setup: {0}")]
     Admin(#[from] crate::kafka::admin::AdminError),
 }
+
+/// Waits for every enqueued output; fails if any delivery failed, so the caller does
+/// not commit offsets past a lost record.
+pub(crate) fn flush_outputs(producer: &crate::kafka::clients::TrackedProducer) -> Result<(), StageError> {
+    use rdkafka::producer::Producer;
+    producer.flush(FLUSH_TIMEOUT)?;
+    let failed = producer.context().failed();
+    if failed > 0 {
+        return Err(StageError::Delivery(failed, producer.context().last_error().unwrap_or_default()));
+    }
+    Ok(())
+}
+
+/// How long a commit waits for outstanding deliveries before the stage gives up.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);

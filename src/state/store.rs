@@ -38,10 +38,13 @@ pub struct StoreResources {
 }
 
 impl StoreResources {
-    /// `memory_bytes` is split between the block cache and all memtables.
+    /// One budget of `memory_bytes` for the block cache, index and filter blocks and
+    /// all memtables (charged to the cache), so state memory does not grow with the
+    /// amount of data on disk.
     pub fn new(memory_bytes: usize) -> Self {
-        let cache = Cache::new_lru_cache(memory_bytes / 2);
-        let write_buffers = Arc::new(WriteBufferManager::new_write_buffer_manager(memory_bytes / 2, false));
+        let cache = Cache::new_lru_cache(memory_bytes);
+        let write_buffers =
+            Arc::new(WriteBufferManager::new_write_buffer_manager_with_cache(memory_bytes / 2, false, cache.clone()));
         Self { cache, write_buffers }
     }
 }
@@ -70,6 +73,9 @@ impl PartitionStore {
         let mut block = rocksdb::BlockBasedOptions::default();
         block.set_block_cache(&resources.cache);
         block.set_bloom_filter(10.0, false);
+        // Index and filter blocks live in the (bounded) cache, not beside it.
+        block.set_cache_index_and_filter_blocks(true);
+        block.set_pin_l0_filter_and_index_blocks_in_cache(true);
         opts.set_block_based_table_factory(&block);
         let db = DB::open(&opts, path).map_err(|source| StoreError::Rocks { path: path.to_owned(), source })?;
         Ok(Self {
