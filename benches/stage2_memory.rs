@@ -62,14 +62,14 @@ fn main() {
         out.clear();
         if i % 5_000 == 4_999 {
             op.flush(&mut store).expect("flush");
-            store.commit().expect("commit");
+            store.commit(None).expect("commit");
         }
         if i + 1 == 1_000_000 {
             rss_1m = peak_rss_mib();
         }
     }
     op.flush(&mut store).expect("flush");
-    store.commit().expect("commit");
+    store.commit(None).expect("commit");
     let secs = started.elapsed().as_secs_f64();
     let rss_end = peak_rss_mib();
     println!("stage2_memory: {total} pulses in {secs:.1} s = {:.0} pulses/s (one core), {emitted} aggregates emitted", total as f64 / secs);

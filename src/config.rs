@@ -35,6 +35,15 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Listen address of the HTTP endpoint (metrics, health).
     pub http_addr: String,
+    /// `exactly_once` (default): outputs, state changes and consumed offsets commit in
+    /// one Kafka transaction. `at_least_once`: a crash may re-emit records (see README).
+    pub processing_guarantee: Guarantee,
+    /// How often each stage-2 task snapshots its RocksDB store into `checkpoint_dir`.
+    #[serde(deserialize_with = "duration")]
+    pub checkpoint_interval: Duration,
+    /// Where checkpoints (RocksDB snapshots + changelog offsets) go; defaults to
+    /// `<state_dir>/checkpoints`. A separate volume here survives losing `state_dir`.
+    pub checkpoint_dir: Option<PathBuf>,
     pub topics: Topics,
     /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
     pub kafka: BTreeMap<String, String>,
@@ -42,6 +51,38 @@ pub struct Config {
     pub aggregate: AggregateStage,
     /// Tumbling windows computed at once (SPEC §4).
     pub windows: Vec<WindowSpec>,
+}
+
+/// What a crash or rebalance may do to the outputs (SPEC §4).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Consume, state change and produce commit atomically (Kafka transactions).
+    #[default]
+    ExactlyOnce,
+    /// Outputs are flushed before offsets are committed: nothing is lost, but records
+    /// handled after the last commit are processed again after a crash.
+    AtLeastOnce,
+}
+
+impl Guarantee {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExactlyOnce => "exactly_once",
+            Self::AtLeastOnce => "at_least_once",
+        }
+    }
+}
+
+impl std::str::FromStr for Guarantee {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exactly_once" => Ok(Self::ExactlyOnce),
+            "at_least_once" => Ok(Self::AtLeastOnce),
+            other => Err(format!("{other:?} is not a processing guarantee; use exactly_once or at_least_once")),
+        }
+    }
 }
 
 /// Stage 2 (windowed aggregation) settings.
@@ -116,6 +157,9 @@ impl Default for Config {
             group_id: None,
             state_dir: PathBuf::from("state"),
             http_addr: "127.0.0.1:9464".into(),
+            processing_guarantee: Guarantee::ExactlyOnce,
+            checkpoint_interval: Duration::from_secs(60),
+            checkpoint_dir: None,
             topics: Topics::default(),
             kafka: BTreeMap::new(),
             group: GroupStage::default(),
@@ -163,6 +207,17 @@ impl Config {
     /// The consumer-group id of stage 2.
     pub fn aggregate_stage_group_id(&self) -> String {
         format!("{}.aggregate", self.group_id.as_deref().unwrap_or(&self.application_id))
+    }
+
+    /// Stage 2's state changelog: `<application_id>-windows-changelog` (compacted, one
+    /// partition per grouped-topic partition).
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-windows-changelog", self.application_id)
+    }
+
+    /// Where checkpoints go (see [`Config::checkpoint_dir`]).
+    pub fn checkpoint_root(&self) -> PathBuf {
+        self.checkpoint_dir.clone().unwrap_or_else(|| self.state_dir.join("checkpoints"))
     }
 
     /// The window operator's settings, in milliseconds.
@@ -214,6 +269,9 @@ impl Config {
         }
         if self.aggregate.retention < self.aggregate.grace {
             return invalid("aggregate.retention must be at least aggregate.grace".into());
+        }
+        if self.checkpoint_interval.is_zero() {
+            return invalid("checkpoint_interval must be more than 0".into());
         }
         if self.aggregate.state_memory_mib < 8 {
             return invalid("aggregate.state_memory_mib must be at least 8".into());

@@ -3,12 +3,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use clap::{Args, ValueEnum};
 
 use super::CommonArgs;
-use crate::config::Config;
-use crate::kafka::admin::ensure_topics;
+use crate::config::{Config, Guarantee};
+use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
 use crate::ops::metrics::Metrics;
 use crate::stage::{self, StageError};
 
@@ -24,6 +24,11 @@ pub struct RunArgs {
     /// aggregated, late); existing topics are never changed
     #[arg(long, env = "PULSES_DEFAULT_PARTITIONS", default_value_t = 6, value_name = "N")]
     default_partitions: i32,
+    /// `exactly_once`: outputs, state changes and input offsets commit in one Kafka
+    /// transaction; `at_least_once`: a crash may re-emit records handled since the last
+    /// commit [config default: exactly_once]
+    #[arg(long, env = "PULSES_PROCESSING_GUARANTEE", value_name = "MODE")]
+    processing_guarantee: Option<Guarantee>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,13 +40,27 @@ enum StageName {
 type StageFn = fn(&Config, &AtomicBool, Arc<Metrics>) -> Result<(), StageError>;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let cfg = args.common.load()?;
+    let mut cfg = args.common.load()?;
+    if let Some(g) = args.processing_guarantee {
+        cfg.processing_guarantee = g;
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
     let t = &cfg.topics;
     let n = args.default_partitions;
-    rt.block_on(ensure_topics(&cfg, &[(&t.grouped, n), (&t.dlq, n), (&t.aggregated, n), (&t.late, n)]))
+    let plain = |name| TopicSpec { name, partitions: n, configs: &[] };
+    rt.block_on(ensure_topics(&cfg, &[plain(&t.grouped), plain(&t.dlq), plain(&t.aggregated), plain(&t.late)]))
         .context("creating output topics")?;
+    // One changelog partition per grouped partition: partition p restores store p.
+    let grouped_partitions = partition_count(&cfg, &t.grouped).context("reading the grouped topic")?;
+    let changelog = cfg.changelog_topic();
+    rt.block_on(ensure_topics(&cfg, &[TopicSpec { name: &changelog, partitions: grouped_partitions, configs: COMPACTED }]))
+        .context("creating the changelog topic")?;
+    let changelog_partitions = partition_count(&cfg, &changelog).context("reading the changelog topic")?;
+    if changelog_partitions != grouped_partitions {
+        bail!("changelog topic {changelog} has {changelog_partitions} partitions but {} has {grouped_partitions}; \
+               they must match (delete the changelog to rebuild it, or use a new application id)", t.grouped);
+    }
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
     for stage in dedup(&args.stages) {

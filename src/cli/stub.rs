@@ -9,7 +9,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 use super::CommonArgs;
 use crate::config::parse_duration;
-use crate::kafka::clients::{send_with_backpressure, tracked_producer};
+use crate::kafka::clients::{send_with_backpressure, tracked_producer, DeliveryTracker};
 use crate::pulse::time;
 use crate::stub::{Generator, StubSpec};
 
@@ -55,7 +55,7 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
     let cfg = args.common.load()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
-    let producer = tracked_producer(&cfg).context("creating the producer")?;
+    let producer = tracked_producer(&cfg, DeliveryTracker::default()).context("creating the producer")?;
     let mut gen = Generator::new(StubSpec {
         tenants: args.tenants,
         skus: args.skus,

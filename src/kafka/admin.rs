@@ -15,13 +15,31 @@ pub enum AdminError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("creating topic {topic}: {code}")]
     Create { topic: String, code: RDKafkaErrorCode },
+    #[error("topic {0} does not exist (or has no partitions)")]
+    Missing(String),
 }
 
-/// Creates each `(name, partitions)` topic that does not exist yet.
-pub async fn ensure_topics(cfg: &Config, topics: &[(&str, i32)]) -> Result<(), AdminError> {
+/// A topic `pulses run` needs: name, partitions, and topic configs.
+pub struct TopicSpec<'a> {
+    pub name: &'a str,
+    pub partitions: i32,
+    pub configs: &'a [(&'a str, &'a str)],
+}
+
+/// Configs of a changelog topic: compacted, so it holds the latest value per key.
+pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
+
+/// Creates each topic that does not exist yet.
+pub async fn ensure_topics(cfg: &Config, topics: &[TopicSpec<'_>]) -> Result<(), AdminError> {
     let admin: AdminClient<DefaultClientContext> = super::clients::base(cfg).create()?;
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(-1))).collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| {
+            t.configs
+                .iter()
+                .fold(NewTopic::new(t.name, t.partitions, TopicReplication::Fixed(-1)), |n, (k, v)| n.set(k, v))
+        })
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&new, &opts).await? {
         match result {
@@ -30,4 +48,15 @@ pub async fn ensure_topics(cfg: &Config, topics: &[(&str, i32)]) -> Result<(), A
         }
     }
     Ok(())
+}
+
+/// The number of partitions of an existing `topic`.
+pub fn partition_count(cfg: &Config, topic: &str) -> Result<i32, AdminError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = super::clients::base(cfg).create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    match md.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        _ => Err(AdminError::Missing(topic.to_owned())),
+    }
 }

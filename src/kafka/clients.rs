@@ -54,14 +54,29 @@ pub fn producer_config(cfg: &Config) -> ClientConfig {
     with_user_overrides(c, cfg)
 }
 
-/// Counts failed deliveries so a batch is never committed past a lost record.
+/// Counts failed deliveries so a batch is never committed past a lost record, and
+/// remembers where the records of one topic (stage 2's changelog) landed, so a store
+/// can record the changelog offset it reflects.
 #[derive(Default, Clone)]
 pub struct DeliveryTracker {
     failed: Arc<AtomicU64>,
     last_error: Arc<std::sync::Mutex<Option<String>>>,
+    tracked_topic: Option<Arc<str>>,
+    /// partition of `tracked_topic` → offset after the last delivered record.
+    next_offsets: Arc<std::sync::Mutex<std::collections::HashMap<i32, i64>>>,
 }
 
 impl DeliveryTracker {
+    /// A tracker that also records delivered offsets of `topic`.
+    pub fn tracking(topic: &str) -> Self {
+        Self { tracked_topic: Some(topic.into()), ..Self::default() }
+    }
+
+    /// The offset after the last delivered record of the tracked topic's `partition`.
+    pub fn next_offset(&self, partition: i32) -> Option<i64> {
+        self.next_offsets.lock().ok().and_then(|m| m.get(&partition).copied())
+    }
+
     /// Failed deliveries since start.
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Acquire)
@@ -79,9 +94,17 @@ impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: Self::DeliveryOpaque) {
+        use rdkafka::Message;
+        if let (Ok(msg), Some(topic)) = (result, &self.tracked_topic) {
+            if msg.topic() == &**topic {
+                if let Ok(mut m) = self.next_offsets.lock() {
+                    let next = m.entry(msg.partition()).or_insert(0);
+                    *next = (*next).max(msg.offset() + 1);
+                }
+            }
+        }
         if let Err((err, msg)) = result {
             self.failed.fetch_add(1, Ordering::AcqRel);
-            use rdkafka::Message;
             let text = format!("delivery to {} failed: {err}", msg.topic());
             tracing::error!("{text}");
             if let Ok(mut g) = self.last_error.lock() {
@@ -94,8 +117,19 @@ impl ProducerContext for DeliveryTracker {
 /// A producer whose delivery reports are polled by a background thread.
 pub type TrackedProducer = ThreadedProducer<DeliveryTracker>;
 
-pub fn tracked_producer(cfg: &Config) -> Result<TrackedProducer, KafkaError> {
-    producer_config(cfg).create_with_context(DeliveryTracker::default())
+pub fn tracked_producer(cfg: &Config, tracker: DeliveryTracker) -> Result<TrackedProducer, KafkaError> {
+    producer_config(cfg).create_with_context(tracker)
+}
+
+/// A transactional producer owning `transactional_id` (see [`crate::kafka::txn`]).
+pub fn transactional_producer(
+    cfg: &Config,
+    transactional_id: &str,
+    tracker: DeliveryTracker,
+) -> Result<TrackedProducer, KafkaError> {
+    let mut c = producer_config(cfg);
+    c.set("transactional.id", transactional_id).set("transaction.timeout.ms", "60000");
+    with_user_overrides(c, cfg).create_with_context(tracker)
 }
 
 /// Enqueues a record, waiting while librdkafka's local queue is full instead of

@@ -54,6 +54,13 @@ pub struct AggregateMetrics {
     pub duplicates: AtomicU64,
     /// Offset commits that succeeded.
     pub commits: AtomicU64,
+    /// Changelog records sent (state changes).
+    pub changelog_records: AtomicU64,
+    /// Changelog records applied while restoring stores.
+    pub restored_records: AtomicU64,
+    /// Checkpoints written, and the total milliseconds they took.
+    pub checkpoints: AtomicU64,
+    pub checkpoint_ms: AtomicU64,
 }
 
 /// All counters of one process.

@@ -2,48 +2,54 @@
 //! (+ `tenant.late.pulses`).
 //!
 //! This is where a pulse is counted. Each assigned partition is a task with its own
-//! RocksDB store and [`WindowOperator`]. After every batch, in this order: outputs are
-//! delivered, then state is written, then offsets are committed. A crash between two
-//! steps therefore re-processes input against state that either lacks it (outputs are
-//! re-emitted with the same aggregate_id and revision: idempotent downstream) or
-//! already has it (its pulse_ids are known: not counted twice).
+//! RocksDB store and [`WindowOperator`]. On assignment a task fences the partition's
+//! previous owner, opens its store (seeded from a checkpoint if the live store is
+//! gone) and restores the changelog tail. After every batch: each task's state changes
+//! go to the changelog, then outputs, changelog and consumed offsets commit together
+//! ([`crate::kafka::txn`]), and only then is the local store written, recording the
+//! changelog offset it now reflects. A crash anywhere leaves local state at or behind
+//! the committed changelog, never ahead of it, so a restore is always exact.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message};
 
-use super::{flush_outputs, StageError};
+use super::StageError;
 use crate::config::Config;
-use crate::kafka::batch::{commit_offsets, poll_batch, FailureSlot, PendingOffsets};
-use crate::kafka::clients::{self, send_with_backpressure, TrackedProducer};
+use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
+use crate::kafka::clients;
+use crate::kafka::txn::StageOutputs;
 use crate::ops::metrics::{self, Metrics};
 use crate::pulse::json::{decode_grouped, encode_grouped};
 use crate::pulse::time::now_ms;
-use crate::state::{PartitionStore, StoreResources};
+use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, WindowOperator, WindowSettings};
 
 /// Header of a late-topic record saying why it was not counted.
 pub const H_LATE_REASON: &str = "late.reason";
 
-/// One assigned input partition: its store and its window operator.
+/// One assigned input partition: its store, its window operator, its checkpoint.
 struct Task {
     store: PartitionStore,
     op: WindowOperator,
+    paths: StorePaths,
+    last_checkpoint: Instant,
 }
 
-/// Runs stage 2 until `shutdown` is set, then commits and leaves the group.
+/// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
-    let producer = Arc::new(clients::tracked_producer(cfg)?);
     let context = AggregateContext {
         cfg: cfg.clone(),
+        changelog_topic: cfg.changelog_topic(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
-        producer,
+        outputs: StageOutputs::new(cfg, "aggregate", Some(cfg.changelog_topic()))?,
         tasks: Mutex::new(BTreeMap::new()),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
@@ -53,7 +59,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         clients::consumer_config(cfg, &cfg.aggregate_stage_group_id()).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.grouped.as_str()])?;
     tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
-        group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(), "stage 2 (aggregate) started");
+        changelog = %cfg.changelog_topic(), group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
+        guarantee = cfg.processing_guarantee.as_str(), "stage 2 (aggregate) started");
 
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
@@ -61,8 +68,10 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         ctx.failure.take()?;
         ctx.on_time()?;
         ctx.commit(&consumer)?;
+        ctx.checkpoint(false)?;
     }
     ctx.commit(&consumer)?;
+    ctx.checkpoint(true)?;
     consumer.unsubscribe();
     let m = &ctx.metrics.aggregate;
     tracing::info!(consumed = metrics::get(&m.consumed), emitted = metrics::get(&m.emitted),
@@ -71,12 +80,13 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 }
 
 /// Consumer context owning the tasks, so the rebalance callbacks can commit and
-/// close them (revoke) or open and restore them (assign).
+/// close them (revoke) or fence, open and restore them (assign).
 struct AggregateContext {
     cfg: Config,
+    changelog_topic: String,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
-    producer: Arc<TrackedProducer>,
+    outputs: StageOutputs,
     tasks: Mutex<BTreeMap<i32, Task>>,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
@@ -111,24 +121,24 @@ impl AggregateContext {
                 if let Some(key) = msg.key() {
                     record = record.key(key);
                 }
-                send_with_backpressure(&self.producer, record)?;
+                self.outputs.send(partition, record)?;
                 metrics::add(&m.late, 1);
             }
         }
-        self.emit(outputs)?;
+        self.emit(partition, outputs)?;
         self.pending.record(partition, msg.offset());
         Ok(())
     }
 
-    /// Produces what the operator emitted, and counts it.
-    fn emit(&self, outputs: Vec<Output>) -> Result<(), StageError> {
+    /// Produces what the operator of `partition` emitted, and counts it.
+    fn emit(&self, partition: i32, outputs: Vec<Output>) -> Result<(), StageError> {
         let m = &self.metrics.aggregate;
         for out in outputs {
             match out {
                 Output::Aggregate { record, correction } => {
                     let value = record.to_json();
-                    send_with_backpressure(
-                        &self.producer,
+                    self.outputs.send(
+                        partition,
                         BaseRecord::to(&self.cfg.topics.aggregated).key(&record.tenant_id).payload(&value),
                     )?;
                     metrics::add(&m.emitted, 1);
@@ -139,8 +149,8 @@ impl AggregateContext {
                 Output::Late { pulse, reason } => {
                     let value = encode_grouped(&pulse);
                     let headers = OwnedHeaders::new().insert(Header { key: H_LATE_REASON, value: Some(reason.as_str()) });
-                    send_with_backpressure(
-                        &self.producer,
+                    self.outputs.send(
+                        partition,
                         BaseRecord::to(&self.cfg.topics.late).key(&pulse.tenant_id).payload(&value).headers(headers),
                     )?;
                     metrics::add(&m.late, 1);
@@ -156,42 +166,83 @@ impl AggregateContext {
 
     /// Lets time act on every task: idle watermarks advance, interim updates are due.
     fn on_time(&self) -> Result<(), StageError> {
-        let mut outputs = Vec::new();
+        let mut due = Vec::new();
         {
             let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
             let now = now_ms();
-            for task in tasks.values_mut() {
+            for (&partition, task) in tasks.iter_mut() {
+                let mut outputs = Vec::new();
                 task.op.on_time(now, &mut task.store, &mut outputs);
+                if !outputs.is_empty() {
+                    due.push((partition, outputs));
+                }
             }
         }
-        self.emit(outputs)
+        for (partition, outputs) in due {
+            self.emit(partition, outputs)?;
+        }
+        Ok(())
     }
 
+    /// Fences the partition's previous owner, opens its store and restores it.
     fn open_task(&self, partition: i32) -> Result<Task, StageError> {
-        let path = self
-            .cfg
-            .state_dir
-            .join(&self.cfg.application_id)
-            .join(format!("{}-{partition}", self.cfg.topics.grouped));
-        let mut store = PartitionStore::open(&path, &self.resources)?;
+        self.outputs.assign(partition)?;
+        let paths = StorePaths::new(&self.cfg, partition);
+        let (mut store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
+        let stats = changelog::restore(&self.cfg, partition, &mut store)
+            .map_err(|source| StageError::Restore { partition, source })?;
+        metrics::add(&self.metrics.aggregate.restored_records, stats.records);
         let op = WindowOperator::restore(Arc::clone(&self.settings), &mut store)?;
-        tracing::info!(partition, path = %path.display(), open_windows = op.open_windows(),
-            watermark = op.watermark().current, "state store opened");
-        Ok(Task { store, op })
+        tracing::info!(partition, path = %paths.live.display(), from_checkpoint = seeded,
+            changelog_from = stats.from_offset, changelog_to = stats.to_offset, restored_records = stats.records,
+            restore_ms = stats.elapsed.as_millis() as u64, open_windows = op.open_windows(),
+            watermark = op.watermark().current, "state store restored");
+        Ok(Task { store, op, paths, last_checkpoint: Instant::now() })
     }
 
-    /// Outputs delivered → state written → offsets committed (see the module docs).
+    /// State changes to the changelog; then outputs, changelog and offsets commit
+    /// together; then the local stores are written (see the module docs).
     fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
-        flush_outputs(&self.producer)?;
-        {
-            let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
-            for task in tasks.values_mut() {
-                task.op.flush(&mut task.store)?;
-                task.store.commit()?;
+        let offsets = self.pending.take();
+        let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
+        let mut changes = 0;
+        for (&partition, task) in tasks.iter_mut() {
+            task.op.flush(&mut task.store)?;
+            for (key, value) in task.store.changes() {
+                let record = BaseRecord::<[u8], [u8]>::to(&self.changelog_topic).key(key).partition(partition);
+                self.outputs.send(partition, match value {
+                    Some(v) => record.payload(v),
+                    None => record,
+                })?;
+                changes += 1;
             }
         }
-        if commit_offsets(consumer, &self.cfg.topics.grouped, &self.pending.take())? {
+        metrics::add(&self.metrics.aggregate.changelog_records, changes);
+        let committed = self.outputs.commit(consumer, &self.cfg.topics.grouped, &offsets, |changelog_next| {
+            for (&partition, task) in tasks.iter_mut() {
+                task.store.commit(changelog_next(partition))?;
+            }
+            Ok::<_, StageError>(())
+        })?;
+        if committed {
             metrics::add(&self.metrics.aggregate.commits, 1);
+        }
+        Ok(())
+    }
+
+    /// Writes a checkpoint of every task whose last one is `checkpoint_interval` old
+    /// (of every task when `all`). Call right after [`Self::commit`].
+    fn checkpoint(&self, all: bool) -> Result<(), StageError> {
+        let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
+        for (&partition, task) in tasks.iter_mut() {
+            if !all && task.last_checkpoint.elapsed() < self.cfg.checkpoint_interval {
+                continue;
+            }
+            let took = checkpoint::write(&task.paths, &task.store, partition, task.op.watermark().current)?;
+            task.last_checkpoint = Instant::now();
+            metrics::add(&self.metrics.aggregate.checkpoints, 1);
+            metrics::add(&self.metrics.aggregate.checkpoint_ms, took.as_millis() as u64);
+            tracing::debug!(partition, took_ms = took.as_millis() as u64, "checkpoint written");
         }
         Ok(())
     }
@@ -201,38 +252,39 @@ impl ClientContext for AggregateContext {}
 
 impl ConsumerContext for AggregateContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions revoked; committing and closing their stores");
-            if let Err(e) = self.commit(consumer) {
-                self.failure.set(e);
-                return;
-            }
-            if let Ok(mut tasks) = self.tasks.lock() {
-                for elem in tpl.elements() {
-                    tasks.remove(&elem.partition());
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked; committing and closing their stores");
+                if let Err(e) = self.commit(consumer) {
+                    self.failure.set(e);
                 }
-            }
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions assigned; opening their stores");
-            for elem in tpl.elements() {
-                let partition = elem.partition();
-                let exists = self.tasks.lock().map(|t| t.contains_key(&partition)).unwrap_or(false);
-                if exists {
-                    continue;
-                }
-                match self.open_task(partition) {
-                    Ok(task) => {
-                        if let Ok(mut tasks) = self.tasks.lock() {
-                            tasks.insert(partition, task);
-                        }
+                if let Ok(mut tasks) = self.tasks.lock() {
+                    for elem in tpl.elements() {
+                        tasks.remove(&elem.partition());
+                        self.outputs.revoke(elem.partition());
                     }
-                    Err(e) => self.failure.set(e),
                 }
             }
+            Rebalance::Assign(tpl) => {
+                // Before any record is read: fence the previous owners, restore state.
+                tracing::info!(partitions = tpl.count(), "partitions assigned; restoring their stores");
+                for elem in tpl.elements() {
+                    let partition = elem.partition();
+                    let exists = self.tasks.lock().map(|t| t.contains_key(&partition)).unwrap_or(false);
+                    if exists {
+                        continue;
+                    }
+                    match self.open_task(partition) {
+                        Ok(task) => {
+                            if let Ok(mut tasks) = self.tasks.lock() {
+                                tasks.insert(partition, task);
+                            }
+                        }
+                        Err(e) => self.failure.set(e),
+                    }
+                }
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }
     }
 }

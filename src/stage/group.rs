@@ -2,9 +2,10 @@
 //!
 //! This is where a pulse enters. Each record is validated ([`crate::pulse::validate`]);
 //! a valid pulse is re-keyed by `tenant_id` and written to the grouped topic, anything
-//! else goes to the DLQ with its original bytes and the reason. Offsets are committed
-//! only after every output of the batch is acknowledged (at-least-once), and also
-//! before partitions are revoked, so a rebalance re-processes as little as possible.
+//! else goes to the DLQ with its original bytes and the reason. A batch's outputs and
+//! its consumed offsets commit together ([`crate::kafka::txn`]: one transaction per
+//! input partition under exactly_once; flush, then offsets, under at_least_once), also
+//! before partitions are revoked, so a rebalance re-processes nothing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,20 +14,21 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message};
 
-use super::{flush_outputs, StageError};
+use super::StageError;
 use crate::config::Config;
-use crate::kafka::batch::{commit_offsets, poll_batch, FailureSlot, PendingOffsets};
-use crate::kafka::clients::{self, send_with_backpressure, TrackedProducer};
+use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
+use crate::kafka::clients;
 use crate::kafka::dlq;
+use crate::kafka::txn::StageOutputs;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{validate, RecordContext};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
-    let producer = Arc::new(clients::tracked_producer(cfg)?);
+    let outputs = Arc::new(StageOutputs::new(cfg, "group", None)?);
     let context = GroupContext {
-        producer: Arc::clone(&producer),
+        outputs: Arc::clone(&outputs),
         source_topic: cfg.topics.source.clone(),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
@@ -36,13 +38,13 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         clients::consumer_config(cfg, &cfg.group_stage_group_id()).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.source.as_str()])?;
     tracing::info!(source = %cfg.topics.source, grouped = %cfg.topics.grouped, dlq = %cfg.topics.dlq,
-        group = %cfg.group_stage_group_id(), "stage 1 (group) started");
+        group = %cfg.group_stage_group_id(), guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
 
     let m = &metrics.group;
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
         poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
-            group_one(cfg, &producer, msg, m)?;
+            group_one(cfg, &outputs, msg, m)?;
             ctx.pending.record(msg.partition(), msg.offset());
             Ok::<_, StageError>(())
         })?;
@@ -57,7 +59,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 }
 
 /// Validates one record and enqueues its output: a grouped pulse or a DLQ record.
-fn group_one(cfg: &Config, producer: &TrackedProducer, msg: &impl Message, m: &GroupMetrics) -> Result<(), StageError> {
+fn group_one(cfg: &Config, outputs: &StageOutputs, msg: &impl Message, m: &GroupMetrics) -> Result<(), StageError> {
     metrics::add(&m.consumed, 1);
     let payload = msg.payload().unwrap_or(&[]);
     let ctx = RecordContext {
@@ -69,7 +71,7 @@ fn group_one(cfg: &Config, producer: &TrackedProducer, msg: &impl Message, m: &G
     match validate(payload, &ctx) {
         Ok(pulse) => {
             let value = encode_grouped(&pulse);
-            send_with_backpressure(producer, BaseRecord::to(&cfg.topics.grouped).key(&pulse.tenant_id).payload(&value))?;
+            outputs.send(ctx.partition, BaseRecord::to(&cfg.topics.grouped).key(&pulse.tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
         }
         Err(rejection) => {
@@ -80,7 +82,7 @@ fn group_one(cfg: &Config, producer: &TrackedProducer, msg: &impl Message, m: &G
             if let Some(key) = msg.key() {
                 record = record.key(key);
             }
-            send_with_backpressure(producer, record)?;
+            outputs.send(ctx.partition, record)?;
             metrics::add(m.dlq_for(rejection.reason), 1);
         }
     }
@@ -90,7 +92,7 @@ fn group_one(cfg: &Config, producer: &TrackedProducer, msg: &impl Message, m: &G
 /// Consumer context holding the offsets handled but not yet committed, so they can be
 /// committed both at the end of a batch and from the revoke callback.
 struct GroupContext {
-    producer: Arc<TrackedProducer>,
+    outputs: Arc<StageOutputs>,
     source_topic: String,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
@@ -98,15 +100,14 @@ struct GroupContext {
 }
 
 impl GroupContext {
-    /// Waits for every enqueued output, then commits the offsets behind them. A failed
-    /// delivery stops the stage before the commit: the records are consumed again.
+    /// Commits the enqueued outputs with the offsets behind them. A failure stops the
+    /// stage before the offsets move: the records are consumed again.
     fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
         let pending = self.pending.take();
         if pending.is_empty() {
             return Ok(());
         }
-        flush_outputs(&self.producer)?;
-        if commit_offsets(consumer, &self.source_topic, &pending)? {
+        if self.outputs.commit(consumer, &self.source_topic, &pending, |_| Ok::<_, StageError>(()))? {
             metrics::add(&self.metrics.group.commits, 1);
         }
         Ok(())
@@ -117,17 +118,26 @@ impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions revoked; committing handled records first");
-            if let Err(e) = self.commit(consumer) {
-                self.failure.set(e);
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked; committing handled records first");
+                if let Err(e) = self.commit(consumer) {
+                    self.failure.set(e);
+                }
+                for elem in tpl.elements() {
+                    self.outputs.revoke(elem.partition());
+                }
             }
-        }
-    }
-
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            tracing::info!(partitions = tpl.count(), "partitions assigned");
+            Rebalance::Assign(tpl) => {
+                // Before any record is read: fence the partitions' previous owners.
+                for elem in tpl.elements() {
+                    if let Err(e) = self.outputs.assign(elem.partition()) {
+                        self.failure.set(e.into());
+                    }
+                }
+                tracing::info!(partitions = tpl.count(), "partitions assigned");
+            }
+            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }
     }
 }

@@ -1,6 +1,11 @@
 //! Durable state: one RocksDB store per assigned input partition (like a Kafka Streams
-//! task's state store), implementing the window core's [`crate::window::WindowStore`].
+//! task's state store), implementing the window core's [`crate::window::WindowStore`],
+//! with its changelog topic and checkpoints.
 
+pub mod changelog;
+pub mod checkpoint;
 pub mod store;
 
+pub use changelog::{RestoreError, RestoreStats};
+pub use checkpoint::{CheckpointError, StorePaths};
 pub use store::{PartitionStore, StoreError, StoreResources};

@@ -8,6 +8,12 @@
 //! - `c` end window start tenant\0sku\0unit → closed window within retention (JSON)
 //! - `d` tenant\0pulse_id                 → stream time it was counted at (sortable, 8 bytes)
 //! - `x` at tenant\0pulse_id              → (empty) expiry index of `d`
+//! - `k`                                 → next changelog offset this store reflects
+//!
+//! Every committed write except `x` (derived from `d`) and `k` is also a record of the
+//! stage's changelog topic ([`PartitionStore::changes`]), so another replica can
+//! rebuild the store ([`crate::state::changelog`]). `k` is written in the same atomic
+//! batch as the data, so a store always knows exactly which changelog tail it lacks.
 //!
 //! Identifiers never contain NUL (validation allows `[A-Za-z0-9._:-]` only).
 
@@ -60,6 +66,8 @@ pub struct PartitionStore {
     /// purging never rescans tombstones.
     purged_closed: Option<i64>,
     expired_seen: Option<i64>,
+    /// The changelog position last written, so unchanged positions are not rewritten.
+    position: Option<i64>,
 }
 
 impl PartitionStore {
@@ -85,6 +93,7 @@ impl PartitionStore {
             overlay: HashMap::new(),
             purged_closed: None,
             expired_seen: None,
+            position: None,
         })
     }
 
@@ -92,17 +101,72 @@ impl PartitionStore {
         &self.path
     }
 
-    /// Writes the buffered batch atomically. Not fsynced per batch: the input offsets
-    /// are committed after this, and on a machine crash the WAL plus re-processing
-    /// from the committed offsets (deduplicated) restore the state.
-    pub fn commit(&mut self) -> Result<(), StoreError> {
-        if self.overlay.is_empty() {
+    /// The writes of the current batch as changelog records (key, value; `None` is a
+    /// tombstone): the last write of each key, without derived keys.
+    pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.overlay.iter().filter(|(k, _)| k.first() != Some(&b'x')).map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
+    /// The changelog offset this store has applied up to (exclusive), if any.
+    pub fn changelog_position(&self) -> Result<Option<i64>, StoreError> {
+        match self.db.get(POSITION_KEY).map_err(|e| self.rocks(e))? {
+            None => Ok(None),
+            Some(b) => unsortable(&b).map(Some).ok_or_else(|| self.corrupt("unreadable changelog position")),
+        }
+    }
+
+    /// Writes the buffered batch atomically, with the changelog offset it brings the
+    /// store to (when its changes went to a changelog). Not fsynced per batch: after a
+    /// machine crash the WAL plus the changelog tail after the recorded position (read
+    /// on the next open) restore the state.
+    pub fn commit(&mut self, changelog_next: Option<i64>) -> Result<(), StoreError> {
+        let moved = changelog_next.is_some() && changelog_next != self.position;
+        if !moved && self.overlay.is_empty() {
             return Ok(());
+        }
+        if let (true, Some(next)) = (moved, changelog_next) {
+            self.batch.put(POSITION_KEY, sortable(next));
+            self.position = Some(next);
         }
         let batch = std::mem::take(&mut self.batch);
         self.db.write(batch).map_err(|e| self.rocks(e))?;
         self.overlay.clear();
         Ok(())
+    }
+
+    /// Applies one changelog record (from [`Self::changes`] of this partition's
+    /// previous owner) to the current batch, maintaining the derived `x` index.
+    pub fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        match key.first() {
+            Some(b'd') => {
+                let old = self.get(key)?;
+                if let Some(old) = old.as_deref() {
+                    if value != Some(old) {
+                        self.delete(expiry_key_from_seen(key, old));
+                    }
+                }
+                match value {
+                    Some(at) => {
+                        self.put(expiry_key_from_seen(key, at), Vec::new());
+                        self.put(key.to_vec(), at.to_vec());
+                    }
+                    None => self.delete(key.to_vec()),
+                }
+            }
+            Some(b'm' | b'o' | b'c') => match value {
+                Some(v) => self.put(key.to_vec(), v.to_vec()),
+                None => self.delete(key.to_vec()),
+            },
+            _ => return Err(self.corrupt(format!("changelog record with an unknown key {:?}", String::from_utf8_lossy(key)))),
+        }
+        Ok(())
+    }
+
+    /// Writes a consistent snapshot of the committed store to `dest` (which must not
+    /// exist): hard links of the SST files plus a fresh manifest, RocksDB's checkpoint.
+    pub fn snapshot(&self, dest: &Path) -> Result<(), StoreError> {
+        let cp = rocksdb::checkpoint::Checkpoint::new(&self.db).map_err(|e| self.rocks(e))?;
+        cp.create_checkpoint(dest).map_err(|e| self.rocks(e))
     }
 
     fn rocks(&self, source: rocksdb::Error) -> StoreError {
@@ -198,6 +262,15 @@ fn seen_key(tenant: &str, pulse_id: &str) -> Vec<u8> {
     k
 }
 
+/// The `x` key of a `d` key (`d` tenant\0pulse_id) whose value is the sortable `at`.
+fn expiry_key_from_seen(seen: &[u8], at: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(seen.len() + at.len());
+    k.push(b'x');
+    k.extend_from_slice(at);
+    k.extend_from_slice(&seen[1..]);
+    k
+}
+
 fn expiry_key(at: i64, tenant: &str, pulse_id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(10 + tenant.len() + pulse_id.len());
     k.push(b'x');
@@ -225,6 +298,7 @@ fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
 }
 
 const WATERMARK_KEY: &[u8] = b"m";
+const POSITION_KEY: &[u8] = b"k";
 
 impl WindowStore for PartitionStore {
     type Error = StoreError;
@@ -346,7 +420,7 @@ mod tests {
             s.mark_seen("acme", "p1", 100);
             s.put_watermark(&Watermark { current: 42, last_input_wall_ms: 1, last_input_watermark: 42 });
             assert!(s.seen("acme", "p1").unwrap(), "reads see the uncommitted batch");
-            s.commit().unwrap();
+            s.commit(None).unwrap();
         }
         let mut s = PartitionStore::open(dir.path(), &res).unwrap();
         assert_eq!(s.load_open().unwrap(), vec![(key(-5_000), st.clone())]);
@@ -358,6 +432,42 @@ mod tests {
         assert_eq!(s.get_closed(&key(9_000)).unwrap(), Some(st));
         s.expire_seen(100).unwrap();
         assert!(!s.seen("acme", "p1").unwrap());
-        s.commit().unwrap();
+        s.commit(None).unwrap();
+    }
+
+    /// Replaying a store's changes into an empty store rebuilds it, `x` index included.
+    #[test]
+    fn changes_rebuild_a_store() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let res = StoreResources::new(16 << 20);
+        let st = WindowState::new(Accumulator::first(Decimal::new(3, 0), 1));
+        let mut src = PartitionStore::open(a.path(), &res).unwrap();
+        let mut dst = PartitionStore::open(b.path(), &res).unwrap();
+        let replay = |src: &mut PartitionStore, dst: &mut PartitionStore, next: i64| {
+            let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                src.changes().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
+            assert!(changes.iter().all(|(k, _)| k[0] != b'x'), "derived keys stay out of the changelog");
+            for (k, v) in &changes {
+                dst.apply_change(k, v.as_deref()).unwrap();
+            }
+            src.commit(Some(next)).unwrap();
+            dst.commit(Some(next)).unwrap();
+        };
+        src.put_open(&key(0), &st);
+        src.mark_seen("acme", "p1", 100);
+        src.mark_seen("acme", "p2", 200);
+        replay(&mut src, &mut dst, 3);
+        assert_eq!(src.changes().count(), 0, "commit clears the batch");
+        src.mark_seen("acme", "p1", 300); // seen again later: its expiry moves
+        src.delete_open(&key(0));
+        src.put_closed(&key(0), &st);
+        replay(&mut src, &mut dst, 7);
+        dst.expire_seen(250).unwrap(); // p2 expires; p1 (now at 300) stays
+        assert!(dst.seen("acme", "p1").unwrap());
+        assert!(!dst.seen("acme", "p2").unwrap());
+        assert_eq!(dst.load_open().unwrap(), vec![]);
+        assert_eq!(dst.get_closed(&key(0)).unwrap(), Some(st));
+        assert_eq!(dst.changelog_position().unwrap(), Some(7));
+        assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");
     }
 }

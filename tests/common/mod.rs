@@ -2,6 +2,8 @@
 //! the real `pulses` binary as a child process, and polling helpers with deadlines.
 #![allow(dead_code)]
 
+pub mod agg;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -124,6 +126,9 @@ impl Proc {
         // timeout, so a short one keeps joins and rebalances quick.
         let config_toml = format!("{config_toml}\n[kafka]\n\"session.timeout.ms\" = \"6000\"\n");
         std::fs::write(&config, config_toml).expect("write config");
+        // Appends, so a restarted replica's log follows its first life's.
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.path().join("pulses.log"))
+            .expect("open log");
         let child = Command::new(pulses_bin())
             .arg("run")
             .args(topics.flags())
@@ -134,6 +139,7 @@ impl Proc {
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start pulses run");
         Proc { child, state_dir }
@@ -145,6 +151,17 @@ impl Proc {
         let ok = Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success();
         assert!(ok, "kill -TERM failed");
         wait_for("pulses to exit after SIGTERM", within, || self.child.try_wait().expect("try_wait"))
+    }
+
+    /// What the process logged so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.path().join("pulses.log")).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL: no flush, no commit, no goodbye.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Takes the state dir away (to restart a replica with the same state).
@@ -160,6 +177,14 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("---- last lines of pulses log ({}) ----", self.state_dir.path().display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -315,9 +340,22 @@ pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
         .collect()
 }
 
-/// Waits until `group` has committed every offset of `topic` up to its end.
+/// The offset after the last data record of each partition of `topic` (0 if empty).
+/// Unlike the log end, this excludes a trailing transaction marker, which a consumer
+/// never receives and so never commits past.
+pub fn data_ends(topic: &str) -> HashMap<i32, i64> {
+    let (records, ends) = read_to_end(topic);
+    let mut out: HashMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
+    for r in records {
+        let e = out.entry(r.partition).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    out
+}
+
+/// Waits until `group` has committed every record of `topic`.
 pub fn wait_all_committed(group: &str, topic: &str) {
-    let ends = end_offsets(topic);
+    let ends = data_ends(topic);
     wait_for(&format!("{group} to commit all of {topic}"), DEADLINE, || {
         let c = committed(group, topic);
         ends.iter().all(|(p, end)| *end == 0 || c.get(p).is_some_and(|o| o >= end)).then_some(())

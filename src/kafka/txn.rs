@@ -1,0 +1,227 @@
+//! Exactly-once plumbing: which producer writes a stage's outputs, and how a batch of
+//! them commits together with the consumed offsets.
+//!
+//! `exactly_once`: one transactional producer per owned input partition, with the
+//! transactional id `<application_id>-<stage>-<partition>`. A partition's outputs, its
+//! changelog records (stage 2) and its consumed offsets commit in one transaction.
+//! Because the id belongs to the *partition*, not to the process, the next owner's
+//! `init_transactions` fences the previous owner (a replica that was killed, paused or
+//! dropped from the group) and aborts its open transaction before anything of that
+//! partition is read or restored. That needs nothing from the broker beyond the basic
+//! transaction protocol (no group-generation checks, KIP-447), so it holds on every
+//! Kafka-compatible broker that implements transactions.
+//!
+//! `at_least_once`: one shared idempotent producer. Outputs are flushed, then state is
+//! written, then offsets are committed: a crash in between re-processes the records
+//! since the last commit and may emit their outputs again.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::batch::commit_offsets;
+use super::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
+use crate::config::{Config, Guarantee};
+
+/// How long a transaction call (init, send offsets, commit, abort) may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an at-least-once flush waits for outstanding deliveries.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TxnError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("{0} record(s) could not be delivered ({1}); offsets were not committed past them")]
+    Delivery(u64, String),
+    #[error("transaction of partition {partition} failed to {step}: {source}")]
+    Transaction { partition: i32, step: &'static str, source: KafkaError },
+    #[error("an output for partition {0}, which this replica does not own")]
+    NotOwned(i32),
+    #[error("the consumer has no group metadata (not in a group yet)")]
+    NoGroupMetadata,
+    #[error("a producer lock was poisoned by a panic")]
+    Poisoned,
+}
+
+/// The producers of one stage of one replica.
+pub struct StageOutputs {
+    cfg: Config,
+    stage: &'static str,
+    /// Topic whose delivered offsets are tracked (stage 2's changelog).
+    tracked_topic: Option<String>,
+    /// at_least_once: the one producer.
+    shared: Option<TrackedProducer>,
+    /// exactly_once: one producer per owned input partition.
+    owned: Mutex<BTreeMap<i32, PartitionProducer>>,
+}
+
+struct PartitionProducer {
+    producer: TrackedProducer,
+    in_transaction: bool,
+}
+
+impl StageOutputs {
+    /// `stage` names the transactional ids; `tracked_topic` is the topic whose
+    /// delivered offsets [`Self::commit`] reports (stage 2's changelog).
+    pub fn new(cfg: &Config, stage: &'static str, tracked_topic: Option<String>) -> Result<Self, TxnError> {
+        let shared = match cfg.processing_guarantee {
+            Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked_topic))?),
+            Guarantee::ExactlyOnce => None,
+        };
+        Ok(Self { cfg: cfg.clone(), stage, tracked_topic, shared, owned: Mutex::new(BTreeMap::new()) })
+    }
+
+    pub fn guarantee(&self) -> Guarantee {
+        self.cfg.processing_guarantee
+    }
+
+    /// The transactional id of an input partition's producer.
+    pub fn transactional_id(&self, partition: i32) -> String {
+        format!("{}-{}-{partition}", self.cfg.application_id, self.stage)
+    }
+
+    /// Takes ownership of `partition`. Under exactly_once this creates its
+    /// transactional producer and fences any previous owner, aborting that owner's open
+    /// transaction; call it before reading or restoring anything of the partition.
+    pub fn assign(&self, partition: i32) -> Result<(), TxnError> {
+        if self.shared.is_some() {
+            return Ok(());
+        }
+        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
+        if owned.contains_key(&partition) {
+            return Ok(());
+        }
+        let id = self.transactional_id(partition);
+        let producer = clients::transactional_producer(&self.cfg, &id, tracker(&self.tracked_topic))?;
+        let started = std::time::Instant::now();
+        producer
+            .init_transactions(TXN_TIMEOUT)
+            .map_err(|source| TxnError::Transaction { partition, step: "initialise (fence the previous owner)", source })?;
+        tracing::debug!(partition, transactional_id = %id, elapsed_ms = started.elapsed().as_millis() as u64,
+            "transactional producer ready");
+        owned.insert(partition, PartitionProducer { producer, in_transaction: false });
+        Ok(())
+    }
+
+    /// Gives up `partition`. Call after its last [`Self::commit`]; an open transaction
+    /// is aborted (its input will be consumed again by the next owner).
+    pub fn revoke(&self, partition: i32) {
+        let Ok(mut owned) = self.owned.lock() else { return };
+        if let Some(p) = owned.remove(&partition) {
+            if p.in_transaction {
+                tracing::warn!(partition, "aborting an uncommitted transaction of a revoked partition");
+                if let Err(e) = p.producer.abort_transaction(TXN_TIMEOUT) {
+                    tracing::warn!(partition, "abort failed (the next owner's fencing aborts it): {e}");
+                }
+            }
+        }
+    }
+
+    /// Enqueues `record` as an output of input `partition`.
+    pub fn send<K, P>(&self, partition: i32, record: BaseRecord<'_, K, P, ()>) -> Result<(), TxnError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        if let Some(shared) = &self.shared {
+            return Ok(send_with_backpressure(shared, record)?);
+        }
+        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
+        let p = owned.get_mut(&partition).ok_or(TxnError::NotOwned(partition))?;
+        p.begin(partition)?;
+        Ok(send_with_backpressure(&p.producer, record)?)
+    }
+
+    /// Commits every output enqueued so far together with `offsets` (partition →
+    /// next offset of `topic`). `write_state` runs once the outputs are durable, with
+    /// the offset after each partition's last delivered tracked record, so local state
+    /// can record which changelog offset it reflects.
+    ///
+    /// exactly_once: each partition's transaction commits (outputs + offsets), then
+    /// `write_state`. at_least_once: flush, `write_state`, then commit offsets.
+    /// Returns whether offsets were committed.
+    pub fn commit<C: ConsumerContext, E: From<TxnError>>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+        write_state: impl FnOnce(&dyn Fn(i32) -> Option<i64>) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        if let Some(shared) = &self.shared {
+            shared.flush(FLUSH_TIMEOUT).map_err(TxnError::from)?;
+            let failed = shared.context().failed();
+            if failed > 0 {
+                return Err(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default()).into());
+            }
+            write_state(&|p| shared.context().next_offset(p))?;
+            return Ok(commit_offsets(consumer, topic, offsets).map_err(TxnError::from)?);
+        }
+        self.commit_transactions(consumer, topic, offsets)?;
+        let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
+        let owned = &*owned;
+        write_state(&|partition| owned.get(&partition).and_then(|p| p.producer.context().next_offset(partition)))?;
+        Ok(!offsets.is_empty())
+    }
+
+    /// Commits the open transaction of every owned partition, with its offsets.
+    fn commit_transactions<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<(), TxnError> {
+        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
+        for (&partition, p) in owned.iter_mut() {
+            let next = offsets.get(&partition).copied();
+            if next.is_none() && !p.in_transaction {
+                continue;
+            }
+            p.begin(partition)?;
+            if let Some(next) = next {
+                let metadata = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
+                let mut tpl = TopicPartitionList::with_capacity(1);
+                tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
+                if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &metadata, TXN_TIMEOUT) {
+                    return Err(p.abort_after(partition, "send offsets", source));
+                }
+            }
+            if let Err(source) = p.producer.commit_transaction(TXN_TIMEOUT) {
+                return Err(p.abort_after(partition, "commit", source));
+            }
+            p.in_transaction = false;
+        }
+        Ok(())
+    }
+}
+
+impl PartitionProducer {
+    fn begin(&mut self, partition: i32) -> Result<(), TxnError> {
+        if !self.in_transaction {
+            self.producer
+                .begin_transaction()
+                .map_err(|source| TxnError::Transaction { partition, step: "begin", source })?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// Aborts the open transaction after `step` failed, and returns the error: the
+    /// stage stops, and its input since the last commit is consumed again.
+    fn abort_after(&mut self, partition: i32, step: &'static str, source: KafkaError) -> TxnError {
+        if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
+            tracing::warn!(partition, "abort after a failed {step} also failed: {e}");
+        }
+        self.in_transaction = false;
+        TxnError::Transaction { partition, step, source }
+    }
+}
+
+fn tracker(topic: &Option<String>) -> DeliveryTracker {
+    topic.as_deref().map_or_else(DeliveryTracker::default, DeliveryTracker::tracking)
+}

@@ -1,0 +1,119 @@
+//! The changelog of stage 2's stores: topic `<application_id>-windows-changelog`,
+//! compacted, partition `p` holding the changes of grouped-topic partition `p`'s store
+//! (like a Kafka Streams changelog). Records are written inside the same transaction
+//! as the outputs and offsets they belong to ([`crate::kafka::txn`]), so the committed
+//! changelog is always the state behind the committed outputs.
+//!
+//! Restoring reads the changelog from the store's recorded position to its end, with
+//! `read_committed`, and applies it. A store with local state (a restart) reads only
+//! the tail; a store without (a partition new to this replica) reads it all.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use super::store::{PartitionStore, StoreError};
+use crate::config::Config;
+use crate::kafka::clients;
+
+/// Records applied between two intermediate commits during a long restore, so an
+/// interrupted restore resumes instead of starting over.
+const RESTORE_COMMIT_EVERY: u64 = 50_000;
+/// A restore that receives nothing (not even end-of-partition) this long fails loudly
+/// rather than stalling the replica forever.
+const RESTORE_STALL: Duration = Duration::from_secs(120);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("changelog {topic}[{partition}] sent nothing for {}s at offset {offset}", RESTORE_STALL.as_secs())]
+    Stalled { topic: String, partition: i32, offset: i64 },
+}
+
+/// What a restore did, for logs, metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog offset the restore started from (the store's recorded position).
+    pub from_offset: i64,
+    /// Changelog offset the store now reflects.
+    pub to_offset: i64,
+    /// Changelog records applied.
+    pub records: u64,
+    pub elapsed: Duration,
+}
+
+/// Brings `store` (of grouped-topic partition `partition`) up to the end of its
+/// changelog partition. Call only after fencing the partition's previous owner, so no
+/// open transaction of a zombie can still commit behind the end we read to.
+pub fn restore(cfg: &Config, partition: i32, store: &mut PartitionStore) -> Result<RestoreStats, RestoreError> {
+    let started = Instant::now();
+    let topic = cfg.changelog_topic();
+    let from_offset = store.changelog_position()?.unwrap_or(0);
+    let mut c = clients::base(cfg);
+    // The restore consumer assigns the partition itself: it never joins this group
+    // (librdkafka wants one named) and commits nothing.
+    c.set("group.id", format!("{}.restore", cfg.application_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer<RestoreContext> = c.create_with_context(RestoreContext)?;
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition_offset(&topic, partition, Offset::Offset(from_offset))?;
+    consumer.assign(&tpl)?;
+
+    let mut records = 0u64;
+    let mut position = from_offset;
+    let mut last_progress = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {
+                if last_progress.elapsed() > RESTORE_STALL {
+                    return Err(RestoreError::Stalled { topic, partition, offset: position });
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => {
+                // Transient broker errors are retried by librdkafka; keep waiting.
+                tracing::warn!(partition, "changelog restore: {e}");
+            }
+            Some(Ok(msg)) => {
+                last_progress = Instant::now();
+                let Some(key) = msg.key() else {
+                    tracing::warn!(partition, offset = msg.offset(), "changelog record without a key skipped");
+                    position = msg.offset() + 1;
+                    continue;
+                };
+                store.apply_change(key, msg.payload())?;
+                position = msg.offset() + 1;
+                records += 1;
+                if records % RESTORE_COMMIT_EVERY == 0 {
+                    store.commit(Some(position))?;
+                }
+            }
+        }
+    }
+    store.commit(Some(position))?;
+    Ok(RestoreStats { from_offset, to_offset: position, records, elapsed: started.elapsed() })
+}
+
+/// The restore consumer's context: reaching the end of the changelog is the goal, not
+/// an error worth a log line (librdkafka also reports it as a client error).
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) => tracing::trace!("changelog end reached: {reason}"),
+            other => tracing::warn!("changelog restore consumer: {other}: {reason}"),
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
