@@ -5,6 +5,7 @@
 //!
 //!     cargo bench --bench stage2_memory            # 10M pulses
 //!     PULSES_BENCH_PULSES=2000000 cargo bench --bench stage2_memory
+//!     PULSES_BENCH_STATE_MIB=64 cargo bench --bench stage2_memory   # state budget
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -30,7 +31,9 @@ fn main() {
     let tenants = 500u64;
     let skus = ["storage.standard", "compute.vcpu", "api.requests", "network.egress"];
     let dir = tempfile::tempdir().expect("tempdir");
-    let resources = StoreResources::new(128 << 20);
+    // The state memory budget (`aggregate.state_memory_mib`, default 128).
+    let budget_mib: usize = std::env::var("PULSES_BENCH_STATE_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
+    let resources = StoreResources::new(budget_mib << 20);
     let mut store = PartitionStore::open(dir.path(), &resources).expect("open store");
     let settings = Arc::new(WindowSettings { retention_ms: 60_000, ..WindowSettings::default() });
     let mut op = WindowOperator::restore(settings, &mut store).expect("restore");
@@ -67,12 +70,22 @@ fn main() {
         if i + 1 == 1_000_000 {
             rss_1m = peak_rss_mib();
         }
+        if (i + 1) % 1_000_000 == 0 {
+            eprintln!(
+                "stage2_memory: {:>3}M pulses, peak RSS {:.1} MiB, {:.0} s; {}",
+                (i + 1) / 1_000_000,
+                peak_rss_mib(),
+                started.elapsed().as_secs_f64(),
+                store.memory_report()
+            );
+        }
     }
     op.flush(&mut store).expect("flush");
     store.commit(None).expect("commit");
     let secs = started.elapsed().as_secs_f64();
     let rss_end = peak_rss_mib();
     println!("stage2_memory: {total} pulses in {secs:.1} s = {:.0} pulses/s (one core), {emitted} aggregates emitted", total as f64 / secs);
+    println!("stage2_memory: state memory budget {budget_mib} MiB");
     println!("stage2_memory: peak RSS at 1M pulses {rss_1m:.1} MiB, at {total} pulses {rss_end:.1} MiB ({:+.1}%)", (rss_end / rss_1m - 1.0) * 100.0);
     println!("stage2_memory: open windows at end {}", op.open_windows());
 }

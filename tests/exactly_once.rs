@@ -109,3 +109,170 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
     let counted: Vec<P> = counted.into_iter().chain(late).collect();
     assert_exact(&t, &counted, closed_before);
 }
+
+/// Scale-out: replicas join and leave (gracefully) mid-stream; state moves with the
+/// partitions through the changelog, transactions commit before partitions are
+/// revoked, and every final aggregate is exact and emitted once per revision.
+#[test]
+#[ignore = "unfinished (issue 4): passed with exact totals, but 2 of 4 runs on Nisshi timed out waiting; \
+            not yet diagnosed"]
+fn rebalances_move_state_and_stay_exact() {
+    let t = Topics::create_with("scale", 6, 6);
+    let config = format!("checkpoint_interval = \"2s\"\n{}", config("1h", "1h"));
+    let base = (now_ms() / 60_000 - 30) * 60_000;
+    let all = pulses("r", 40, 750, base, 240); // 30,000 pulses over 3 minutes of event time
+    let (first, second) = all.split_at(all.len() / 2);
+
+    let a = Proc::run(&t, &config, &[]);
+    let mut b = Proc::run(&t, &config, &[]);
+    let c = Proc::run(&t, &config, &[]);
+    produce_pulses(&t.source, first);
+    let aggregate_group = format!("{}.aggregate", t.app);
+    wait_for("stage 2 progress", DEADLINE, || (committed(&aggregate_group, &t.grouped).values().sum::<i64>() > 0).then_some(()));
+    assert_eq!(b.terminate(Duration::from_secs(10)).code(), Some(0), "a leaving replica exits 0");
+    produce_pulses(&t.source, second);
+    let d = Proc::run(&t, &config, &[]); // a new replica, no local state
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    // Stream time to base + 10 min on every partition: all windows close.
+    let push = pulses("push", 40, 1, base + 600_000, 1);
+    produce_pulses(&t.source, &push);
+    wait_pipeline_done(&t);
+    let counted: Vec<P> = all.iter().chain(&push).cloned().collect();
+    let closed_before = base + 600_000 - 5_000;
+    wait_for("all windows emitted", DEADLINE, || {
+        let (got, _) = latest_finals(&t.aggregated);
+        fold(&counted, WINDOWS, closed_before).keys().all(|k| got.contains_key(k)).then_some(())
+    });
+    assert_exact(&t, &counted, closed_before);
+    let restored: u64 = [&a, &c, &d].iter().map(|p| restored_records(&p.log())).sum();
+    // How much state moved depends on how far stage 2 got before each rebalance.
+    eprintln!("rebalances: {restored} changelog records restored across replicas");
+}
+
+/// Outcome of one crash run, for comparing the guarantees.
+struct CrashRun {
+    /// (aggregate_id, revision) pairs seen more than once among committed records.
+    duplicate_revisions: usize,
+    /// Committed grouped pulses beyond the number of distinct valid pulses.
+    duplicate_grouped: usize,
+    /// Records of aborted transactions in the output topics (exactly_once only).
+    aborted_records: usize,
+}
+
+/// 3 replicas on 6-partition topics; pulses stream in; one replica is killed with
+/// SIGKILL mid-stream and a fresh replica (empty state dir) joins later. The latest
+/// revision of every committed aggregate must match an independent fold exactly, and
+/// the final 10 s aggregates must count every distinct pulse once.
+fn crash_run(guarantee: &str) -> CrashRun {
+    let total: usize = std::env::var("PULSES_TEST_CRASH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let t = Topics::create_with(&format!("crash-{guarantee}"), 6, 6);
+    let config = format!(
+        "processing_guarantee = \"{guarantee}\"\ncheckpoint_interval = \"2s\"\n{}",
+        config("1h", "1h")
+    );
+    let tenants = 50;
+    let base = (now_ms() / 60_000 - 30) * 60_000;
+    let per_tenant = (total / tenants) as i64;
+    // 50 tenants, event time advancing 100 ms per round: a few minutes of windows.
+    let all = pulses("k", tenants, per_tenant, base, 100);
+    let resent: Vec<P> = all.iter().step_by(100).cloned().collect(); // duplicates: counted once
+    let chunks: Vec<&[P]> = all.chunks(all.len() / 20 + 1).collect();
+
+    let a = Proc::run(&t, &config, &[]);
+    let mut b = Proc::run(&t, &config, &[]);
+    let c = Proc::run(&t, &config, &[]);
+    let aggregate_group = format!("{}.aggregate", t.app);
+    let mut d = None;
+    for (i, chunk) in chunks.iter().enumerate() {
+        produce_pulses(&t.source, chunk);
+        if i == 6 {
+            // Mid-stream, while stage 2 is busy: kill one replica without warning.
+            wait_for("stage 2 progress", DEADLINE, || {
+                (committed(&aggregate_group, &t.grouped).values().sum::<i64>() > 0).then_some(())
+            });
+            b.kill9();
+        }
+        if i == 12 {
+            d = Some(Proc::run(&t, &config, &[])); // a fresh replica, no local state
+        }
+    }
+    produce_pulses(&t.source, &resent);
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    let push = pulses("push", tenants, 1, base + (per_tenant + 1) * 100 + 600_000, 1);
+    produce_pulses(&t.source, &push);
+    wait_pipeline_done(&t);
+
+    let counted: Vec<P> = all.iter().chain(&push).cloned().collect();
+    let closed_before = push[0].at - 5_000;
+    let expected = fold(&counted, WINDOWS, closed_before);
+    let (latest, duplicate_revisions, aborted_aggregates) = wait_for("every window emitted", DEADLINE, || {
+        let log = committed::read_log(&t.aggregated);
+        let (latest, dups) = latest_committed_finals(&log.committed);
+        expected.keys().all(|k| latest.contains_key(k)).then_some((latest, dups, log.aborted))
+    });
+    for (k, e) in &expected {
+        assert_eq!(latest.get(k), Some(e), "{guarantee}: aggregate {k:?}");
+    }
+    assert_eq!(latest.len(), expected.len(), "{guarantee}: no unexpected final aggregates");
+    let postflight: u64 = latest.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, e)| e.count).sum();
+    assert_eq!(postflight, counted.len() as u64, "{guarantee}: every distinct pulse counted once in the 10 s windows");
+
+    let grouped = committed::read_log(&t.grouped);
+    let run = CrashRun {
+        duplicate_revisions,
+        duplicate_grouped: grouped.committed.len() - (counted.len() + resent.len()),
+        aborted_records: aborted_aggregates + grouped.aborted,
+    };
+    let restored: u64 = [Some(&a), Some(&c), d.as_ref()].into_iter().flatten().map(|p| restored_records(&p.log())).sum();
+    eprintln!(
+        "{guarantee}: {} pulses (+{} resent); duplicate (aggregate_id, revision): {}; duplicate grouped: {}; \
+         aborted records in the log: {}; changelog records restored: {restored}",
+        all.len(), resent.len(), run.duplicate_revisions, run.duplicate_grouped, run.aborted_records
+    );
+    run
+}
+
+/// Latest revision of every final aggregate among `records`, and how many
+/// (aggregate_id, revision) pairs occur more than once.
+fn latest_committed_finals(records: &[committed::CommittedRecord]) -> (BTreeMap<AggKey, Expect>, usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut duplicates = 0;
+    let mut latest: BTreeMap<AggKey, (u64, Expect)> = BTreeMap::new();
+    for r in records {
+        let v = r.json();
+        let rev = v["revision"].as_u64().unwrap();
+        if !seen.insert((v["aggregate_id"].as_str().unwrap().to_owned(), rev)) {
+            duplicates += 1;
+        }
+        if v["final"].as_bool() != Some(true) {
+            continue;
+        }
+        let (key, e) = aggregate_of(&v);
+        if latest.get(&key).is_none_or(|(r, _)| *r < rev) {
+            latest.insert(key, (rev, e));
+        }
+    }
+    (latest.into_iter().map(|(k, (_, e))| (k, e)).collect(), duplicates)
+}
+
+#[test]
+#[ignore = "needs a broker that hides aborted transactions from read_committed readers (Apache Kafka: \
+            PULSES_TEST_BOOTSTRAP=host:port cargo test -- --ignored); Nisshi 0.7.0-pre.2 does not, see \
+            scripts/nisshi-txn-check.py"]
+fn kill_9_under_exactly_once_loses_and_doubles_nothing() {
+    let run = crash_run("exactly_once");
+    assert_eq!(run.duplicate_revisions, 0, "no (aggregate_id, revision) committed twice");
+    assert_eq!(run.duplicate_grouped, 0, "no pulse grouped twice among committed records");
+}
+
+#[test]
+#[ignore = "needs a broker that hides aborted transactions from read_committed readers (Apache Kafka: \
+            PULSES_TEST_BOOTSTRAP=host:port cargo test -- --ignored); Nisshi 0.7.0-pre.2 does not, see \
+            scripts/nisshi-txn-check.py"]
+fn kill_9_under_at_least_once_loses_nothing_but_may_duplicate() {
+    let run = crash_run("at_least_once");
+    assert_eq!(run.aborted_records, 0, "at_least_once writes no transactions");
+    // The replica died with outputs sent but offsets not committed: its successor
+    // processes those records again and emits their outputs a second time.
+    assert!(run.duplicate_grouped + run.duplicate_revisions > 0, "the crash re-emitted records");
+}

@@ -55,21 +55,20 @@ impl PendingOffsets {
     }
 }
 
-/// Commits `offsets` of `topic` synchronously. A failure (the partitions moved to
-/// another member in a rebalance) is logged: their new owner re-reads from the last
-/// committed offset, so the cost is re-processing, never loss. Returns success.
+/// Commits `offsets` of `topic` synchronously, each with the commit metadata
+/// `metadata(partition)` gives. A failure (the partitions moved to another member in a
+/// rebalance) is logged: their new owner re-reads from the last committed offset, so
+/// the cost is re-processing, never loss. Returns success.
 pub fn commit_offsets<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     topic: &str,
     offsets: &BTreeMap<i32, i64>,
+    metadata: &dyn Fn(i32) -> Option<String>,
 ) -> KafkaResult<bool> {
     if offsets.is_empty() {
         return Ok(true);
     }
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for (partition, next) in offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))?;
-    }
+    let tpl = offsets_list(topic, offsets, metadata)?;
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => Ok(true),
         Err(e) => {
@@ -104,4 +103,21 @@ impl<E: std::fmt::Display> FailureSlot<E> {
             None => Ok(()),
         }
     }
+}
+
+/// A list of `offsets` of `topic` with per-partition commit metadata.
+pub fn offsets_list(
+    topic: &str,
+    offsets: &BTreeMap<i32, i64>,
+    metadata: &dyn Fn(i32) -> Option<String>,
+) -> KafkaResult<TopicPartitionList> {
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for (&partition, &next) in offsets {
+        let mut elem = tpl.add_partition(topic, partition);
+        elem.set_offset(Offset::Offset(next))?;
+        if let Some(m) = metadata(partition) {
+            elem.set_metadata(m);
+        }
+    }
+    Ok(tpl)
 }

@@ -72,6 +72,14 @@ impl DeliveryTracker {
         Self { tracked_topic: Some(topic.into()), ..Self::default() }
     }
 
+    /// Raises the known end of the tracked topic's `partition` to at least `next`.
+    pub fn advance_to(&self, partition: i32, next: i64) {
+        if let Ok(mut m) = self.next_offsets.lock() {
+            let e = m.entry(partition).or_insert(next);
+            *e = (*e).max(next);
+        }
+    }
+
     /// The offset after the last delivered record of the tracked topic's `partition`.
     pub fn next_offset(&self, partition: i32) -> Option<i64> {
         self.next_offsets.lock().ok().and_then(|m| m.get(&partition).copied())
@@ -97,10 +105,7 @@ impl ProducerContext for DeliveryTracker {
         use rdkafka::Message;
         if let (Ok(msg), Some(topic)) = (result, &self.tracked_topic) {
             if msg.topic() == &**topic {
-                if let Ok(mut m) = self.next_offsets.lock() {
-                    let next = m.entry(msg.partition()).or_insert(0);
-                    *next = (*next).max(msg.offset() + 1);
-                }
+                self.advance_to(msg.partition(), msg.offset() + 1);
             }
         }
         if let Err((err, msg)) = result {

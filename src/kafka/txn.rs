@@ -11,6 +11,11 @@
 //! transaction protocol (no group-generation checks, KIP-447), so it holds on every
 //! Kafka-compatible broker that implements transactions.
 //!
+//! With a tracked topic (stage 2's changelog), each committed offset carries the
+//! metadata `changelog=<offset>`: where the partition's changelog ends after that
+//! commit. A restore treats changelog records beyond it as uncommitted (see
+//! [`crate::state::changelog`]).
+//!
 //! `at_least_once`: one shared idempotent producer. Outputs are flushed, then state is
 //! written, then offsets are committed: a crash in between re-processes the records
 //! since the last commit and may emit their outputs again.
@@ -22,9 +27,8 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{Offset, TopicPartitionList};
 
-use super::batch::commit_offsets;
+use super::batch::{commit_offsets, offsets_list};
 use super::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
 use crate::config::{Config, Guarantee};
 
@@ -109,6 +113,19 @@ impl StageOutputs {
         Ok(())
     }
 
+    /// Records that partition `partition` of the tracked topic already holds data up
+    /// to `next` (a restored store's position), so commits name at least that end.
+    pub fn set_tracked_position(&self, partition: i32, next: i64) -> Result<(), TxnError> {
+        if let Some(shared) = &self.shared {
+            shared.context().advance_to(partition, next);
+            return Ok(());
+        }
+        let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
+        let p = owned.get(&partition).ok_or(TxnError::NotOwned(partition))?;
+        p.producer.context().advance_to(partition, next);
+        Ok(())
+    }
+
     /// Gives up `partition`. Call after its last [`Self::commit`]; an open transaction
     /// is aborted (its input will be consumed again by the next owner).
     pub fn revoke(&self, partition: i32) {
@@ -160,7 +177,8 @@ impl StageOutputs {
                 return Err(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default()).into());
             }
             write_state(&|p| shared.context().next_offset(p))?;
-            return Ok(commit_offsets(consumer, topic, offsets).map_err(TxnError::from)?);
+            let metadata = |p| self.commit_metadata(shared.context().next_offset(p));
+            return Ok(commit_offsets(consumer, topic, offsets, &metadata).map_err(TxnError::from)?);
         }
         self.commit_transactions(consumer, topic, offsets)?;
         let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
@@ -184,10 +202,16 @@ impl StageOutputs {
             }
             p.begin(partition)?;
             if let Some(next) = next {
-                let metadata = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
-                let mut tpl = TopicPartitionList::with_capacity(1);
-                tpl.add_partition_offset(topic, partition, Offset::Offset(next))?;
-                if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &metadata, TXN_TIMEOUT) {
+                let group = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
+                if self.tracked_topic.is_some() {
+                    // Deliver first, so the changelog end is known for the metadata.
+                    if let Err(source) = p.producer.flush(TXN_TIMEOUT) {
+                        return Err(p.abort_after(partition, "flush", source));
+                    }
+                }
+                let metadata = |_| self.commit_metadata(p.producer.context().next_offset(partition));
+                let tpl = offsets_list(topic, &BTreeMap::from([(partition, next)]), &metadata)?;
+                if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT) {
                     return Err(p.abort_after(partition, "send offsets", source));
                 }
             }
@@ -197,6 +221,14 @@ impl StageOutputs {
             p.in_transaction = false;
         }
         Ok(())
+    }
+}
+
+impl StageOutputs {
+    /// The commit metadata naming the tracked topic's end; none if nothing is known
+    /// (a restore then reads to the end of the changelog).
+    fn commit_metadata(&self, tracked_next: Option<i64>) -> Option<String> {
+        self.tracked_topic.as_ref().and(tracked_next).map(crate::state::changelog::commit_metadata)
     }
 }
 

@@ -18,7 +18,7 @@ use std::time::Instant;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use rdkafka::{ClientContext, Message};
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 
 use super::StageError;
 use crate::config::Config;
@@ -105,7 +105,7 @@ impl AggregateContext {
                 let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
                 if !tasks.contains_key(&partition) {
                     // Normally opened on assignment; open here if a callback was missed.
-                    tasks.insert(partition, self.open_task(partition)?);
+                    tasks.insert(partition, self.open_task(partition, None)?);
                 }
                 if let Some(task) = tasks.get_mut(&partition) {
                     task.op.process(&pulse, now_ms(), &mut task.store, &mut outputs)?;
@@ -184,17 +184,22 @@ impl AggregateContext {
         Ok(())
     }
 
-    /// Fences the partition's previous owner, opens its store and restores it.
-    fn open_task(&self, partition: i32) -> Result<Task, StageError> {
+    /// Fences the partition's previous owner, then opens its store and restores it up
+    /// to the changelog end its committed offset names (read from `consumer`, after the
+    /// fence, so no zombie can commit behind it; see [`changelog::restore`]).
+    fn open_task(&self, partition: i32, consumer: Option<&BaseConsumer<Self>>) -> Result<Task, StageError> {
         self.outputs.assign(partition)?;
+        let committed_end = consumer.and_then(|c| self.committed_changelog_end(c, partition));
         let paths = StorePaths::new(&self.cfg, partition);
         let (mut store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
-        let stats = changelog::restore(&self.cfg, partition, &mut store)
+        let stats = changelog::restore(&self.cfg, partition, &mut store, committed_end)
             .map_err(|source| StageError::Restore { partition, source })?;
+        self.outputs.set_tracked_position(partition, stats.to_offset)?;
         metrics::add(&self.metrics.aggregate.restored_records, stats.records);
         let op = WindowOperator::restore(Arc::clone(&self.settings), &mut store)?;
         tracing::info!(partition, path = %paths.live.display(), from_checkpoint = seeded,
             changelog_from = stats.from_offset, changelog_to = stats.to_offset, restored_records = stats.records,
+            uncommitted_records = stats.uncommitted,
             restore_ms = stats.elapsed.as_millis() as u64, open_windows = op.open_windows(),
             watermark = op.watermark().current, "state store restored");
         Ok(Task { store, op, paths, last_checkpoint: Instant::now() })
@@ -248,6 +253,24 @@ impl AggregateContext {
     }
 }
 
+impl AggregateContext {
+    /// The changelog end that `partition`'s committed input offset names, if any.
+    fn committed_changelog_end(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&self.cfg.topics.grouped, partition);
+        match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
+            Ok(committed) => committed.elements().first().and_then(|e| changelog::parse_commit_metadata(e.metadata())),
+            Err(e) => {
+                tracing::warn!(partition, "cannot read the committed offset ({e}); restoring to the changelog end");
+                None
+            }
+        }
+    }
+}
+
+/// How long reading the committed offsets at assignment may take.
+const COMMITTED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl ClientContext for AggregateContext {}
 
 impl ConsumerContext for AggregateContext {
@@ -274,7 +297,7 @@ impl ConsumerContext for AggregateContext {
                     if exists {
                         continue;
                     }
-                    match self.open_task(partition) {
+                    match self.open_task(partition, Some(consumer)) {
                         Ok(task) => {
                             if let Ok(mut tasks) = self.tasks.lock() {
                                 tasks.insert(partition, task);

@@ -7,6 +7,15 @@
 //! Restoring reads the changelog from the store's recorded position to its end, with
 //! `read_committed`, and applies it. A store with local state (a restart) reads only
 //! the tail; a store without (a partition new to this replica) reads it all.
+//!
+//! Every commit of the input offsets carries the changelog's end at that commit
+//! (metadata `changelog=<offset>`). Records after the last committed end belong to
+//! transactions that never committed (the previous owner died or was fenced): the
+//! restore does not apply them, and re-writes the current value of every key they
+//! touched into the next transaction. On Kafka, `read_committed` already hides them
+//! and nothing is re-written; on a broker that fails to hide aborted records (Nisshi
+//! 0.7.0-pre.2), this keeps the state exactly the committed one, and a later restore
+//! that reads the aborted records sees them overwritten.
 
 use std::time::{Duration, Instant};
 
@@ -44,13 +53,32 @@ pub struct RestoreStats {
     pub to_offset: i64,
     /// Changelog records applied.
     pub records: u64,
+    /// Records after the last committed end: not applied, their keys re-written.
+    pub uncommitted: u64,
     pub elapsed: Duration,
 }
 
+/// The commit metadata saying the changelog ends at `next` after this commit.
+pub fn commit_metadata(next: i64) -> String {
+    format!("changelog={next}")
+}
+
+/// The changelog end a committed offset's metadata names, if it names one.
+pub fn parse_commit_metadata(metadata: &str) -> Option<i64> {
+    metadata.strip_prefix("changelog=")?.parse().ok()
+}
+
 /// Brings `store` (of grouped-topic partition `partition`) up to the end of its
-/// changelog partition. Call only after fencing the partition's previous owner, so no
-/// open transaction of a zombie can still commit behind the end we read to.
-pub fn restore(cfg: &Config, partition: i32, store: &mut PartitionStore) -> Result<RestoreStats, RestoreError> {
+/// changelog partition. `committed_end` is the changelog end named by the partition's
+/// committed input offset (None: unknown, trust `read_committed` to the end). Call only
+/// after fencing the partition's previous owner, so no open transaction of a zombie
+/// can still commit behind the end we read to.
+pub fn restore(
+    cfg: &Config,
+    partition: i32,
+    store: &mut PartitionStore,
+    committed_end: Option<i64>,
+) -> Result<RestoreStats, RestoreError> {
     let started = Instant::now();
     let topic = cfg.changelog_topic();
     let from_offset = store.changelog_position()?.unwrap_or(0);
@@ -69,6 +97,7 @@ pub fn restore(cfg: &Config, partition: i32, store: &mut PartitionStore) -> Resu
     consumer.assign(&tpl)?;
 
     let mut records = 0u64;
+    let mut uncommitted: Vec<Vec<u8>> = Vec::new();
     let mut position = from_offset;
     let mut last_progress = Instant::now();
     loop {
@@ -90,9 +119,13 @@ pub fn restore(cfg: &Config, partition: i32, store: &mut PartitionStore) -> Resu
                     position = msg.offset() + 1;
                     continue;
                 };
-                store.apply_change(key, msg.payload())?;
+                if committed_end.is_some_and(|end| msg.offset() >= end) {
+                    uncommitted.push(key.to_vec());
+                } else {
+                    store.apply_change(key, msg.payload())?;
+                    records += 1;
+                }
                 position = msg.offset() + 1;
-                records += 1;
                 if records % RESTORE_COMMIT_EVERY == 0 {
                     store.commit(Some(position))?;
                 }
@@ -100,7 +133,21 @@ pub fn restore(cfg: &Config, partition: i32, store: &mut PartitionStore) -> Resu
         }
     }
     store.commit(Some(position))?;
-    Ok(RestoreStats { from_offset, to_offset: position, records, elapsed: started.elapsed() })
+    if !uncommitted.is_empty() {
+        tracing::warn!(partition, records = uncommitted.len(), committed_end,
+            "changelog records of uncommitted transactions were delivered (the broker does not hide aborted \
+             transactions); not applied, their keys are re-written with the committed state");
+    }
+    for key in &uncommitted {
+        store.rewrite(key)?;
+    }
+    Ok(RestoreStats {
+        from_offset,
+        to_offset: position,
+        records,
+        uncommitted: uncommitted.len() as u64,
+        elapsed: started.elapsed(),
+    })
 }
 
 /// The restore consumer's context: reaching the end of the changelog is the goal, not
@@ -117,3 +164,16 @@ impl ClientContext for RestoreContext {
 }
 
 impl ConsumerContext for RestoreContext {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_metadata_round_trips() {
+        assert_eq!(parse_commit_metadata(&commit_metadata(1234)), Some(1234));
+        assert_eq!(parse_commit_metadata(""), None);
+        assert_eq!(parse_commit_metadata("changelog=x"), None);
+        assert_eq!(parse_commit_metadata("something else"), None);
+    }
+}

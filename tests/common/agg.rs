@@ -89,21 +89,27 @@ pub fn latest_finals(topic: &str) -> (BTreeMap<AggKey, (u32, Expect)>, usize) {
         if !v["final"].as_bool().unwrap() {
             continue;
         }
-        let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap()).unwrap().timestamp_millis();
-        let key = (
-            v["tenant_id"].as_str().unwrap().to_owned(),
-            v["product_sku"].as_str().unwrap().to_owned(),
-            v["use_unit"].as_str().unwrap().to_owned(),
-            v["window"].as_str().unwrap().to_owned(),
-            start,
-        );
-        let d = |f: &str| Decimal::from_str(v[f].as_str().unwrap()).unwrap();
-        let e = Expect { total: d("total_amount"), count: v["pulse_count"].as_u64().unwrap(), min: d("min_amount"), max: d("max_amount") };
+        let (key, e) = aggregate_of(&v);
         if latest.get(&key).is_none_or(|(r, _)| *r < rev) {
             latest.insert(key, (rev, e));
         }
     }
     (latest, records.len())
+}
+
+/// The key and values of one aggregate record (SPEC §3 JSON).
+pub fn aggregate_of(v: &serde_json::Value) -> (AggKey, Expect) {
+    let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap()).unwrap().timestamp_millis();
+    let key = (
+        v["tenant_id"].as_str().unwrap().to_owned(),
+        v["product_sku"].as_str().unwrap().to_owned(),
+        v["use_unit"].as_str().unwrap().to_owned(),
+        v["window"].as_str().unwrap().to_owned(),
+        start,
+    );
+    let d = |f: &str| Decimal::from_str(v[f].as_str().unwrap()).unwrap();
+    let e = Expect { total: d("total_amount"), count: v["pulse_count"].as_u64().unwrap(), min: d("min_amount"), max: d("max_amount") };
+    (key, e)
 }
 
 pub const WINDOWS: &[(&str, i64)] = &[("inflight", SECOND), ("postflight", 10 * SECOND), ("minute", 60 * SECOND)];

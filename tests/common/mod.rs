@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agg;
+pub mod committed;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -73,6 +74,12 @@ pub struct Topics {
 impl Topics {
     /// Creates all five topics: `source_partitions` for the source, 3 for the rest.
     pub fn create(name: &str, source_partitions: i32) -> Self {
+        Self::create_with(name, source_partitions, 3)
+    }
+
+    /// Creates all five topics: `source_partitions` for the source, `partitions` for
+    /// the rest.
+    pub fn create_with(name: &str, source_partitions: i32, partitions: i32) -> Self {
         let u = unique(name);
         let t = Topics {
             source: format!("{u}.source"),
@@ -82,7 +89,8 @@ impl Topics {
             late: format!("{u}.late"),
             app: u,
         };
-        create_topics(&[(&t.source, source_partitions), (&t.grouped, 3), (&t.aggregated, 3), (&t.dlq, 3), (&t.late, 3)]);
+        let n = partitions;
+        create_topics(&[(&t.source, source_partitions), (&t.grouped, n), (&t.aggregated, n), (&t.dlq, n), (&t.late, n)]);
         t
     }
 
