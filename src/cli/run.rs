@@ -51,19 +51,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let plain = |name| TopicSpec { name, partitions: n, configs: &[] };
     rt.block_on(ensure_topics(&cfg, &[plain(&t.grouped), plain(&t.dlq), plain(&t.aggregated), plain(&t.late)]))
         .context("creating output topics")?;
-    // One changelog partition per grouped partition: partition p restores store p.
-    let grouped_partitions = partition_count(&cfg, &t.grouped).context("reading the grouped topic")?;
-    let changelog = cfg.changelog_topic();
-    rt.block_on(ensure_topics(&cfg, &[TopicSpec { name: &changelog, partitions: grouped_partitions, configs: COMPACTED }]))
-        .context("creating the changelog topic")?;
-    let changelog_partitions = partition_count(&cfg, &changelog).context("reading the changelog topic")?;
-    if changelog_partitions != grouped_partitions {
-        bail!("changelog topic {changelog} has {changelog_partitions} partitions but {} has {grouped_partitions}; \
-               they must match (delete the changelog to rebuild it, or use a new application id)", t.grouped);
+    let stages = dedup(&args.stages);
+    if stages.contains(&StageName::Aggregate) {
+        ensure_changelog(&rt, &cfg)?;
     }
     let metrics = Arc::new(Metrics::default());
     let mut threads = Vec::new();
-    for stage in dedup(&args.stages) {
+    for stage in stages {
         let (name, f): (&str, StageFn) = match stage {
             StageName::Group => ("group", stage::group::run),
             StageName::Aggregate => ("aggregate", stage::aggregate::run),
@@ -88,6 +82,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Creates stage 2's changelog topic with one partition per grouped partition
+/// (partition p restores store p), and refuses a mismatch.
+fn ensure_changelog(rt: &tokio::runtime::Runtime, cfg: &Config) -> anyhow::Result<()> {
+    let grouped = &cfg.topics.grouped;
+    let grouped_partitions = partition_count(cfg, grouped).context("reading the grouped topic")?;
+    let changelog = cfg.changelog_topic();
+    rt.block_on(ensure_topics(cfg, &[TopicSpec { name: &changelog, partitions: grouped_partitions, configs: COMPACTED }]))
+        .context("creating the changelog topic")?;
+    let changelog_partitions = partition_count(cfg, &changelog).context("reading the changelog topic")?;
+    if changelog_partitions != grouped_partitions {
+        bail!("changelog topic {changelog} has {changelog_partitions} partitions but {grouped} has {grouped_partitions}; \
+               they must match (delete the changelog to rebuild it, or use a new application id)");
+    }
+    Ok(())
 }
 
 fn dedup(stages: &[StageName]) -> Vec<StageName> {

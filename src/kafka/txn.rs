@@ -81,12 +81,8 @@ impl StageOutputs {
         Ok(Self { cfg: cfg.clone(), stage, tracked_topic, shared, owned: Mutex::new(BTreeMap::new()) })
     }
 
-    pub fn guarantee(&self) -> Guarantee {
-        self.cfg.processing_guarantee
-    }
-
     /// The transactional id of an input partition's producer.
-    pub fn transactional_id(&self, partition: i32) -> String {
+    fn transactional_id(&self, partition: i32) -> String {
         format!("{}-{}-{partition}", self.cfg.application_id, self.stage)
     }
 
@@ -222,9 +218,7 @@ impl StageOutputs {
         }
         Ok(())
     }
-}
 
-impl StageOutputs {
     /// The commit metadata naming the tracked topic's end; none if nothing is known
     /// (a restore then reads to the end of the changelog).
     fn commit_metadata(&self, tracked_next: Option<i64>) -> Option<String> {

@@ -44,12 +44,13 @@ struct Task {
 
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
+    let changelog_topic = cfg.changelog_topic();
     let context = AggregateContext {
         cfg: cfg.clone(),
-        changelog_topic: cfg.changelog_topic(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
-        outputs: StageOutputs::new(cfg, "aggregate", Some(cfg.changelog_topic()))?,
+        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog_topic.clone()))?,
+        changelog_topic,
         tasks: Mutex::new(BTreeMap::new()),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
@@ -59,7 +60,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         clients::consumer_config(cfg, &cfg.aggregate_stage_group_id()).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.grouped.as_str()])?;
     tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
-        changelog = %cfg.changelog_topic(), group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
+        changelog = %consumer.context().changelog_topic, group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
         guarantee = cfg.processing_guarantee.as_str(), "stage 2 (aggregate) started");
 
     let ctx = consumer.context();

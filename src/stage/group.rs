@@ -26,9 +26,8 @@ use crate::pulse::validate::{validate, RecordContext};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
-    let outputs = Arc::new(StageOutputs::new(cfg, "group", None)?);
     let context = GroupContext {
-        outputs: Arc::clone(&outputs),
+        outputs: StageOutputs::new(cfg, "group", None)?,
         source_topic: cfg.topics.source.clone(),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
@@ -44,7 +43,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
         poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
-            group_one(cfg, &outputs, msg, m)?;
+            group_one(cfg, &ctx.outputs, msg, m)?;
             ctx.pending.record(msg.partition(), msg.offset());
             Ok::<_, StageError>(())
         })?;
@@ -92,7 +91,7 @@ fn group_one(cfg: &Config, outputs: &StageOutputs, msg: &impl Message, m: &Group
 /// Consumer context holding the offsets handled but not yet committed, so they can be
 /// committed both at the end of a batch and from the revoke callback.
 struct GroupContext {
-    outputs: Arc<StageOutputs>,
+    outputs: StageOutputs,
     source_topic: String,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,

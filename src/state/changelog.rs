@@ -81,7 +81,7 @@ pub fn restore(
 ) -> Result<RestoreStats, RestoreError> {
     let started = Instant::now();
     let topic = cfg.changelog_topic();
-    let from_offset = store.changelog_position()?.unwrap_or(0);
+    let from_offset = store.changelog_position().unwrap_or(0);
     let mut c = clients::base(cfg);
     // The restore consumer assigns the partition itself: it never joins this group
     // (librdkafka wants one named) and commits nothing.

@@ -66,7 +66,8 @@ pub struct PartitionStore {
     /// purging never rescans tombstones.
     purged_closed: Option<i64>,
     expired_seen: Option<i64>,
-    /// The changelog position last written, so unchanged positions are not rewritten.
+    /// The changelog position the store reflects (read at open, kept by `commit`), so
+    /// unchanged positions are not rewritten.
     position: Option<i64>,
 }
 
@@ -92,6 +93,13 @@ impl PartitionStore {
         block.set_pin_top_level_index_and_filter(true);
         opts.set_block_based_table_factory(&block);
         let db = DB::open(&opts, path).map_err(|source| StoreError::Rocks { path: path.to_owned(), source })?;
+        let position = match db.get(POSITION_KEY).map_err(|source| StoreError::Rocks { path: path.to_owned(), source })? {
+            None => None,
+            Some(b) => Some(unsortable(&b).ok_or_else(|| StoreError::Corrupt {
+                path: path.to_owned(),
+                detail: "unreadable changelog position".into(),
+            })?),
+        };
         Ok(Self {
             db,
             path: path.to_owned(),
@@ -99,7 +107,7 @@ impl PartitionStore {
             overlay: HashMap::new(),
             purged_closed: None,
             expired_seen: None,
-            position: None,
+            position,
         })
     }
 
@@ -114,11 +122,8 @@ impl PartitionStore {
     }
 
     /// The changelog offset this store has applied up to (exclusive), if any.
-    pub fn changelog_position(&self) -> Result<Option<i64>, StoreError> {
-        match self.db.get(POSITION_KEY).map_err(|e| self.rocks(e))? {
-            None => Ok(None),
-            Some(b) => unsortable(&b).map(Some).ok_or_else(|| self.corrupt("unreadable changelog position")),
-        }
+    pub fn changelog_position(&self) -> Option<i64> {
+        self.position
     }
 
     /// Writes the buffered batch atomically, with the changelog offset it brings the
@@ -499,7 +504,7 @@ mod tests {
         assert!(!dst.seen("acme", "p2").unwrap());
         assert_eq!(dst.load_open().unwrap(), vec![]);
         assert_eq!(dst.get_closed(&key(0)).unwrap(), Some(st));
-        assert_eq!(dst.changelog_position().unwrap(), Some(7));
+        assert_eq!(dst.changelog_position(), Some(7));
         assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");
     }
 }
