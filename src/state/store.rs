@@ -150,6 +150,11 @@ impl PartitionStore {
     pub fn apply_change(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
         match key.first() {
             Some(b'd') => {
+                // The value is the sortable stream time the id was counted at; anything
+                // else would make a malformed expiry key.
+                if value.is_some_and(|at| at.len() != 8) {
+                    return Err(self.corrupt("changelog dedupe record whose value is not 8 bytes"));
+                }
                 let old = self.get(key)?;
                 if let Some(old) = old.as_deref() {
                     if value != Some(old) {
@@ -506,5 +511,6 @@ mod tests {
         assert_eq!(dst.get_closed(&key(0)).unwrap(), Some(st));
         assert_eq!(dst.changelog_position(), Some(7));
         assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");
+        assert!(dst.apply_change(b"dacme\0p9", Some(b"")).is_err(), "a malformed dedupe value is corruption");
     }
 }
