@@ -11,6 +11,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use pulses::ops::memory::{heap_report, HeapTrimmer};
 use pulses::pulse::{GroupedPulse, SourceRef};
 use pulses::state::{PartitionStore, StoreResources};
 use pulses::window::{Output, WindowOperator, WindowSettings};
@@ -18,10 +19,15 @@ use rust_decimal::Decimal;
 
 /// Peak resident set size of this process so far (VmHWM), in MiB.
 fn peak_rss_mib() -> f64 {
+    proc_status_mib("VmHWM:")
+}
+
+/// A `kB` field of /proc/self/status, in MiB.
+fn proc_status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
@@ -37,6 +43,8 @@ fn main() {
     let mut store = PartitionStore::open(dir.path(), &resources).expect("open store");
     let settings = Arc::new(WindowSettings { retention_ms: 60_000, ..WindowSettings::default() });
     let mut op = WindowOperator::restore(settings, &mut store).expect("restore");
+    // As stage 2 does after each commit.
+    let mut trimmer = HeapTrimmer::default();
     let base = 1_795_341_600_000i64;
     let mut out = Vec::new();
     let mut emitted = 0u64;
@@ -66,17 +74,20 @@ fn main() {
         if i % 5_000 == 4_999 {
             op.flush(&mut store).expect("flush");
             store.commit(None).expect("commit");
+            trimmer.maybe_trim();
         }
         if i + 1 == 1_000_000 {
             rss_1m = peak_rss_mib();
         }
         if (i + 1) % 1_000_000 == 0 {
             eprintln!(
-                "stage2_memory: {:>3}M pulses, peak RSS {:.1} MiB, {:.0} s; {}",
+                "stage2_memory: {:>3}M pulses, peak RSS {:.1} MiB (now {:.1}), {:.0} s; {}; {}",
                 (i + 1) / 1_000_000,
                 peak_rss_mib(),
+                proc_status_mib("VmRSS:"),
                 started.elapsed().as_secs_f64(),
-                store.memory_report()
+                store.memory_report(),
+                heap_report()
             );
         }
     }

@@ -1,3 +1,4 @@
-//! Operations: counters the stages update and the process reports.
+//! Operations: counters the stages update and the process reports; heap trimming.
 
+pub mod memory;
 pub mod metrics;

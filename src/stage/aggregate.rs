@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::txn::StageOutputs;
+use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics};
 use crate::pulse::json::{decode_grouped, encode_grouped};
 use crate::pulse::time::now_ms;
@@ -64,12 +65,14 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         guarantee = cfg.processing_guarantee.as_str(), "stage 2 (aggregate) started");
 
     let ctx = consumer.context();
+    let mut trimmer = HeapTrimmer::default();
     while !shutdown.load(Ordering::Acquire) {
         poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
         ctx.failure.take()?;
         ctx.on_time()?;
         ctx.commit(&consumer)?;
         ctx.checkpoint(false)?;
+        trimmer.maybe_trim();
     }
     ctx.commit(&consumer)?;
     ctx.checkpoint(true)?;

@@ -1,0 +1,60 @@
+//! Giving freed heap back to the operating system.
+//!
+//! RocksDB's flushes and compactions allocate and free tens of MiB at a time from
+//! background threads. glibc keeps what they free in its arenas, so the resident set
+//! keeps growing for millions of pulses after the state's live memory (bounded by
+//! `aggregate.state_memory_mib`) has stopped growing. `malloc_trim(0)` returns every
+//! whole free page of every arena; done about once a second it costs a few
+//! milliseconds and keeps RSS close to live memory (see benches/stage2_memory.rs).
+
+use std::time::{Duration, Instant};
+
+/// How often [`HeapTrimmer::maybe_trim`] really trims.
+pub const TRIM_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Trims the heap at most once per [`TRIM_INTERVAL`]; call it after each commit.
+#[derive(Debug)]
+pub struct HeapTrimmer {
+    last: Instant,
+}
+
+impl Default for HeapTrimmer {
+    fn default() -> Self {
+        Self { last: Instant::now() }
+    }
+}
+
+impl HeapTrimmer {
+    pub fn maybe_trim(&mut self) {
+        if self.last.elapsed() >= TRIM_INTERVAL {
+            trim();
+            self.last = Instant::now();
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn trim() {
+    // SAFETY: malloc_trim only walks glibc's own arenas; 0 = keep no extra padding.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Other allocators (musl, macOS) return memory on their own terms.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn trim() {}
+
+/// "heap in use X MiB, free in arenas Y MiB": live heap vs. what the allocator holds
+/// free, to tell a leak from allocator retention (glibc only).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn heap_report() -> String {
+    // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value.
+    let m = unsafe { libc::mallinfo2() };
+    format!("heap in use {} MiB, free in arenas {} MiB", m.uordblks >> 20, m.fordblks >> 20)
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn heap_report() -> String {
+    "heap statistics unavailable on this platform".into()
+}
