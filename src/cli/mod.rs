@@ -2,6 +2,7 @@
 //! the flags shared by the Kafka-facing commands and how they overlay the config file.
 
 mod check;
+mod rate;
 mod run;
 mod stub;
 
@@ -43,6 +44,8 @@ enum Command {
     Stub(stub::StubArgs),
     /// Validate the configuration file and flags, print the effective configuration.
     Check(check::CheckArgs),
+    /// Reference rating consumer: price final aggregates, keep balances, raise alerts.
+    Rate(rate::RateArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -128,6 +131,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
+        Command::Rate(args) => rate::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
