@@ -129,6 +129,11 @@ impl Proc {
     }
 
     pub fn run_in(topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
+        Self::start("run", topics, config_toml, extra, state_dir)
+    }
+
+    /// Starts `pulses <command>` (run, rate, ...) like [`Proc::run_in`].
+    pub fn start(command: &str, topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
         let config = state_dir.path().join("pulses.toml");
         // Test setup only: Nisshi holds a group join for about half the session
         // timeout, so a short one keeps joins and rebalances quick.
@@ -138,7 +143,7 @@ impl Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.path().join("pulses.log"))
             .expect("open log");
         let child = Command::new(pulses_bin())
-            .arg("run")
+            .arg(command)
             .args(topics.flags())
             .arg("--config")
             .arg(&config)
@@ -149,7 +154,7 @@ impl Proc {
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start pulses run");
+            .unwrap_or_else(|e| panic!("start pulses {command}: {e}"));
         Proc { child, state_dir }
     }
 
