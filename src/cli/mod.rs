@@ -3,6 +3,7 @@
 
 mod check;
 mod rate;
+mod replay;
 mod run;
 mod stub;
 
@@ -46,6 +47,8 @@ enum Command {
     Check(check::CheckArgs),
     /// Reference rating consumer: price final aggregates, keep balances, raise alerts.
     Rate(rate::RateArgs),
+    /// Re-compute aggregates from the source topic for a time range (re-rating).
+    Replay(replay::ReplayArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -132,6 +135,7 @@ pub fn main() -> ExitCode {
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
         Command::Rate(args) => rate::run(args),
+        Command::Replay(args) => replay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
