@@ -4,30 +4,26 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::str::FromStr;
 use std::time::Duration;
 
+use common::agg::*;
 use common::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
+use rust_decimal::Decimal;
 
-/// Produces `(timestamp, value)` records with explicit Kafka record timestamps, one
-/// flush per `batch` records (so the log holds multi-record batches).
-fn produce_at(topic: &str, records: &[(i64, Vec<u8>)], batch: usize) {
+/// Produces `(partition, timestamp, value)` records with explicit Kafka record
+/// timestamps, one flush per `batch` records (so the log holds multi-record batches).
+fn produce_at(topic: &str, records: &[(i32, i64, Vec<u8>)], batch: usize) {
     let p = producer();
     for chunk in records.chunks(batch.max(1)) {
-        for (ts, value) in chunk {
-            let mut r = BaseRecord::<[u8], [u8]>::to(topic).payload(value.as_slice()).timestamp(*ts).partition(0);
-            loop {
-                match p.send(r) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        r = back;
-                        p.poll(Duration::from_millis(50));
-                    }
-                }
-            }
+        for (partition, ts, value) in chunk {
+            send(&p, BaseRecord::<[u8], [u8]>::to(topic).payload(value.as_slice()).timestamp(*ts).partition(*partition));
         }
         p.flush(Duration::from_secs(60)).expect("flush");
     }
@@ -57,20 +53,13 @@ fn broker_answers_offsets_for_times() {
     create_topics(&[(&topic, 1)]);
     // 20 records at t = 1000, 2000, ..., 20000 in batches of 5.
     let base = 1_700_000_000_000i64;
-    let recs: Vec<(i64, Vec<u8>)> = (1..=20).map(|i| (base + i * 1000, format!("r{i}").into_bytes())).collect();
+    let recs: Vec<(i32, i64, Vec<u8>)> = (1..=20).map(|i| (0, base + i * 1000, format!("r{i}").into_bytes())).collect();
     produce_at(&topic, &recs, 5);
     for (ts, want) in [(0, 0), (base + 1000, 0), (base + 1001, 1), (base + 2500, 2), (base + 5000, 4), (base + 6000, 5), (base + 12_000, 11), (base + 20_000, 19)] {
         assert_eq!(offset_for_time(&topic, ts), Offset::Offset(want), "first offset at or after {}", ts - base);
     }
     assert_eq!(offset_for_time(&topic, base + 20_001), Offset::End, "past the last record");
 }
-
-use std::collections::BTreeMap;
-use std::process::Command;
-use std::str::FromStr;
-
-use common::agg::*;
-use rust_decimal::Decimal;
 
 /// Latest final revision of every aggregate: aggregate_id → (total, count, start, end).
 fn finals_by_id(topic: &str) -> BTreeMap<String, (Decimal, u64, i64, i64)> {
@@ -89,25 +78,6 @@ fn finals_by_id(topic: &str) -> BTreeMap<String, (Decimal, u64, i64, i64)> {
         }
     }
     latest.into_iter().map(|(id, (_, v))| (id, v)).collect()
-}
-
-/// Produces pulses to a 2-partition source with record timestamp = event time.
-fn produce_spread(topic: &str, records: &[(i32, i64, Vec<u8>)]) {
-    let p = producer();
-    for (partition, ts, value) in records {
-        let mut r = BaseRecord::<[u8], [u8]>::to(topic).payload(value.as_slice()).timestamp(*ts).partition(*partition);
-        loop {
-            match p.send(r) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    r = back;
-                    p.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        p.poll(Duration::ZERO);
-    }
-    p.flush(Duration::from_secs(60)).expect("flush");
 }
 
 #[test]
@@ -135,7 +105,7 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
             records.push((0, p.at, br#"{"tenant_id":"t0","used_amount":"1"}"#.to_vec()));
         }
     }
-    produce_spread(&t.source, &records);
+    produce_at(&t.source, &records, 1000);
     let cfg = config("1h", "2s");
     let live = Proc::run(&t, &cfg, &[]);
     let expected_all = fold(&pulses, WINDOWS, i64::MAX);

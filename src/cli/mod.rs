@@ -46,8 +46,10 @@ enum Command {
     /// Validate the configuration file and flags, print the effective configuration.
     Check(check::CheckArgs),
     /// Reference rating consumer: price final aggregates, keep balances, raise alerts.
+    #[command(long_about = rate::LONG_ABOUT)]
     Rate(rate::RateArgs),
     /// Re-compute aggregates from the source topic for a time range (re-rating).
+    #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
 }
 

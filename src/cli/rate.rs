@@ -10,13 +10,17 @@ use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
 use crate::rate::consumer::{self, RateSettings};
 use crate::rate::PriceBook;
 
-/// Reads the final aggregates of one window size from the aggregated topic (consumer
-/// group `<group_id>.rate`, read_committed), prices them with the price book, and
-/// writes charges and spend-threshold alerts. A higher revision of an aggregate is
-/// charged the difference to what was charged before; a re-delivered revision is
-/// charged nothing. Balances are per tenant and UTC calendar month. Charges, alerts and
-/// consumed offsets commit in one transaction; state lives in `<state_dir>/rate`.
-/// Run one instance per application id.
+/// The long `--help` text of the command.
+pub const LONG_ABOUT: &str = "\
+    Reads the final aggregates of one window size from the aggregated topic (consumer group \
+    `<group_id>.rate`, read_committed), prices them with the price book, and writes charges and \
+    spend-threshold alerts. A higher revision of an aggregate is charged the difference to what was \
+    charged before; a re-delivered revision is charged nothing. Balances are per tenant and UTC \
+    calendar month. Charges, alerts and consumed offsets commit in one transaction; state lives in \
+    `<state_dir>/rate`. Run one instance per application id.\n\nAggregates whose (product_sku, \
+    use_unit) has no price in the book are logged as warnings and counted in the exit summary, not \
+    charged. Charge and alert records are described in the README.";
+
 #[derive(Debug, Args)]
 pub struct RateArgs {
     #[command(flatten)]

@@ -10,15 +10,17 @@ use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
 use crate::pulse::time;
 use crate::replay::{self, ReplaySettings};
 
-/// Re-processes the source topic from T0 (Kafka offsets-for-time on record timestamps)
-/// to the end of each partition at start, or to its first record with a timestamp at or
-/// after T1, with the live validation, windows, de-duplication and aggregate ids, and
-/// fresh temporary state (deleted at exit). Writes the final aggregates of every window
-/// inside [T0, T1) to the replay topic: windows that start before T0 or end after T1
-/// are not written. At the end of the input the watermark jumps to T1 (without --to,
-/// to infinity), closing every window that ends by then. Partitions are assigned, not
-/// subscribed, and no offset is committed: the live consumer groups are untouched.
-/// Prints a progress line on stderr every 5 s and a summary at the end.
+/// The long `--help` text of the command.
+pub const LONG_ABOUT: &str = "\
+    Re-processes the source topic from T0 (Kafka offsets-for-time on record timestamps) to the end \
+    of each partition at start, or to its first record with a timestamp at or after T1, with the \
+    live validation, windows, de-duplication and aggregate ids, and fresh temporary state (deleted \
+    at exit). Writes the final aggregates of every window inside [T0, T1) to the replay topic: \
+    windows that start before T0 or end after T1 are not written. At the end of the input the \
+    watermark jumps to T1 (without --to, to infinity), closing every window that ends by then. \
+    Partitions are assigned, not subscribed, and no offset is committed: the live consumer groups \
+    are untouched. Prints a progress line on stderr every 5 s and a summary at the end.";
+
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
     #[command(flatten)]

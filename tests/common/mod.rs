@@ -218,20 +218,24 @@ pub fn produce(topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
         if let Some(k) = key {
             r = r.key(k.as_slice());
         }
-        let mut r = r;
-        loop {
-            match p.send(r) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    r = back;
-                    p.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        p.poll(Duration::ZERO);
+        send(&p, r);
     }
     p.flush(Duration::from_secs(60)).expect("flush");
     assert_eq!(p.in_flight_count(), 0);
+}
+
+/// Enqueues one record, waiting while the producer's queue is full.
+pub fn send(p: &BaseProducer, mut r: BaseRecord<'_, [u8], [u8]>) {
+    loop {
+        match p.send(r) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                r = back;
+                p.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    p.poll(Duration::ZERO);
 }
 
 /// One record read back.
