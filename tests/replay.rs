@@ -122,21 +122,25 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     let out = format!("{}.replay", t.app);
     let cfg_path = live.state_dir.path().join("replay.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
-    let replay_state = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
-    let run = Command::new(pulses_bin())
-        .arg("replay")
-        .args(t.flags())
-        .arg("--config").arg(&cfg_path)
-        .arg("--state-dir").arg(replay_state.path())
-        .args(["--from", &rfc3339(t0), "--to", &t1.to_string(), "--output-topic", &out])
-        .output()
-        .expect("run pulses replay");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    eprintln!("replay took {:?}: {stdout}{}", started.elapsed(), String::from_utf8_lossy(&run.stderr).lines().rev().take(5).collect::<Vec<_>>().join("\n"));
-    assert!(run.status.success(), "replay exited with {:?}", run.status);
-    assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
-    assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
+    let replay = |range: &[&str], out: &str| {
+        let replay_state = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let run = Command::new(pulses_bin())
+            .arg("replay")
+            .args(t.flags())
+            .arg("--config").arg(&cfg_path)
+            .arg("--state-dir").arg(replay_state.path())
+            .args(range)
+            .args(["--output-topic", out])
+            .output()
+            .expect("run pulses replay");
+        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+        eprintln!("replay {range:?} took {:?}: {stdout}", started.elapsed());
+        assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
+        assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
+        assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
+    };
+    replay(&["--from", &rfc3339(t0), "--to", &t1.to_string()], &out);
 
     let after = (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped));
     assert_eq!(before, after, "the live groups' committed offsets are unchanged");
@@ -152,4 +156,12 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     assert_eq!(replayed.len(), want);
     assert_eq!(replayed, live_inside, "replay output = live output for windows inside [T0, T1)");
     eprintln!("{} windows identical (of {} live windows)", replayed.len(), live_finals.len());
+
+    // Without --to: to the log end, every window closed; all windows from T0 on match.
+    let out_open = format!("{}.replay-open", t.app);
+    replay(&["--from", &t0.to_string()], &out_open);
+    let from_t0: BTreeMap<_, _> = live_finals.iter().filter(|(_, v)| v.2 >= t0).map(|(k, v)| (k.clone(), *v)).collect();
+    assert_eq!(from_t0.len(), fold(&pulses, WINDOWS, i64::MAX).into_iter().filter(|(k, _)| k.4 >= t0).count());
+    assert_eq!(finals_by_id(&out_open), from_t0, "replay to the end = live output for windows from T0");
+    assert_eq!(before, (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped)));
 }

@@ -91,3 +91,18 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time;
+
+    #[test]
+    fn times_are_rfc3339_or_epoch_milliseconds() {
+        assert_eq!(parse_time("2026-11-22T10:00:00Z"), Ok(1_795_341_600_000));
+        assert_eq!(parse_time("2026-11-22T11:00:00.5+01:00"), Ok(1_795_341_600_500));
+        assert_eq!(parse_time("1795341600000"), Ok(1_795_341_600_000));
+        assert!(parse_time("yesterday").is_err());
+        assert!(parse_time("").is_err());
+        assert!(parse_time("99999999999999999999").is_err());
+    }
+}
