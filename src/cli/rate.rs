@@ -63,8 +63,8 @@ pub fn run(args: RateArgs) -> anyhow::Result<()> {
     let s = consumer::run(&cfg, &settings, &shutdown)?;
     eprintln!(
         "rate: read {} aggregates, wrote {} charges and {} alerts ({} not final or other windows, {} already charged, \
-         {} unpriced, {} undecodable; {} re-applied at start)",
-        s.read, s.charges, s.alerts, s.ignored, s.already_charged, s.unpriced, s.undecodable, s.caught_up
+         {} unpriced, {} beyond exact decimals, {} undecodable; {} re-applied at start)",
+        s.read, s.charges, s.alerts, s.ignored, s.already_charged, s.unpriced, s.unrateable, s.undecodable, s.caught_up
     );
     Ok(())
 }

@@ -65,6 +65,8 @@ pub struct RateSummary {
     pub ignored: u64,
     pub already_charged: u64,
     pub unpriced: u64,
+    /// Priced beyond what an exact decimal holds (logged as errors).
+    pub unrateable: u64,
     pub undecodable: u64,
     pub caught_up: u64,
 }
@@ -146,7 +148,17 @@ fn rate_one<'a>(
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    match ledger.rate(store, &settings.book, &agg, now_ms())? {
+    let rated = match ledger.rate(store, &settings.book, &agg, now_ms()) {
+        Err(LedgerError::Overflow(e)) => {
+            // A quantity × price beyond exact decimals: never rounded, never retried
+            // forever; logged and counted for a person to look at.
+            tracing::error!(aggregate_id = %agg.aggregate_id, revision = agg.revision, "not charged: {e}");
+            summary.unrateable += 1;
+            return Ok(Vec::new());
+        }
+        other => other?,
+    };
+    match rated {
         Rated::Charged { charge, alerts } => {
             summary.charges += 1;
             summary.alerts += alerts.len() as u64;
