@@ -41,6 +41,8 @@ pub enum RateError {
     Store(#[from] RateStoreError),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    #[error("cannot create the state dir {0}")]
+    StateDir(String),
     #[error("catching the state up with the committed offsets: {0}")]
     CatchUp(String),
 }
@@ -79,7 +81,7 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
     let input = cfg.topics.aggregated.clone();
     let group = rate_group_id(cfg);
     let state_path = cfg.state_dir.join("rate");
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| RateError::CatchUp(format!("creating {}: {e}", cfg.state_dir.display())))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| RateError::StateDir(format!("{}: {e}", cfg.state_dir.display())))?;
     let mut store = RateStore::open(&state_path)?;
     let outputs = StageOutputs::new(cfg, "rate", None)?;
     let consumer: BaseConsumer = clients::consumer_config(cfg, &group).create()?;
@@ -90,7 +92,7 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
         caught_up = summary.caught_up, "rating consumer started");
 
     let pending = PendingOffsets::default();
-    let mut last_log = Instant::now();
+    let (mut last_log, mut logged_read) = (Instant::now(), 0);
     while !shutdown.load(Ordering::Acquire) {
         let mut ledger = Ledger::default();
         poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
@@ -107,9 +109,9 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
         if !offsets.is_empty() {
             outputs.commit(&consumer, &input, &offsets, |_| store.write(&writes, &offsets).map_err(RateError::from))?;
         }
-        if last_log.elapsed() >= Duration::from_secs(10) {
+        if last_log.elapsed() >= Duration::from_secs(10) && summary.read != logged_read {
             tracing::info!(?summary, "rating progress");
-            last_log = Instant::now();
+            (last_log, logged_read) = (Instant::now(), summary.read);
         }
     }
     consumer.unsubscribe();
