@@ -139,8 +139,10 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
         assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
         assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
         assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
+        String::from_utf8_lossy(&run.stderr).into_owned()
     };
-    replay(&["--from", &rfc3339(t0), "--to", &t1.to_string()], &out);
+    let stderr = replay(&["--from", &rfc3339(t0), "--to", &t1.to_string(), "--progress-interval", "1ms"], &out);
+    assert!(stderr.contains("records read"), "progress lines on stderr: {stderr}");
 
     let after = (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped));
     assert_eq!(before, after, "the live groups' committed offsets are unchanged");

@@ -1,11 +1,12 @@
 //! `pulses replay`: bounded re-computation of aggregates (see [`crate::replay`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use super::CommonArgs;
+use crate::config::parse_duration;
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
 use crate::pulse::time;
 use crate::replay::{self, ReplaySettings};
@@ -19,7 +20,8 @@ pub const LONG_ABOUT: &str = "\
     windows that start before T0 or end after T1 are not written. At the end of the input the \
     watermark jumps to T1 (without --to, to infinity), closing every window that ends by then. \
     Partitions are assigned, not subscribed, and no offset is committed: the live consumer groups \
-    are untouched. Prints a progress line on stderr every 5 s and a summary at the end.";
+    are untouched. Prints a progress line on stderr every --progress-interval and a summary \
+    (pulses read, aggregates written, elapsed) on stdout at the end.";
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -39,6 +41,9 @@ pub struct ReplayArgs {
     /// [default: every `[[windows]]` entry]
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     windows: Vec<String>,
+    /// Time between two progress lines on stderr, e.g. 5s or 1m
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "5s")]
+    progress_interval: Duration,
 }
 
 /// RFC 3339 or epoch milliseconds.
@@ -75,7 +80,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
         .context("reading the partition count of the aggregated (or source) topic")?;
     rt.block_on(ensure_topics(&cfg, &[TopicSpec { name: &cfg.topics.replay, partitions, configs: &[] }]))
         .context("creating the replay topic")?;
-    let settings = ReplaySettings { from_ms: args.from, to_ms: args.to, output_topic: cfg.topics.replay.clone() };
+    let settings = ReplaySettings {
+        from_ms: args.from,
+        to_ms: args.to,
+        output_topic: cfg.topics.replay.clone(),
+        progress_every: args.progress_interval,
+    };
     let started = Instant::now();
     let progress = |read: u64, total: u64, written: u64| {
         let pct = if total == 0 { 100.0 } else { read as f64 * 100.0 / total as f64 };

@@ -62,6 +62,8 @@ pub struct ReplaySettings {
     /// T1: exclusive end; None replays to the log end and closes every window.
     pub to_ms: Option<i64>,
     pub output_topic: String,
+    /// Least time between two calls of the progress callback.
+    pub progress_every: Duration,
 }
 
 /// Counters of one replay.
@@ -97,7 +99,7 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs one bounded replay; `progress` is called every few seconds with
+/// Runs one bounded replay; `progress` is called every `progress_every` with
 /// (records read, records to read at most, aggregates written).
 pub fn run(
     cfg: &Config,
@@ -197,7 +199,7 @@ pub fn run(
                 paused.push(p);
             }
         }
-        if last_progress.elapsed() >= Duration::from_secs(5) {
+        if last_progress.elapsed() >= s.progress_every {
             progress(sum.read, total, sum.written);
             last_progress = Instant::now();
         }
