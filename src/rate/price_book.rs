@@ -12,10 +12,10 @@ use serde::Deserialize;
 /// Why a price book cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PriceBookError {
-    #[error("cannot read price book {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("price book {path} is not valid TOML: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("cannot read price book {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("price book {path} is not valid TOML: {err}")]
+    Parse { path: PathBuf, err: toml::de::Error },
     #[error("invalid price book: {0}")]
     Invalid(String),
 }
@@ -135,14 +135,14 @@ enum RawModel {
 
 impl PriceBook {
     pub fn from_file(path: &Path) -> Result<Self, PriceBookError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PriceBookError::Read { path: path.to_owned(), source })?;
-        let raw: RawBook = toml::from_str(&text).map_err(|source| PriceBookError::Parse { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|err| PriceBookError::Read { path: path.to_owned(), err })?;
+        let raw: RawBook = toml::from_str(&text).map_err(|err| PriceBookError::Parse { path: path.to_owned(), err })?;
         Self::check(raw)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, PriceBookError> {
         let raw: RawBook =
-            toml::from_str(text).map_err(|source| PriceBookError::Parse { path: PathBuf::from("<text>"), source })?;
+            toml::from_str(text).map_err(|err| PriceBookError::Parse { path: PathBuf::from("<text>"), err })?;
         Self::check(raw)
     }
 

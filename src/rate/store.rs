@@ -12,10 +12,10 @@ use rocksdb::{Options, WriteBatch, DB};
 use super::ledger::Kv;
 
 #[derive(Debug, thiserror::Error)]
-#[error("rating state at {path}: {source}")]
+#[error("rating state at {path}: {err}")]
 pub struct RateStoreError {
     path: PathBuf,
-    source: rocksdb::Error,
+    err: rocksdb::Error,
 }
 
 pub struct RateStore {
@@ -31,7 +31,7 @@ impl RateStore {
     pub fn open(path: &Path) -> Result<Self, RateStoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
-        let db = DB::open(&opts, path).map_err(|source| RateStoreError { path: path.to_owned(), source })?;
+        let db = DB::open(&opts, path).map_err(|err| RateStoreError { path: path.to_owned(), err })?;
         Ok(Self { db, path: path.to_owned() })
     }
 
@@ -49,14 +49,14 @@ impl RateStore {
         for (p, next) in positions {
             batch.put(offset_key(*p).as_bytes(), next.to_string().as_bytes());
         }
-        self.db.write(batch).map_err(|source| RateStoreError { path: self.path.clone(), source })
+        self.db.write(batch).map_err(|err| RateStoreError { path: self.path.clone(), err })
     }
 }
 
 impl Kv for RateStore {
     type Error = RateStoreError;
     fn get(&mut self, key: &str) -> Result<Option<String>, Self::Error> {
-        let v = self.db.get(key.as_bytes()).map_err(|source| RateStoreError { path: self.path.clone(), source })?;
+        let v = self.db.get(key.as_bytes()).map_err(|err| RateStoreError { path: self.path.clone(), err })?;
         Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned()))
     }
 }
