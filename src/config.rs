@@ -136,6 +136,11 @@ pub struct Topics {
     pub aggregated: String,
     pub dlq: String,
     pub late: String,
+    /// `pulses rate`: charges and threshold alerts.
+    pub charges: String,
+    pub alerts: String,
+    /// `pulses replay`: where re-computed aggregates go.
+    pub replay: String,
 }
 
 /// Stage 1 (grouping) tuning.
@@ -177,6 +182,9 @@ impl Default for Topics {
             aggregated: "tenant.aggregated.pulses.amount".into(),
             dlq: "source.pulses.dlq".into(),
             late: "tenant.late.pulses".into(),
+            charges: "tenant.rated.charges".into(),
+            alerts: "tenant.usage.alerts".into(),
+            replay: "tenant.aggregated.pulses.amount.replay".into(),
         }
     }
 }
@@ -244,7 +252,8 @@ impl Config {
             return invalid(format!("application_id {:?} must be 1-200 chars of [A-Za-z0-9._-]", self.application_id));
         }
         let t = &self.topics;
-        for (what, name) in [("source", &t.source), ("grouped", &t.grouped), ("aggregated", &t.aggregated), ("dlq", &t.dlq), ("late", &t.late)] {
+        for (what, name) in [("source", &t.source), ("grouped", &t.grouped), ("aggregated", &t.aggregated), ("dlq", &t.dlq), ("late", &t.late),
+            ("charges", &t.charges), ("alerts", &t.alerts), ("replay", &t.replay)] {
             if !valid_kafka_name(name) {
                 return invalid(format!("topics.{what} {name:?} is not a valid topic name"));
             }

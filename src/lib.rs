@@ -11,6 +11,8 @@ pub mod config;
 pub mod kafka;
 pub mod ops;
 pub mod pulse;
+pub mod rate;
+pub mod replay;
 pub mod state;
 pub mod stage;
 pub mod window;

@@ -2,6 +2,8 @@
 //! the flags shared by the Kafka-facing commands and how they overlay the config file.
 
 mod check;
+mod rate;
+mod replay;
 mod run;
 mod stub;
 
@@ -43,6 +45,12 @@ enum Command {
     Stub(stub::StubArgs),
     /// Validate the configuration file and flags, print the effective configuration.
     Check(check::CheckArgs),
+    /// Reference rating consumer: price final aggregates, keep balances, raise alerts.
+    #[command(long_about = rate::LONG_ABOUT)]
+    Rate(rate::RateArgs),
+    /// Re-compute aggregates from the source topic for a time range (re-rating).
+    #[command(long_about = replay::LONG_ABOUT)]
+    Replay(replay::ReplayArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -128,6 +136,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
+        Command::Rate(args) => rate::run(args),
+        Command::Replay(args) => replay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -36,7 +36,8 @@ pub struct StubArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Pin event times (RFC 3339): pulse i gets START + i/RATE, making runs fully
-    /// reproducible [default: event time = now, minus up to 0.5 s of jitter]
+    /// reproducible; the Kafka record timestamp is always the event time [default:
+    /// event time = now, minus up to 0.5 s of jitter]
     #[arg(long, value_name = "START", value_parser = parse_start)]
     start_time: Option<i64>,
 }
@@ -85,7 +86,10 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
         }
         let pulse = gen.next_pulse(time::now_ms());
         let value = pulse.to_json();
-        send_with_backpressure(&producer, BaseRecord::to(&cfg.topics.source).key(&pulse.pulse_id).payload(&value))?;
+        // Record time = event time, so `pulses replay --from/--to` (offsets-for-time)
+        // selects the pulses of that event-time range.
+        let record = BaseRecord::to(&cfg.topics.source).key(&pulse.pulse_id).payload(&value).timestamp(pulse.timestamp);
+        send_with_backpressure(&producer, record)?;
         sent += 1;
     }
     producer.flush(Duration::from_secs(120)).context("flushing the producer")?;

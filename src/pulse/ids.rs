@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 
 /// Hex of the first 16 bytes of SHA-256 over the parts joined by `|`.
-fn stable_hash(parts: &[&str]) -> String {
+pub fn stable_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for (i, p) in parts.iter().enumerate() {
         if i > 0 {

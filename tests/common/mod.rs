@@ -129,6 +129,11 @@ impl Proc {
     }
 
     pub fn run_in(topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
+        Self::start("run", topics, config_toml, extra, state_dir)
+    }
+
+    /// Starts `pulses <command>` (run, rate, ...) like [`Proc::run_in`].
+    pub fn start(command: &str, topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
         let config = state_dir.path().join("pulses.toml");
         // Test setup only: Nisshi holds a group join for about half the session
         // timeout, so a short one keeps joins and rebalances quick.
@@ -138,7 +143,7 @@ impl Proc {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.path().join("pulses.log"))
             .expect("open log");
         let child = Command::new(pulses_bin())
-            .arg("run")
+            .arg(command)
             .args(topics.flags())
             .arg("--config")
             .arg(&config)
@@ -149,7 +154,7 @@ impl Proc {
             .stdin(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start pulses run");
+            .unwrap_or_else(|e| panic!("start pulses {command}: {e}"));
         Proc { child, state_dir }
     }
 
@@ -213,20 +218,24 @@ pub fn produce(topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
         if let Some(k) = key {
             r = r.key(k.as_slice());
         }
-        let mut r = r;
-        loop {
-            match p.send(r) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    r = back;
-                    p.poll(Duration::from_millis(50));
-                }
-            }
-        }
-        p.poll(Duration::ZERO);
+        send(&p, r);
     }
     p.flush(Duration::from_secs(60)).expect("flush");
     assert_eq!(p.in_flight_count(), 0);
+}
+
+/// Enqueues one record, waiting while the producer's queue is full.
+pub fn send(p: &BaseProducer, mut r: BaseRecord<'_, [u8], [u8]>) {
+    loop {
+        match p.send(r) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                r = back;
+                p.poll(Duration::from_millis(50));
+            }
+        }
+    }
+    p.poll(Duration::ZERO);
 }
 
 /// One record read back.

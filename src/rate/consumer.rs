@@ -1,0 +1,251 @@
+//! `pulses rate`: the consumer around the [`Ledger`].
+//!
+//! A consumer group (`<group_id>.rate`, `read_committed`) on the aggregated topic takes
+//! the final records of one window size. Each batch's charges and alerts and its
+//! consumed offsets commit in one Kafka transaction per input partition (the
+//! [`StageOutputs`] of the processor, transactional ids `<application_id>-rate-<p>`);
+//! only then are the ledger's writes and the new positions written to RocksDB, in one
+//! atomic batch.
+//!
+//! A crash between the commit and the RocksDB write leaves the state behind the
+//! committed offsets. At start the consumer compares both and re-applies the records in
+//! between to the ledger (their charges were already committed, so nothing is
+//! produced): the state always reflects exactly the committed input.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::BaseRecord;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::ledger::{Ledger, LedgerError, Rated};
+use super::price_book::PriceBook;
+use super::store::{RateStore, RateStoreError};
+use crate::config::Config;
+use crate::kafka::batch::{poll_batch, PendingOffsets};
+use crate::kafka::clients;
+use crate::kafka::txn::{StageOutputs, TxnError};
+use crate::pulse::time::now_ms;
+use crate::window::WindowAggregate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RateError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Output(#[from] TxnError),
+    #[error(transparent)]
+    Store(#[from] RateStoreError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("cannot create the state dir {0}")]
+    StateDir(String),
+    #[error("catching the state up with the committed offsets: {0}")]
+    CatchUp(String),
+}
+
+/// What `pulses rate` reads, prices and writes.
+#[derive(Debug, Clone)]
+pub struct RateSettings {
+    pub book: PriceBook,
+    /// The window size whose final records are rated (e.g. `minute`).
+    pub window: String,
+    pub charges_topic: String,
+    pub alerts_topic: String,
+}
+
+/// Counters of one run, printed at exit.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RateSummary {
+    pub read: u64,
+    pub charges: u64,
+    pub alerts: u64,
+    /// Not final, or of another window size.
+    pub ignored: u64,
+    pub already_charged: u64,
+    pub unpriced: u64,
+    /// Priced beyond what an exact decimal holds (logged as errors).
+    pub unrateable: u64,
+    pub undecodable: u64,
+    pub caught_up: u64,
+}
+
+/// How long librdkafka calls outside the batch loop may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Rates until `shutdown` is set, then commits and leaves the group.
+pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Result<RateSummary, RateError> {
+    let input = cfg.topics.aggregated.clone();
+    let group = rate_group_id(cfg);
+    let state_path = cfg.state_dir.join("rate");
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| RateError::StateDir(format!("{}: {e}", cfg.state_dir.display())))?;
+    let mut store = RateStore::open(&state_path)?;
+    let outputs = StageOutputs::new(cfg, "rate", None)?;
+    let consumer: BaseConsumer = clients::consumer_config(cfg, &group).create()?;
+    let mut summary = RateSummary { caught_up: catch_up(cfg, settings, &consumer, &mut store)?, ..Default::default() };
+    consumer.subscribe(&[input.as_str()])?;
+    tracing::info!(input = %input, group = %group, window = %settings.window, charges = %settings.charges_topic,
+        alerts = %settings.alerts_topic, currency = %settings.book.currency, state = %state_path.display(),
+        caught_up = summary.caught_up, "rating consumer started");
+
+    let pending = PendingOffsets::default();
+    let (mut last_log, mut logged_read) = (Instant::now(), 0);
+    while !shutdown.load(Ordering::Acquire) {
+        let mut ledger = Ledger::default();
+        poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
+            outputs.assign(msg.partition())?;
+            let out = rate_one(settings, &mut ledger, &mut store, msg.payload().unwrap_or(&[]), &mut summary)?;
+            for (topic, key, value) in out {
+                outputs.send(msg.partition(), BaseRecord::to(topic).key(&key).payload(&value))?;
+            }
+            pending.record(msg.partition(), msg.offset());
+            Ok::<_, RateError>(())
+        })?;
+        let offsets = pending.take();
+        let writes = ledger.take_writes();
+        if !offsets.is_empty() {
+            outputs.commit(&consumer, &input, &offsets, |_| store.write(&writes, &offsets).map_err(RateError::from))?;
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) && summary.read != logged_read {
+            tracing::info!(?summary, "rating progress");
+            (last_log, logged_read) = (Instant::now(), summary.read);
+        }
+    }
+    consumer.unsubscribe();
+    tracing::info!(?summary, "rating consumer stopped");
+    Ok(summary)
+}
+
+/// The consumer group of `pulses rate`: `<group_id>.rate`.
+pub fn rate_group_id(cfg: &Config) -> String {
+    format!("{}.rate", cfg.group_id.as_deref().unwrap_or(&cfg.application_id))
+}
+
+/// (topic, key, value) records to produce.
+type Produce<'a> = Vec<(&'a str, String, Vec<u8>)>;
+
+/// Rates one aggregate record; what to produce for it.
+fn rate_one<'a>(
+    settings: &'a RateSettings,
+    ledger: &mut Ledger,
+    store: &mut RateStore,
+    payload: &[u8],
+    summary: &mut RateSummary,
+) -> Result<Produce<'a>, RateError> {
+    summary.read += 1;
+    let agg = match WindowAggregate::from_json(payload) {
+        Ok(a) => a,
+        Err(e) => {
+            // Not an aggregate: nothing to bill. Logged loudly and counted, not hidden.
+            tracing::error!("undecodable aggregate record skipped: {e}");
+            summary.undecodable += 1;
+            return Ok(Vec::new());
+        }
+    };
+    if !agg.is_final || agg.window != settings.window {
+        summary.ignored += 1;
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let rated = match ledger.rate(store, &settings.book, &agg, now_ms()) {
+        Err(LedgerError::Overflow(e)) => {
+            // A quantity × price beyond exact decimals: never rounded, never retried
+            // forever; logged and counted for a person to look at.
+            tracing::error!(aggregate_id = %agg.aggregate_id, revision = agg.revision, "not charged: {e}");
+            summary.unrateable += 1;
+            return Ok(Vec::new());
+        }
+        other => other?,
+    };
+    match rated {
+        Rated::Charged { charge, alerts } => {
+            summary.charges += 1;
+            summary.alerts += alerts.len() as u64;
+            out.push((settings.charges_topic.as_str(), charge.tenant_id.clone(), charge.to_json()));
+            for a in alerts {
+                tracing::info!(tenant = %a.tenant_id, period = %a.period, threshold = %a.threshold, balance = %a.balance,
+                    "spend threshold reached");
+                out.push((settings.alerts_topic.as_str(), a.tenant_id.clone(), a.to_json()));
+            }
+        }
+        Rated::AlreadyCharged { charged_revision } => {
+            tracing::debug!(aggregate_id = %agg.aggregate_id, revision = agg.revision, charged_revision, "already charged");
+            summary.already_charged += 1;
+        }
+        Rated::Unpriced => {
+            tracing::warn!(aggregate_id = %agg.aggregate_id, sku = %agg.product_sku, unit = %agg.use_unit,
+                "no price in the price book: aggregate not charged");
+            summary.unpriced += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Re-applies the records between the state's positions and the group's committed
+/// offsets (a crash after a commit, before the state write; or a lost state dir), so
+/// the ledger reflects exactly the committed input. Returns how many were re-applied.
+fn catch_up(cfg: &Config, settings: &RateSettings, group: &BaseConsumer, store: &mut RateStore) -> Result<u64, RateError> {
+    let topic = &cfg.topics.aggregated;
+    let md = group.fetch_metadata(Some(topic), TIMEOUT)?;
+    let partitions: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = group.committed_offsets(tpl, TIMEOUT)?;
+    let mut ranges = BTreeMap::new();
+    for e in committed.elements() {
+        let Offset::Offset(end) = e.offset() else { continue };
+        let from = store.position(e.partition())?.unwrap_or(0);
+        if from < end {
+            ranges.insert(e.partition(), (from, end));
+        }
+    }
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    tracing::warn!(?ranges, "state is behind the committed offsets; re-applying those records");
+    let reader: BaseConsumer = {
+        let mut c: ClientConfig = clients::consumer_config(cfg, &format!("{}.catch-up", rate_group_id(cfg)));
+        c.set("enable.partition.eof", "true");
+        c.create()?
+    };
+    let mut assign = TopicPartitionList::new();
+    for (p, (from, _)) in &ranges {
+        assign.add_partition_offset(topic, *p, Offset::Offset(*from))?;
+    }
+    reader.assign(&assign)?;
+    let mut ledger = Ledger::default();
+    let mut summary = RateSummary::default();
+    let mut positions: BTreeMap<i32, i64> = ranges.iter().map(|(p, (from, _))| (*p, *from)).collect();
+    let started = Instant::now();
+    while ranges.iter().any(|(p, (_, end))| positions[p] < *end) {
+        if started.elapsed() > Duration::from_secs(600) {
+            return Err(RateError::CatchUp(format!("not done after 10 minutes: at {positions:?} of {ranges:?}")));
+        }
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let Some((_, end)) = ranges.get(&m.partition()) else { continue };
+                if m.offset() >= *end {
+                    positions.insert(m.partition(), (*end).max(positions[&m.partition()]));
+                    continue;
+                }
+                rate_one(settings, &mut ledger, store, m.payload().unwrap_or(&[]), &mut summary)?;
+                positions.insert(m.partition(), m.offset() + 1);
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                // The committed offset may point past a transaction marker.
+                if let Some((_, end)) = ranges.get(&p) {
+                    positions.insert(p, *end);
+                }
+            }
+            Some(Err(e)) => tracing::warn!("catch-up reader: {e}"),
+            None => {}
+        }
+    }
+    store.write(&ledger.take_writes(), &positions)?;
+    Ok(summary.read)
+}

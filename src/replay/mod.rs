@@ -1,0 +1,288 @@
+//! `pulses replay`: re-computes window aggregates from `source.pulses` for a time range
+//! (SPEC §4, re-rating), with the live code: the same validation
+//! ([`crate::pulse::validate`]), the same [`WindowOperator`] over the same RocksDB
+//! store type, the same aggregate ids and record encoding.
+//!
+//! - Input: each source partition from the offset Kafka's offsets-for-time gives for
+//!   T0 up to the log end at start ([`bounds`]), or up to its first record with a
+//!   timestamp ≥ T1. Partitions are *assigned*, never subscribed, and no offset is
+//!   committed: the live consumer groups are not touched. Records are merged across
+//!   partitions in timestamp order ([`merge`]).
+//! - State: a fresh RocksDB store in a temporary directory under the state dir,
+//!   deleted at exit.
+//! - Output: final aggregates of windows inside [T0, T1) only (a window starting
+//!   before T0 may lack pulses read before the start offset; one ending after T1 is
+//!   incomplete). At the end of the input the watermark jumps to T1 (to +∞ without
+//!   `--to`), closing every window that ends by then. Written by a plain idempotent
+//!   producer: a replay is a bounded batch job whose output is deterministic (same ids,
+//!   revisions and totals), so after a failure it is simply run again and the
+//!   duplicates upsert.
+
+pub mod bounds;
+pub mod merge;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::Config;
+use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
+use crate::pulse::time::now_ms;
+use crate::pulse::validate::{validate, RecordContext};
+use crate::state::{PartitionStore, StoreResources};
+use crate::window::{Output, WindowOperator};
+use merge::Merge;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("state store: {0}")]
+    Store(#[from] crate::state::StoreError),
+    #[error("{0}")]
+    Setup(String),
+    #[error("{0} aggregate(s) could not be delivered: {1}")]
+    Delivery(u64, String),
+    #[error("interrupted before the end of the input; the output topic holds a partial replay")]
+    Interrupted,
+}
+
+/// What to replay.
+#[derive(Debug, Clone)]
+pub struct ReplaySettings {
+    /// T0: record timestamps (epoch ms) to start from.
+    pub from_ms: i64,
+    /// T1: exclusive end; None replays to the log end and closes every window.
+    pub to_ms: Option<i64>,
+    pub output_topic: String,
+    /// Least time between two calls of the progress callback.
+    pub progress_every: Duration,
+}
+
+/// Counters of one replay.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReplaySummary {
+    pub partitions: usize,
+    /// Source records read (valid or not).
+    pub read: u64,
+    /// Invalid records (the live pipeline sent them to the DLQ; a replay only counts them).
+    pub rejected: u64,
+    pub duplicates: u64,
+    /// Pulses beyond retention (the live pipeline sent them to the late topic).
+    pub late: u64,
+    /// Final aggregates written to the output topic.
+    pub written: u64,
+    /// Closed windows not written because they are not inside [T0, T1).
+    pub outside: u64,
+}
+
+/// Most records buffered per partition before it is paused.
+const MAX_BUFFERED: usize = 20_000;
+/// Records between two writes of the temporary store (bounds its memory).
+const FLUSH_EVERY: u64 = 20_000;
+
+/// Deletes the temporary state directory, however the replay ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            tracing::warn!(path = %self.0.display(), "cannot delete the replay state: {e}");
+        }
+    }
+}
+
+/// Runs one bounded replay; `progress` is called every `progress_every` with
+/// (records read, records to read at most, aggregates written).
+pub fn run(
+    cfg: &Config,
+    s: &ReplaySettings,
+    shutdown: &AtomicBool,
+    mut progress: impl FnMut(u64, u64, u64),
+) -> Result<ReplaySummary, ReplayError> {
+    let topic = cfg.topics.source.as_str();
+    let reader = || -> Result<BaseConsumer<QuietEof>, ReplayError> {
+        let mut c = clients::base(cfg);
+        // A group id librdkafka wants, never joined (assign) and never committed to.
+        c.set("group.id", format!("{}.replay", cfg.application_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true");
+        for (k, v) in &cfg.kafka {
+            c.set(k, v);
+        }
+        Ok(c.create_with_context(QuietEof)?)
+    };
+    let consumer = reader()?;
+    let partitions = bounds::partitions(&consumer, topic)?;
+    let starts = bounds::start_offsets(&consumer, topic, &partitions, s.from_ms)?;
+    let ends = bounds::end_offsets(&reader()?, topic, &partitions)?;
+    let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for (p, start) in &starts {
+        if let (Some(start), Some(end)) = (start, ends.get(p)) {
+            if start < end {
+                ranges.insert(*p, (*start, *end));
+            }
+        }
+    }
+    tracing::info!(topic, ?ranges, from = s.from_ms, to = ?s.to_ms, output = %s.output_topic, "replay bounds");
+    let total: u64 = ranges.values().map(|(a, b)| (b - a) as u64).sum();
+
+    let tmp = TempDir(cfg.state_dir.join(format!("replay-{}-{}", std::process::id(), now_ms())));
+    let mut store = PartitionStore::open(&tmp.0, &StoreResources::new(cfg.aggregate.state_memory_mib << 20))?;
+    let mut op = WindowOperator::restore(Arc::new(cfg.window_settings()), &mut store)?;
+    let producer = clients::tracked_producer(cfg, DeliveryTracker::default())?;
+    let mut sum = ReplaySummary { partitions: ranges.len(), ..Default::default() };
+
+    let mut tpl = TopicPartitionList::new();
+    for (p, (start, _)) in &ranges {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*start))?;
+    }
+    consumer.assign(&tpl)?;
+    let mut merge: Merge<OwnedMessage> = Merge::new(ranges.keys().copied());
+    let (mut paused, mut stopped): (Vec<i32>, Vec<i32>) = (Vec::new(), Vec::new());
+    let mut last_progress = Instant::now();
+    while !merge.is_done() {
+        if shutdown.load(Ordering::Acquire) {
+            return Err(ReplayError::Interrupted);
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                let Some(&(_, end)) = ranges.get(&p) else { continue };
+                if merge.is_finished(p) || m.offset() >= end {
+                    merge.finish(p);
+                } else if s.to_ms.is_some_and(|to| m.timestamp().to_millis().is_some_and(|ts| ts >= to)) {
+                    merge.finish(p);
+                } else {
+                    let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
+                    merge.push(p, ts, m.offset(), m.detach());
+                    if m.offset() + 1 >= end {
+                        merge.finish(p);
+                    }
+                }
+                if merge.is_finished(p) && !stopped.contains(&p) {
+                    // Done with it: stop fetching what will not be read.
+                    consumer.pause(&one(topic, p)?)?;
+                    stopped.push(p);
+                    paused.retain(|x| *x != p);
+                } else if merge.buffered(p) >= MAX_BUFFERED && !paused.contains(&p) {
+                    consumer.pause(&one(topic, p)?)?;
+                    paused.push(p);
+                }
+            }
+            // Everything up to the log end was delivered, and the end at start is at or
+            // before it (a partition may end in a transaction marker).
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => merge.finish(p),
+            Some(Err(e)) => tracing::warn!("replay consumer: {e}"),
+            None => {}
+        }
+        while let Some((p, m)) = merge.pop() {
+            replay_one(cfg, s, &m, p, &mut op, &mut store, &producer, &mut sum)?;
+            if sum.read % FLUSH_EVERY == 0 {
+                op.flush(&mut store)?;
+                store.commit(None)?;
+            }
+        }
+        for p in std::mem::take(&mut paused) {
+            if merge.buffered(p) < MAX_BUFFERED / 2 {
+                consumer.resume(&one(topic, p)?)?;
+            } else {
+                paused.push(p);
+            }
+        }
+        if last_progress.elapsed() >= s.progress_every {
+            progress(sum.read, total, sum.written);
+            last_progress = Instant::now();
+        }
+    }
+    // End of the bounded input: stream time jumps to T1.
+    let mut outs = Vec::new();
+    op.close_all(s.to_ms.unwrap_or(i64::MAX), now_ms(), &mut store, &mut outs);
+    emit(s, outs, &producer, &mut sum)?;
+    producer.flush(Duration::from_secs(120))?;
+    let failed = producer.context().failed();
+    if failed > 0 {
+        return Err(ReplayError::Delivery(failed, producer.context().last_error().unwrap_or_default()));
+    }
+    drop(store);
+    drop(tmp);
+    Ok(sum)
+}
+
+/// Consumer context that logs end-of-partition (which a bounded replay waits for) at
+/// debug level instead of as an error.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match error {
+            rdkafka::error::KafkaError::PartitionEOF(_)
+            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => tracing::debug!("{reason}"),
+            e => tracing::error!("librdkafka: {e}: {reason}"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+fn one(topic: &str, p: i32) -> Result<TopicPartitionList, ReplayError> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, p);
+    Ok(tpl)
+}
+
+/// One source record through stage 1's validation and stage 2's operator.
+#[allow(clippy::too_many_arguments)]
+fn replay_one(
+    cfg: &Config,
+    s: &ReplaySettings,
+    m: &OwnedMessage,
+    partition: i32,
+    op: &mut WindowOperator,
+    store: &mut PartitionStore,
+    producer: &TrackedProducer,
+    sum: &mut ReplaySummary,
+) -> Result<(), ReplayError> {
+    sum.read += 1;
+    let ctx = RecordContext {
+        topic: &cfg.topics.source,
+        partition,
+        offset: m.offset(),
+        record_time_ms: m.timestamp().to_millis(),
+    };
+    let mut outs = Vec::new();
+    match validate(m.payload().unwrap_or(&[]), &ctx) {
+        Ok(pulse) => op.process(&pulse, now_ms(), store, &mut outs)?,
+        Err(_) => sum.rejected += 1,
+    }
+    emit(s, outs, producer, sum)
+}
+
+/// Writes the aggregates inside [T0, T1) and counts the rest.
+fn emit(s: &ReplaySettings, outs: Vec<Output>, producer: &TrackedProducer, sum: &mut ReplaySummary) -> Result<(), ReplayError> {
+    for out in outs {
+        match out {
+            Output::Aggregate { record, .. } => {
+                if record.window_start < s.from_ms || s.to_ms.is_some_and(|to| record.window_end > to) {
+                    sum.outside += 1;
+                    continue;
+                }
+                let value = record.to_json();
+                send_with_backpressure(producer, BaseRecord::to(&s.output_topic).key(&record.tenant_id).payload(&value))?;
+                sum.written += 1;
+            }
+            Output::Late { .. } => sum.late += 1,
+            Output::Duplicate { .. } => sum.duplicates += 1,
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,156 @@
+//! `pulses rate` against a real broker: the metering seed scenario end to end, and a
+//! correction charged as a delta. Expected money is computed by hand in the comments.
+
+mod common;
+
+use std::str::FromStr;
+
+use common::agg::*;
+use common::*;
+use rust_decimal::Decimal;
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+/// $0.001 per request, rounded to 3 places, one alert at $0.020.
+const BOOK: &str = r#"
+currency = "USD"
+rounding = { scale = 3, mode = "half_even" }
+thresholds = ["0.020"]
+
+[[prices]]
+product_sku = "api.requests"
+use_unit = "request"
+model = "flat"
+unit_price = "0.001"
+
+[[prices]]
+product_sku = "storage"
+use_unit = "GB"
+model = "graduated"
+tiers = [{ up_to = "100", unit_price = "0.10" }, { unit_price = "0.08" }]
+"#;
+
+struct Rating {
+    charges: String,
+    alerts: String,
+    proc: Proc,
+}
+
+/// Starts `pulses rate` on `t`'s aggregated topic with its own charges/alerts topics.
+fn start_rate(t: &Topics, config_toml: &str, state: tempfile::TempDir, outputs: Option<(&str, &str)>) -> Rating {
+    let (charges, alerts) = match outputs {
+        Some((c, a)) => (c.to_owned(), a.to_owned()),
+        None => {
+            let (c, a) = (format!("{}.charges", t.app), format!("{}.alerts", t.app));
+            create_topics(&[(&c, 3), (&a, 3)]);
+            (c, a)
+        }
+    };
+    let book = state.path().join("price-book.toml");
+    std::fs::write(&book, BOOK).unwrap();
+    let book = book.to_string_lossy().into_owned();
+    let proc = Proc::start("rate", t, config_toml, &["--price-book", &book, "--charges-topic", &charges, "--alerts-topic", &alerts], state);
+    Rating { charges, alerts, proc }
+}
+
+fn amounts(topic: &str) -> Vec<(String, Decimal)> {
+    read_all(topic).iter().map(|r| {
+        let v = r.json();
+        assert_eq!(r.key_str(), v["tenant_id"].as_str().unwrap(), "keyed by tenant");
+        (v["charge_id"].as_str().unwrap_or_default().to_owned(), d(v["amount"].as_str().unwrap_or("0")))
+    }).collect()
+}
+
+#[test]
+fn seed_scenario_three_hundred_requests_earn_thirty_cents_and_one_alert() {
+    let t = Topics::create("rate-seed", 1);
+    // 10 requests per second for 30 s from 40 s past a minute: postflight windows
+    // [40,50) [50,60) [60,70) hold 100 each; minute windows hold 200 and 100.
+    let base = (now_ms() / 60_000 - 5) * 60_000 + 40 * SECOND;
+    let pulses: Vec<P> = (0..300)
+        .map(|i| P { id: format!("r{i}"), tenant: "one".into(), sku: "api.requests".into(), unit: "request".into(), amount: Decimal::ONE, at: base + i * 100 })
+        .collect();
+    produce_pulses(&t.source, &pulses);
+    let cfg = config("1h", "2s");
+    let _run = Proc::run(&t, &cfg, &[]);
+    let rate = start_rate(&t, &cfg, tempfile::tempdir().unwrap(), None);
+
+    // 300 × $0.001 = $0.300 exactly: 0.200 for the first minute, 0.100 for the second.
+    wait_for("charges summing to 0.300", DEADLINE, || {
+        (amounts(&rate.charges).iter().map(|(_, a)| *a).sum::<Decimal>() == d("0.300")).then_some(())
+    });
+    wait_all_committed(&format!("{}.rate", t.app), &t.aggregated);
+    let charges = amounts(&rate.charges);
+    let total: Decimal = charges.iter().map(|(_, a)| *a).sum();
+    assert_eq!(total, d("0.300"));
+    assert_eq!(total.to_string(), "0.300");
+    let mut got: Vec<Decimal> = charges.iter().map(|(_, a)| *a).collect();
+    got.sort();
+    assert_eq!(got, vec![d("0.100"), d("0.200")], "one charge per minute window");
+
+    let alerts = read_all(&rate.alerts);
+    assert_eq!(alerts.len(), 1, "the 0.020 threshold fires exactly once");
+    let a = alerts[0].json();
+    assert_eq!((a["tenant_id"].as_str(), d(a["threshold"].as_str().unwrap())), (Some("one"), d("0.020")));
+
+    let (finals, _) = latest_finals(&t.aggregated);
+    let post: Vec<u64> = finals.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, (_, e))| e.count).collect();
+    assert_eq!(post, vec![100, 100, 100], "3 postflight aggregates of 100 requests");
+}
+
+/// Aggregate records as stage 2 writes them, produced by hand.
+fn aggregate(tenant: &str, start: i64, total: &str, revision: u32, is_final: bool) -> (Option<Vec<u8>>, Vec<u8>) {
+    let v = serde_json::json!({
+        "aggregate_id": format!("agg-{tenant}-{start}"), "revision": revision, "tenant_id": tenant,
+        "product_sku": "storage", "use_unit": "GB", "window": "minute",
+        "window_start": rfc3339(start), "window_end": rfc3339(start + 60 * SECOND),
+        "total_amount": total, "pulse_count": 1, "min_amount": total, "max_amount": total,
+        "first_event_time": rfc3339(start), "last_event_time": rfc3339(start), "final": is_final,
+        "emitted_at": rfc3339(start + 65 * SECOND)
+    });
+    (Some(tenant.as_bytes().to_vec()), serde_json::to_vec(&v).unwrap())
+}
+
+#[test]
+fn a_correction_is_charged_as_a_delta_and_redeliveries_charge_nothing() {
+    let t = Topics::create("rate-fix", 1);
+    let m = (now_ms() / 60_000 - 10) * 60_000;
+    produce(&t.aggregated, &[
+        aggregate("two", m, "80", 0, false),      // interim: not rated
+        aggregate("two", m, "100", 0, true),      // 100 GB × 0.10 = 10.000
+        aggregate("two", m, "100", 0, true),      // re-delivery: nothing
+        aggregate("two", m, "150", 1, true),      // 10 + 50 × 0.08 = 14.000: delta 4.000
+        aggregate("two", m, "100", 0, true),      // stale revision: nothing
+    ]);
+    let cfg = config("1h", "2s");
+    let rate = start_rate(&t, &cfg, tempfile::tempdir().unwrap(), None);
+    let group = format!("{}.rate", t.app);
+    wait_all_committed(&group, &t.aggregated);
+    let charges: Vec<serde_json::Value> = read_all(&rate.charges).iter().map(|r| r.json()).collect();
+    let got: Vec<(u64, Decimal, Decimal, Decimal)> = charges.iter()
+        .map(|c| (c["revision"].as_u64().unwrap(), d(c["quantity_delta"].as_str().unwrap()), d(c["amount"].as_str().unwrap()), d(c["balance_after"].as_str().unwrap())))
+        .collect();
+    assert_eq!(got, vec![(0, d("100"), d("10.000"), d("10.000")), (1, d("50"), d("4.000"), d("14.000"))]);
+    assert_eq!(read_all(&rate.alerts).len(), 1, "0.020 crossed once");
+
+    // Restart with the same state and a redelivered correction: nothing new. Then lose
+    // the state dir: the ledger is rebuilt from the committed input, still nothing new.
+    let Rating { charges: ct, alerts: at, mut proc } = rate;
+    assert!(proc.terminate(DEADLINE).success());
+    let state = proc.into_state();
+    produce(&t.aggregated, &[aggregate("two", m, "150", 1, true)]);
+    let rate = start_rate(&t, &cfg, state, Some((&ct, &at)));
+    wait_all_committed(&group, &t.aggregated);
+    let Rating { mut proc, .. } = rate;
+    assert!(proc.terminate(DEADLINE).success());
+    produce(&t.aggregated, &[aggregate("two", m, "160", 2, true)]); // 14 + 10 × 0.08 = 14.800: delta 0.800
+    let fresh = tempfile::tempdir().unwrap();
+    let rate = start_rate(&t, &cfg, fresh, Some((&ct, &at)));
+    wait_all_committed(&group, &t.aggregated);
+    let charges: Vec<serde_json::Value> = read_all(&ct).iter().map(|r| r.json()).collect();
+    assert_eq!(charges.len(), 3, "{charges:?}");
+    assert_eq!((d(charges[2]["amount"].as_str().unwrap()), d(charges[2]["balance_after"].as_str().unwrap())), (d("0.800"), d("14.800")));
+    assert!(rate.proc.log().contains("re-applying"), "the lost state was rebuilt from the committed input");
+}
