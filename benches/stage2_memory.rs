@@ -7,30 +7,19 @@
 //!     PULSES_BENCH_PULSES=2000000 cargo bench --bench stage2_memory
 //!     PULSES_BENCH_STATE_MIB=64 cargo bench --bench stage2_memory   # state budget
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::{peak_rss_mib, proc_status_mib};
 use pulses::ops::memory::{heap_report, HeapTrimmer};
 use pulses::pulse::{GroupedPulse, SourceRef};
 use pulses::state::{PartitionStore, StoreResources};
 use pulses::window::{Output, WindowOperator, WindowSettings};
 use rust_decimal::Decimal;
-
-/// Peak resident set size of this process so far (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
-    proc_status_mib("VmHWM:")
-}
-
-/// A `kB` field of /proc/self/status, in MiB.
-fn proc_status_mib(field: &str) -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
 
 fn main() {
     let total: u64 = std::env::var("PULSES_BENCH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
@@ -45,7 +34,7 @@ fn main() {
     let mut op = WindowOperator::restore(settings, &mut store).expect("restore");
     // As stage 2 does after each commit.
     let mut trimmer = HeapTrimmer::default();
-    let base = 1_795_341_600_000i64;
+    let base = common::START_MS;
     let mut out = Vec::new();
     let mut emitted = 0u64;
     let started = Instant::now();

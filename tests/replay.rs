@@ -13,7 +13,7 @@ use common::agg::*;
 use common::*;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::producer::BaseRecord;
 use rdkafka::{Offset, TopicPartitionList};
 use rust_decimal::Decimal;
 
@@ -25,7 +25,7 @@ fn produce_at(topic: &str, records: &[(i32, i64, Vec<u8>)], batch: usize) {
         for (partition, ts, value) in chunk {
             send(&p, BaseRecord::<[u8], [u8]>::to(topic).payload(value.as_slice()).timestamp(*ts).partition(*partition));
         }
-        p.flush(Duration::from_secs(60)).expect("flush");
+        flush(&p);
     }
 }
 

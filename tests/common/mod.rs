@@ -201,13 +201,42 @@ impl Drop for Proc {
     }
 }
 
-pub fn producer() -> BaseProducer {
+/// Counts failed deliveries, so a test never mistakes a record the broker refused for
+/// one the processor lost.
+#[derive(Default)]
+pub struct CheckedDelivery {
+    failed: std::sync::Mutex<Vec<String>>,
+}
+
+impl rdkafka::ClientContext for CheckedDelivery {}
+
+impl rdkafka::producer::ProducerContext for CheckedDelivery {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            self.failed.lock().unwrap().push(format!("{}[{}]: {e}", m.topic(), m.partition()));
+        }
+    }
+}
+
+pub type TestProducer = BaseProducer<CheckedDelivery>;
+
+pub fn producer() -> TestProducer {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .create()
+        .create_with_context(CheckedDelivery::default())
         .expect("producer")
+}
+
+/// Waits until every record sent through `p` is acknowledged; panics if any delivery
+/// failed.
+pub fn flush(p: &TestProducer) {
+    p.flush(Duration::from_secs(60)).expect("flush");
+    assert_eq!(p.in_flight_count(), 0);
+    let failed = p.context().failed.lock().unwrap();
+    assert!(failed.is_empty(), "{} records were not delivered, e.g. {}", failed.len(), failed[0]);
 }
 
 /// Produces (key, value) records in order and waits until all are acknowledged.
@@ -220,12 +249,11 @@ pub fn produce(topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
         }
         send(&p, r);
     }
-    p.flush(Duration::from_secs(60)).expect("flush");
-    assert_eq!(p.in_flight_count(), 0);
+    flush(&p);
 }
 
 /// Enqueues one record, waiting while the producer's queue is full.
-pub fn send(p: &BaseProducer, mut r: BaseRecord<'_, [u8], [u8]>) {
+pub fn send(p: &TestProducer, mut r: BaseRecord<'_, [u8], [u8]>) {
     loop {
         match p.send(r) {
             Ok(()) => break,
