@@ -271,11 +271,11 @@ fn unsortable(b: &[u8]) -> Option<i64> {
 }
 
 fn push_group(k: &mut Vec<u8>, g: &GroupKey) {
-    k.extend_from_slice(g.tenant_id.as_bytes());
+    k.extend_from_slice(g.tenant_id().as_bytes());
     k.push(0);
-    k.extend_from_slice(g.product_sku.as_bytes());
+    k.extend_from_slice(g.product_sku().as_bytes());
     k.push(0);
-    k.extend_from_slice(g.use_unit.as_bytes());
+    k.extend_from_slice(g.use_unit().as_bytes());
 }
 
 fn open_key(w: &WindowKey) -> Vec<u8> {
@@ -338,7 +338,7 @@ fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
     let start = unsortable(k.get(3..11)?)?;
     let end = unsortable(k.get(11..19)?)?;
     let mut parts = k.get(19..)?.split(|b| *b == 0).map(|p| String::from_utf8(p.to_vec()).ok());
-    let key = GroupKey { tenant_id: parts.next()??, product_sku: parts.next()??, use_unit: parts.next()?? };
+    let key = GroupKey::new(parts.next()??, parts.next()??, parts.next()??);
     Some(WindowKey { end, window, start, key: Arc::new(key) })
 }
 
@@ -448,7 +448,7 @@ mod tests {
     use rust_decimal::Decimal;
 
     fn key(start: i64) -> WindowKey {
-        let g = GroupKey { tenant_id: "acme".into(), product_sku: "s.k-u:1".into(), use_unit: "GB".into() };
+        let g = GroupKey::new("acme", "s.k-u:1", "GB");
         WindowKey { end: start + 1000, window: 2, start, key: Arc::new(g) }
     }
 

@@ -1,16 +1,77 @@
 //! The exact accumulator of one window and the aggregate record it becomes (SPEC §3).
 
+use std::cmp::Ordering;
+use std::hash::{Hash, Hasher};
+
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::pulse::{ids, time};
 
 /// What windows are grouped by.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+///
+/// Its hash is computed once, when the key is made: a pulse touches one window per
+/// configured size, and each map lookup would otherwise hash the three strings again.
+/// Keys order by that hash first (then by content, so the order is total): only ties
+/// between windows with the same bounds reach it, and it spares them string compares.
+/// The hash is SipHash with fixed keys, so the order is the same in every process.
+#[derive(Debug, Clone)]
 pub struct GroupKey {
-    pub tenant_id: String,
-    pub product_sku: String,
-    pub use_unit: String,
+    tenant_id: String,
+    product_sku: String,
+    use_unit: String,
+    hash: u64,
+}
+
+impl GroupKey {
+    pub fn new(tenant_id: impl Into<String>, product_sku: impl Into<String>, use_unit: impl Into<String>) -> Self {
+        let (tenant_id, product_sku, use_unit) = (tenant_id.into(), product_sku.into(), use_unit.into());
+        let mut h = std::hash::DefaultHasher::new();
+        (&tenant_id, &product_sku, &use_unit).hash(&mut h);
+        Self { tenant_id, product_sku, use_unit, hash: h.finish() }
+    }
+
+    pub fn tenant_id(&self) -> &str {
+        &self.tenant_id
+    }
+
+    pub fn product_sku(&self) -> &str {
+        &self.product_sku
+    }
+
+    pub fn use_unit(&self) -> &str {
+        &self.use_unit
+    }
+
+    fn content(&self) -> (&str, &str, &str) {
+        (&self.tenant_id, &self.product_sku, &self.use_unit)
+    }
+}
+
+impl PartialEq for GroupKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hash == other.hash && self.content() == other.content()
+    }
+}
+
+impl Eq for GroupKey {}
+
+impl Hash for GroupKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl Ord for GroupKey {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.hash.cmp(&other.hash).then_with(|| self.content().cmp(&other.content()))
+    }
+}
+
+impl PartialOrd for GroupKey {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
 }
 
 /// Sum, count, min, max and event-time span of the pulses in one window.
@@ -169,7 +230,7 @@ mod tests {
 
     #[test]
     fn aggregate_json_matches_spec_shape() {
-        let key = GroupKey { tenant_id: "acme".into(), product_sku: "storage.standard".into(), use_unit: "GB".into() };
+        let key = GroupKey::new("acme", "storage.standard", "GB");
         let acc = Accumulator::first(d("12.5"), 1_795_341_600_123);
         let agg = WindowAggregate::new(&key, "minute", 1_795_341_600_000, 1_795_341_660_000, &acc, 0, true, 1_795_341_666_000);
         let v: serde_json::Value = serde_json::from_slice(&agg.to_json()).unwrap();

@@ -3,6 +3,7 @@
 //! (the idle advance and interim updates); unlike it, it has no I/O of its own: state
 //! goes through a [`WindowStore`] and results come back as [`Output`]s.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
@@ -42,25 +43,32 @@ impl LateReason {
     }
 }
 
+/// The hasher of the operator's maps: their keys carry a precomputed hash
+/// ([`GroupKey`]), so a fast non-cryptographic mixer is enough (SipHash was the top
+/// hotspot of the operator).
+type FastHash = foldhash::fast::RandomState;
+
 /// Window state of one input partition.
 pub struct WindowOperator {
     settings: Arc<WindowSettings>,
     watermark: Watermark,
-    open: HashMap<WindowKey, WindowState>,
+    open: HashMap<WindowKey, WindowState, FastHash>,
     /// Open windows in closing order (`WindowKey` sorts by `end` first).
     by_end: BTreeSet<WindowKey>,
     /// Open windows changed since the last [`flush`](Self::flush).
-    dirty: HashSet<WindowKey>,
+    dirty: HashSet<WindowKey, FastHash>,
     watermark_dirty: bool,
+    /// The windows one pulse updates, reused from pulse to pulse.
+    updates: Vec<(WindowKey, WindowState, bool)>,
 }
 
 impl WindowOperator {
     /// Restores the operator from `store` (an empty store gives a fresh operator).
     pub fn restore<S: WindowStore>(settings: Arc<WindowSettings>, store: &mut S) -> Result<Self, S::Error> {
         let watermark = store.load_watermark()?.unwrap_or_default();
-        let open: HashMap<_, _> = store.load_open()?.into_iter().collect();
+        let open: HashMap<_, _, FastHash> = store.load_open()?.into_iter().collect();
         let by_end = open.keys().cloned().collect();
-        Ok(Self { settings, watermark, open, by_end, dirty: HashSet::new(), watermark_dirty: false })
+        Ok(Self { settings, watermark, open, by_end, dirty: HashSet::default(), watermark_dirty: false, updates: Vec::new() })
     }
 
     pub fn watermark(&self) -> &Watermark {
@@ -84,35 +92,27 @@ impl WindowOperator {
             return Ok(());
         }
         let w = self.watermark.current;
+        let started = self.watermark.is_started();
         let s = &self.settings;
-        let key = Arc::new(GroupKey {
-            tenant_id: pulse.tenant_id.clone(),
-            product_sku: pulse.product_sku.clone(),
-            use_unit: pulse.use_unit.clone(),
-        });
-        let targets: Vec<WindowKey> = s
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let (start, end) = window_bounds(pulse.event_time, spec.size_ms());
-                WindowKey { end, window: i as u16, start, key: Arc::clone(&key) }
-            })
-            .collect();
         // Counted in every window or in none, so all window sizes sum to the same total.
-        if self.watermark.is_started() && targets.iter().any(|k| k.end.saturating_add(s.retention_ms) <= w) {
+        if started && s.windows.iter().any(|spec| window_bounds(pulse.event_time, spec.size_ms()).1.saturating_add(s.retention_ms) <= w) {
             out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::BeyondRetention });
             return Ok(());
         }
-        let mut updates = Vec::with_capacity(targets.len());
-        for k in targets {
-            let closed = self.watermark.is_started() && k.end.saturating_add(s.grace_ms) <= w;
+        let key = Arc::new(GroupKey::new(pulse.tenant_id.as_str(), pulse.product_sku.as_str(), pulse.use_unit.as_str()));
+        let mut updates = std::mem::take(&mut self.updates);
+        updates.clear();
+        for (i, spec) in s.windows.iter().enumerate() {
+            let (start, end) = window_bounds(pulse.event_time, spec.size_ms());
+            let k = WindowKey { end, window: i as u16, start, key: Arc::clone(&key) };
+            let closed = started && end.saturating_add(s.grace_ms) <= w;
             let state = if closed { store.get_closed(&k)? } else { self.open.get(&k).cloned() };
             let state = match state {
                 None => WindowState::new(Accumulator::first(pulse.used_amount, pulse.event_time)),
                 Some(mut st) => {
                     if exact_add(st.acc.total, pulse.used_amount).is_none() {
                         out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::InexactSum });
+                        self.updates = updates;
                         return Ok(());
                     }
                     // Checked just above, so this cannot fail.
@@ -126,20 +126,29 @@ impl WindowOperator {
         self.watermark.observe(pulse.event_time, wall_ms);
         self.watermark_dirty = true;
         store.mark_seen(&pulse.tenant_id, &pulse.pulse_id, self.watermark.current);
-        for (k, mut state, closed) in updates {
+        for (k, mut state, closed) in updates.drain(..) {
             if closed {
                 // A correction: re-emit the closed window with the next revision.
                 out.push(Output::Aggregate { record: self.record(&k, &state, true, wall_ms), correction: true });
                 state.next_revision += 1;
                 store.put_closed(&k, &state);
-            } else {
-                if !self.open.contains_key(&k) {
-                    self.by_end.insert(k.clone());
+                continue;
+            }
+            match self.open.entry(k) {
+                Entry::Occupied(mut e) => {
+                    if !self.dirty.contains(e.key()) {
+                        self.dirty.insert(e.key().clone());
+                    }
+                    *e.get_mut() = state;
                 }
-                self.dirty.insert(k.clone());
-                self.open.insert(k, state);
+                Entry::Vacant(e) => {
+                    self.by_end.insert(e.key().clone());
+                    self.dirty.insert(e.key().clone());
+                    e.insert(state);
+                }
             }
         }
+        self.updates = updates;
         self.close_ready(wall_ms, store, out);
         Ok(())
     }

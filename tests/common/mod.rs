@@ -60,6 +60,25 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
+/// Commits offset 0 for `group` on every partition of `topic`, so the group's first
+/// consumer starts there instead of asking the broker for the earliest offset.
+///
+/// Test setup only, for a Nisshi 0.7.0-pre.2 bug: when several transactional producers
+/// write the first batches of a partition at once, ListOffsets(earliest) can answer an
+/// offset above records that exist (e.g. 20 with offsets 0..19 readable), so a new
+/// group with `auto.offset.reset = earliest` (and a reader from "beginning") skips them.
+/// `scripts/nisshi-earliest-check.py` reproduces it. On Kafka this commit changes
+/// nothing: offset 0 is the earliest offset of a new topic.
+pub fn start_group_at_zero(group: &str, topic: &str, partitions: i32) {
+    let c: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", group).create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Offset(0)).expect("tpl");
+    }
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).expect("commit offset 0");
+}
+
 /// Topic names of one test, all unique.
 #[derive(Clone, Debug)]
 pub struct Topics {
@@ -91,6 +110,10 @@ impl Topics {
         };
         let n = partitions;
         create_topics(&[(&t.source, source_partitions), (&t.grouped, n), (&t.aggregated, n), (&t.dlq, n), (&t.late, n)]);
+        // The consumer groups that read topics pulses writes start at offset 0, not at
+        // "earliest": see `start_group_at_zero`.
+        start_group_at_zero(&format!("{}.aggregate", t.app), &t.grouped, n);
+        start_group_at_zero(&format!("{}.rate", t.app), &t.aggregated, n);
         t
     }
 
@@ -213,11 +236,22 @@ impl rdkafka::ClientContext for CheckedDelivery {}
 impl rdkafka::producer::ProducerContext for CheckedDelivery {
     type DeliveryOpaque = ();
     fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
-        if let Err((e, m)) = result {
-            self.failed.lock().unwrap().push(format!("{}[{}]: {e}", m.topic(), m.partition()));
+        match result {
+            Ok(m) => {
+                let mut produced = PRODUCED.lock().unwrap();
+                let end = produced.entry(m.topic().to_owned()).or_default().entry(m.partition()).or_insert(0);
+                *end = (*end).max(m.offset() + 1);
+            }
+            Err((e, m)) => self.failed.lock().unwrap().push(format!("{}[{}]: {e}", m.topic(), m.partition())),
         }
     }
 }
+
+/// Per topic and partition, the offset after the last record this test process
+/// produced and the broker acknowledged: a lower bound of the log end that does not
+/// depend on reading the topic back.
+static PRODUCED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, HashMap<i32, i64>>>> =
+    std::sync::LazyLock::new(Default::default);
 
 pub type TestProducer = BaseProducer<CheckedDelivery>;
 
@@ -308,13 +342,15 @@ pub fn partitions(topic: &str) -> Vec<i32> {
 ///
 /// Nisshi 0.7.0-pre.2 answers ListOffsets (high watermark) with the base offset of the
 /// last batch + 1 instead of the log end when that batch holds several records, so the
-/// end is taken from the fetch path (partition EOF), which is right.
+/// end is taken from the fetch path (partition EOF), which is right. It can also answer
+/// "earliest" above existing records (see `start_group_at_zero`), so reading starts
+/// at offset 0, not at the beginning the broker reports.
 pub fn read_to_end(topic: &str) -> (Vec<Record>, HashMap<i32, i64>) {
     let parts = partitions(topic);
     let c = reader();
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, *p, Offset::Offset(0)).expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let mut ends: HashMap<i32, i64> = HashMap::new();
@@ -391,9 +427,10 @@ pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
 pub fn data_ends(topic: &str) -> HashMap<i32, i64> {
     let (records, ends) = read_to_end(topic);
     let mut out: HashMap<i32, i64> = ends.keys().map(|p| (*p, 0)).collect();
-    for r in records {
-        let e = out.entry(r.partition).or_insert(0);
-        *e = (*e).max(r.offset + 1);
+    let produced = PRODUCED.lock().unwrap().get(topic).cloned().unwrap_or_default();
+    for (partition, offset) in records.iter().map(|r| (r.partition, r.offset + 1)).chain(produced) {
+        let e = out.entry(partition).or_insert(0);
+        *e = (*e).max(offset);
     }
     out
 }

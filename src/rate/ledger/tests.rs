@@ -51,7 +51,7 @@ unit_price = "0.0015"
 }
 
 fn agg(sku: &str, unit: &str, start: i64, total: &str, revision: u32) -> WindowAggregate {
-    let key = GroupKey { tenant_id: "one".into(), product_sku: sku.into(), use_unit: unit.into() };
+    let key = GroupKey::new("one", sku, unit);
     let acc = Accumulator::first(d(total), start);
     WindowAggregate::new(&key, "minute", start, start + MIN, &acc, revision, true, start + MIN)
 }
