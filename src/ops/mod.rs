@@ -1,3 +1,9 @@
-//! Operations: counters the stages update and the process reports.
+//! Operations: counters the stages update, and how an operator sees them: the HTTP
+//! endpoint ([`http`]: `/metrics` rendered by [`prometheus`], `/healthz`, `/readyz`
+//! from [`health`]).
 
+pub mod health;
+pub mod http;
+pub mod lag;
 pub mod metrics;
+pub mod prometheus;
