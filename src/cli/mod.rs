@@ -4,6 +4,7 @@
 mod check;
 mod run;
 mod stub;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     Stub(stub::StubArgs),
     /// Validate the configuration file and flags, print the effective configuration.
     Check(check::CheckArgs),
+    /// Print the topology (sources, stages, stores, changelogs, sinks, windows) of the
+    /// effective configuration, as text or as a Mermaid flowchart.
+    Topology(topology::TopologyArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -128,6 +132,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
+        Command::Topology(args) => topology::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,3 +7,4 @@ pub mod http;
 pub mod lag;
 pub mod metrics;
 pub mod prometheus;
+pub mod topology;
