@@ -141,3 +141,53 @@ fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
         not_ready.iter().collect::<std::collections::BTreeSet<_>>()
     );
 }
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// A few valid pulses, processed by a replica started with `extra` flags; returns the
+/// replica's log after a clean SIGTERM.
+fn process_a_few_pulses(name: &str, extra: &[&str]) -> String {
+    let t = Topics::create_with(name, 1, 2);
+    let at = now_ms() - 60_000;
+    let pulses: Vec<P> = (0..20i64)
+        .map(|i| P { id: format!("{name}-{i}"), tenant: format!("t{}", i % 3), sku: "s".into(), unit: "u".into(), amount: 1.into(), at: at + i * 100 })
+        .collect();
+    produce_pulses(&t.source, &pulses);
+    let mut p = Proc::run(&t, &config("1h", "1h"), extra);
+    wait_pipeline_done(&t);
+    assert!(p.terminate(Duration::from_secs(60)).success(), "clean exit");
+    p.log()
+}
+
+#[test]
+fn spans_arrive_at_an_otlp_collector() {
+    let (url, requests) = common::collector::start();
+    let log = process_a_few_pulses("otlp", &["--otlp-endpoint", &url]);
+    assert!(log.contains("exporting traces and metrics over OTLP/HTTP"), "{log}");
+    // Flushed on shutdown at the latest.
+    let requests = requests.lock().unwrap().clone();
+    let traces: Vec<&Vec<u8>> = requests.iter().filter(|(p, _)| p == "/v1/traces").map(|(_, b)| b).collect();
+    assert!(!traces.is_empty(), "no POST /v1/traces; got {:?}", requests.iter().map(|(p, b)| (p, b.len())).collect::<Vec<_>>());
+    let all: Vec<u8> = traces.iter().flat_map(|b| b.iter().copied()).collect();
+    for needle in ["pulses", "transaction", "batch", "stage", "group", "aggregate", "partition", "records"] {
+        assert!(contains(&all, needle), "span data lacks {needle:?}");
+    }
+    let metrics: Vec<u8> = requests.iter().filter(|(p, _)| p == "/v1/metrics").flat_map(|(_, b)| b.iter().copied()).collect();
+    assert!(contains(&metrics, "pulses.records.consumed"), "metrics exported on shutdown");
+    eprintln!("collector got {} trace requests ({} bytes), {} metrics bytes", traces.len(), all.len(), metrics.len());
+}
+
+#[test]
+fn without_an_endpoint_nothing_about_otel_is_logged() {
+    assert!(std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none(), "the test environment sets an endpoint");
+    let log = process_a_few_pulses("nootlp", &[]);
+    assert!(log.contains("stage 2 (aggregate) stopped"), "{log}");
+    for line in log.lines() {
+        let lower = line.to_lowercase();
+        let complaint = line.contains("ERROR") || line.contains("WARN");
+        assert!(!(complaint && (lower.contains("otel") || lower.contains("otlp") || lower.contains("opentelemetry"))), "{line}");
+    }
+    assert!(!log.contains("OTLP"), "no exporter without an endpoint");
+}

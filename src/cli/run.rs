@@ -50,6 +50,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // First, so probes answer (not ready) while topics are set up.
     let metrics = Arc::new(Metrics::default());
     serve_http(&rt, &cfg, &metrics)?;
+    crate::ops::telemetry::export_metrics(&metrics);
     let t = &cfg.topics;
     let n = args.default_partitions;
     let plain = |name| TopicSpec { name, partitions: n, configs: &[] };

@@ -7,4 +7,5 @@ pub mod http;
 pub mod lag;
 pub mod metrics;
 pub mod prometheus;
+pub mod telemetry;
 pub mod topology;

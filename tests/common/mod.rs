@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agg;
+pub mod collector;
 pub mod committed;
 pub mod http;
 
