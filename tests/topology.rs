@@ -70,3 +70,9 @@ fn topology_follows_flags_and_the_config_file() {
     assert!(text.contains("  day              1d  emit updates\n"), "{text}");
     assert!(!text.contains("minute"), "only the configured windows: {text}");
 }
+
+#[test]
+fn readme_shows_the_default_topology() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    assert!(readme.contains(&format!("```mermaid\n{DEFAULT_MERMAID}```")), "README's mermaid block is out of date");
+}
