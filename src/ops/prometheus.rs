@@ -43,7 +43,7 @@ pub fn render(m: &Metrics, cfg: &Config) -> String {
     out.sample("pulses_offset_commits_total", &[("stage", "group")], get(&g.commits));
     out.sample("pulses_offset_commits_total", &[("stage", "aggregate")], get(&a.commits));
 
-    out.family("pulses_transactions_total", "counter", "Kafka transactions (exactly_once), by stage and outcome.");
+    out.family("pulses_transactions_total", "counter", "Kafka transactions (exactly_once), by stage and outcome: committed, or aborted (a step failed, or a revoked partition's transaction was open).");
     if let Ok(txns) = ops.transactions.lock() {
         for ((stage, outcome), n) in txns.iter() {
             out.sample("pulses_transactions_total", &[("stage", stage), ("outcome", outcome.as_str())], *n);
