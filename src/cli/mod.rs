@@ -76,7 +76,8 @@ pub struct CommonArgs {
     /// Directory for RocksDB state and checkpoints [config default: state]
     #[arg(long, env = "PULSES_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Listen address of the HTTP endpoint [config default: 127.0.0.1:9464]
+    /// Listen address of `pulses run`'s HTTP endpoint: /metrics, /healthz, /readyz; port 0
+    /// picks a free one [config default: 127.0.0.1:9464]
     #[arg(long, env = "PULSES_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<String>,
     /// Topic producers write pulses to [config default: source.pulses]
