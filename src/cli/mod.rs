@@ -6,6 +6,7 @@ mod rate;
 mod replay;
 mod run;
 mod stub;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +30,12 @@ pub struct Cli {
     /// comes from RUST_LOG (default `info`).
     #[arg(long, global = true, env = "PULSES_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+
+    /// OpenTelemetry collector base URL (OTLP over HTTP, protobuf), e.g.
+    /// http://127.0.0.1:4318: spans go to <URL>/v1/traces, metrics to <URL>/v1/metrics.
+    /// Unset: nothing is exported
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -51,6 +58,9 @@ enum Command {
     /// Re-compute aggregates from the source topic for a time range (re-rating).
     #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
+    /// Print the topology (sources, stages, stores, changelogs, sinks, windows) of the
+    /// effective configuration, as text or as a Mermaid flowchart.
+    Topology(topology::TopologyArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -74,7 +84,8 @@ pub struct CommonArgs {
     /// Directory for RocksDB state and checkpoints [config default: state]
     #[arg(long, env = "PULSES_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Listen address of the HTTP endpoint [config default: 127.0.0.1:9464]
+    /// Listen address of `pulses run`'s HTTP endpoint: /metrics, /healthz, /readyz; port 0
+    /// picks a free one [config default: 127.0.0.1:9464]
     #[arg(long, env = "PULSES_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<String>,
     /// Topic producers write pulses to [config default: source.pulses]
@@ -131,37 +142,31 @@ impl CommonArgs {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let telemetry = match crate::ops::telemetry::init(matches!(cli.log_format, LogFormat::Json), cli.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
         Command::Rate(args) => rate::run(args),
         Command::Replay(args) => replay::run(args),
+        Command::Topology(args) => topology::run(args),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    // Colours only for a person at a terminal, never into files or log pipelines.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    };
+    drop(telemetry); // flushes spans and metrics still buffered
+    code
 }
 
 /// A flag set by SIGTERM or SIGINT (Ctrl-C), for the stage threads to poll.

@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use super::CommonArgs;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
+use crate::ops::http;
 use crate::ops::metrics::Metrics;
 use crate::stage::{self, StageError};
 
@@ -46,6 +47,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
+    // First, so probes answer (not ready) while topics are set up.
+    let metrics = Arc::new(Metrics::default());
+    serve_http(&rt, &cfg, &metrics)?;
+    crate::ops::telemetry::export_metrics(&metrics);
     let t = &cfg.topics;
     let n = args.default_partitions;
     let plain = |name| TopicSpec { name, partitions: n, configs: &[] };
@@ -55,12 +60,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if stages.contains(&StageName::Aggregate) {
         ensure_changelog(&rt, &cfg)?;
     }
-    let metrics = Arc::new(Metrics::default());
+    metrics.ops.readiness.expect_stages(stages.iter().map(|s| s.name()));
     let mut threads = Vec::new();
     for stage in stages {
-        let (name, f): (&str, StageFn) = match stage {
-            StageName::Group => ("group", stage::group::run),
-            StageName::Aggregate => ("aggregate", stage::aggregate::run),
+        let name = stage.name();
+        let f: StageFn = match stage {
+            StageName::Group => stage::group::run,
+            StageName::Aggregate => stage::aggregate::run,
         };
         let (cfg, shutdown, metrics) = (cfg.clone(), Arc::clone(&shutdown), Arc::clone(&metrics));
         let handle = std::thread::Builder::new()
@@ -97,6 +103,26 @@ fn ensure_changelog(rt: &tokio::runtime::Runtime, cfg: &Config) -> anyhow::Resul
         bail!("changelog topic {changelog} has {changelog_partitions} partitions but {grouped} has {grouped_partitions}; \
                they must match (delete the changelog to rebuild it, or use a new application id)");
     }
+    Ok(())
+}
+
+impl StageName {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Group => "group",
+            Self::Aggregate => "aggregate",
+        }
+    }
+}
+
+/// Starts `/metrics`, `/healthz` and `/readyz` on `http_addr`; failing to bind stops
+/// the start (a replica nobody can probe would be restarted by Kubernetes anyway).
+fn serve_http(rt: &tokio::runtime::Runtime, cfg: &Config, metrics: &Arc<Metrics>) -> anyhow::Result<()> {
+    let listener = rt.block_on(http::bind(&cfg.http_addr))?;
+    if let Some(addr) = http::local_addr(&listener) {
+        tracing::info!(%addr, "HTTP endpoint listening on http://{addr} (/metrics /healthz /readyz)");
+    }
+    rt.spawn(http::serve(listener, Arc::clone(metrics), Arc::new(cfg.clone())));
     Ok(())
 }
 

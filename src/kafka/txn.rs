@@ -21,7 +21,7 @@
 //! since the last commit and may emit their outputs again.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -31,6 +31,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use super::batch::{commit_offsets, offsets_list};
 use super::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
 use crate::config::{Config, Guarantee};
+use crate::ops::metrics::{Metrics, TxnOutcome};
 
 /// How long a transaction call (init, send offsets, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,6 +64,8 @@ pub struct StageOutputs {
     shared: Option<TrackedProducer>,
     /// exactly_once: one producer per owned input partition.
     owned: Mutex<BTreeMap<i32, PartitionProducer>>,
+    /// Where transaction outcomes are counted, if anywhere.
+    metrics: Option<Arc<Metrics>>,
 }
 
 struct PartitionProducer {
@@ -78,7 +81,19 @@ impl StageOutputs {
             Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked_topic))?),
             Guarantee::ExactlyOnce => None,
         };
-        Ok(Self { cfg: cfg.clone(), stage, tracked_topic, shared, owned: Mutex::new(BTreeMap::new()) })
+        Ok(Self { cfg: cfg.clone(), stage, tracked_topic, shared, owned: Mutex::new(BTreeMap::new()), metrics: None })
+    }
+
+    /// Counts committed and aborted transactions in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(&self, outcome: TxnOutcome) {
+        if let Some(m) = &self.metrics {
+            m.ops.count_transaction(self.stage, outcome);
+        }
     }
 
     /// The transactional id of an input partition's producer.
@@ -132,6 +147,7 @@ impl StageOutputs {
                 if let Err(e) = p.producer.abort_transaction(TXN_TIMEOUT) {
                     tracing::warn!(partition, "abort failed (the next owner's fencing aborts it): {e}");
                 }
+                self.count(TxnOutcome::Aborted);
             }
         }
     }
@@ -196,26 +212,43 @@ impl StageOutputs {
             if next.is_none() && !p.in_transaction {
                 continue;
             }
-            p.begin(partition)?;
-            if let Some(next) = next {
-                let group = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
-                if self.tracked_topic.is_some() {
-                    // Deliver first, so the changelog end is known for the metadata.
-                    if let Err(source) = p.producer.flush(TXN_TIMEOUT) {
-                        return Err(p.abort_after(partition, "flush", source));
-                    }
-                }
-                let metadata = |_| self.commit_metadata(p.producer.context().next_offset(partition));
-                let tpl = offsets_list(topic, &BTreeMap::from([(partition, next)]), &metadata)?;
-                if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT) {
-                    return Err(p.abort_after(partition, "send offsets", source));
-                }
-            }
-            if let Err(source) = p.producer.commit_transaction(TXN_TIMEOUT) {
-                return Err(p.abort_after(partition, "commit", source));
-            }
-            p.in_transaction = false;
+            // One span per transaction (exported over OTLP when configured).
+            let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = next).entered();
+            let result = self.commit_one(consumer, topic, partition, p, next);
+            self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
+            result?;
         }
+        Ok(())
+    }
+
+    /// Commits one partition's open transaction with its input offset `next`.
+    fn commit_one<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        partition: i32,
+        p: &mut PartitionProducer,
+        next: Option<i64>,
+    ) -> Result<(), TxnError> {
+        p.begin(partition)?;
+        if let Some(next) = next {
+            let group = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
+            if self.tracked_topic.is_some() {
+                // Deliver first, so the changelog end is known for the metadata.
+                if let Err(source) = p.producer.flush(TXN_TIMEOUT) {
+                    return Err(p.abort_after(partition, "flush", source));
+                }
+            }
+            let metadata = |_| self.commit_metadata(p.producer.context().next_offset(partition));
+            let tpl = offsets_list(topic, &BTreeMap::from([(partition, next)]), &metadata)?;
+            if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT) {
+                return Err(p.abort_after(partition, "send offsets", source));
+            }
+        }
+        if let Err(source) = p.producer.commit_transaction(TXN_TIMEOUT) {
+            return Err(p.abort_after(partition, "commit", source));
+        }
+        p.in_transaction = false;
         Ok(())
     }
 

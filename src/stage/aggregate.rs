@@ -25,8 +25,9 @@ use crate::config::Config;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::txn::StageOutputs;
+use crate::ops::lag;
 use crate::ops::memory::HeapTrimmer;
-use crate::ops::metrics::{self, Metrics};
+use crate::ops::metrics::{self, Metrics, RestoreProgress};
 use crate::pulse::json::{decode_grouped, encode_grouped};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
@@ -50,15 +51,16 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
-        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog_topic.clone()))?,
+        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog_topic.clone()))?.with_metrics(Arc::clone(&metrics)),
         changelog_topic,
         tasks: Mutex::new(BTreeMap::new()),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
+        finals: Mutex::new(Vec::new()),
         metrics,
     };
     let consumer: BaseConsumer<AggregateContext> =
-        clients::consumer_config(cfg, &cfg.aggregate_stage_group_id()).create_with_context(context)?;
+        lag::with_statistics(clients::consumer_config(cfg, &cfg.aggregate_stage_group_id())).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.grouped.as_str()])?;
     tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
         changelog = %consumer.context().changelog_topic, group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
@@ -67,8 +69,10 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let ctx = consumer.context();
     let mut trimmer = HeapTrimmer::default();
     while !shutdown.load(Ordering::Acquire) {
-        poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
+        let records =
+            poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
         ctx.failure.take()?;
+        let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "aggregate", records).entered());
         ctx.on_time()?;
         ctx.commit(&consumer)?;
         ctx.checkpoint(false)?;
@@ -94,7 +98,18 @@ struct AggregateContext {
     tasks: Mutex<BTreeMap<i32, Task>>,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
+    /// Final aggregates emitted since the last commit, for the latency histograms.
+    finals: Mutex<Vec<FinalEmitted>>,
     metrics: Arc<Metrics>,
+}
+
+/// What the latency histograms need of a final aggregate until its commit.
+struct FinalEmitted {
+    window: String,
+    /// When the operator emitted it (saw the watermark pass window_end + grace).
+    emitted_at: i64,
+    last_event_time: i64,
+    correction: bool,
 }
 
 impl AggregateContext {
@@ -149,6 +164,16 @@ impl AggregateContext {
                     if correction {
                         metrics::add(&m.corrections, 1);
                     }
+                    if record.is_final {
+                        if let Ok(mut f) = self.finals.lock() {
+                            f.push(FinalEmitted {
+                                window: record.window.clone(),
+                                emitted_at: record.emitted_at,
+                                last_event_time: record.last_event_time,
+                                correction,
+                            });
+                        }
+                    }
                 }
                 Output::Late { pulse, reason } => {
                     let value = encode_grouped(&pulse);
@@ -196,8 +221,13 @@ impl AggregateContext {
         let committed_end = consumer.and_then(|c| self.committed_changelog_end(c, partition));
         let paths = StorePaths::new(&self.cfg, partition);
         let (mut store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
-        let stats = changelog::restore(&self.cfg, partition, &mut store, committed_end)
-            .map_err(|source| StageError::Restore { partition, source })?;
+        let ops = &self.metrics.ops;
+        let stats = changelog::restore_with_progress(&self.cfg, partition, &mut store, committed_end, &mut |p| {
+            let progress = RestoreProgress { restored: p.read, to_restore: p.to_read.unwrap_or(p.read), done: p.done };
+            ops.set_restore(partition, progress);
+        })
+        .map_err(|source| StageError::Restore { partition, source })?;
+        ops.readiness.restored(partition);
         self.outputs.set_tracked_position(partition, stats.to_offset)?;
         metrics::add(&self.metrics.aggregate.restored_records, stats.records);
         let op = WindowOperator::restore(Arc::clone(&self.settings), &mut store)?;
@@ -236,7 +266,22 @@ impl AggregateContext {
         if committed {
             metrics::add(&self.metrics.aggregate.commits, 1);
         }
+        drop(tasks);
+        self.observe_committed_finals();
         Ok(())
+    }
+
+    /// The finals emitted so far are committed now: time their latencies.
+    fn observe_committed_finals(&self) {
+        let finals = self.finals.lock().map(|mut f| std::mem::take(&mut *f)).unwrap_or_default();
+        let now = now_ms();
+        let ops = &self.metrics.ops;
+        for f in finals {
+            if !f.correction {
+                ops.close_delay.observe_ms(&f.window, now - f.emitted_at);
+            }
+            ops.end_to_end.observe_ms(&f.window, now - f.last_event_time);
+        }
     }
 
     /// Writes a checkpoint of every task whose last one is `checkpoint_interval` old
@@ -251,6 +296,7 @@ impl AggregateContext {
             task.last_checkpoint = Instant::now();
             metrics::add(&self.metrics.aggregate.checkpoints, 1);
             metrics::add(&self.metrics.aggregate.checkpoint_ms, took.as_millis() as u64);
+            self.metrics.ops.checkpoint_duration.observe(took.as_secs_f64());
             tracing::debug!(partition, took_ms = took.as_millis() as u64, "checkpoint written");
         }
         Ok(())
@@ -275,7 +321,11 @@ impl AggregateContext {
 /// How long reading the committed offsets at assignment may take.
 const COMMITTED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-impl ClientContext for AggregateContext {}
+impl ClientContext for AggregateContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        lag::record(&self.metrics, "aggregate", &statistics);
+    }
+}
 
 impl ConsumerContext for AggregateContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -289,16 +339,19 @@ impl ConsumerContext for AggregateContext {
                     for elem in tpl.elements() {
                         tasks.remove(&elem.partition());
                         self.outputs.revoke(elem.partition());
+                        self.metrics.ops.readiness.restored(elem.partition());
                     }
                 }
             }
             Rebalance::Assign(tpl) => {
                 // Before any record is read: fence the previous owners, restore state.
                 tracing::info!(partitions = tpl.count(), "partitions assigned; restoring their stores");
+                self.metrics.ops.readiness.restoring(tpl.elements().iter().map(|e| e.partition()));
                 for elem in tpl.elements() {
                     let partition = elem.partition();
                     let exists = self.tasks.lock().map(|t| t.contains_key(&partition)).unwrap_or(false);
                     if exists {
+                        self.metrics.ops.readiness.restored(partition);
                         continue;
                     }
                     match self.open_task(partition, Some(consumer)) {
@@ -310,6 +363,7 @@ impl ConsumerContext for AggregateContext {
                         Err(e) => self.failure.set(e),
                     }
                 }
+                self.metrics.ops.readiness.joined("aggregate");
             }
             Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }

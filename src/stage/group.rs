@@ -20,6 +20,7 @@ use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::dlq;
 use crate::kafka::txn::StageOutputs;
+use crate::ops::lag;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{validate, RecordContext};
@@ -27,14 +28,14 @@ use crate::pulse::validate::{validate, RecordContext};
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let context = GroupContext {
-        outputs: StageOutputs::new(cfg, "group", None)?,
+        outputs: StageOutputs::new(cfg, "group", None)?.with_metrics(Arc::clone(&metrics)),
         source_topic: cfg.topics.source.clone(),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
         metrics: Arc::clone(&metrics),
     };
     let consumer: BaseConsumer<GroupContext> =
-        clients::consumer_config(cfg, &cfg.group_stage_group_id()).create_with_context(context)?;
+        lag::with_statistics(clients::consumer_config(cfg, &cfg.group_stage_group_id())).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.source.as_str()])?;
     tracing::info!(source = %cfg.topics.source, grouped = %cfg.topics.grouped, dlq = %cfg.topics.dlq,
         group = %cfg.group_stage_group_id(), guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
@@ -42,12 +43,13 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let m = &metrics.group;
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
-        poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
+        let records = poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
             group_one(cfg, &ctx.outputs, msg, m)?;
             ctx.pending.record(msg.partition(), msg.offset());
             Ok::<_, StageError>(())
         })?;
         ctx.failure.take()?;
+        let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "group", records).entered());
         ctx.commit(&consumer)?;
     }
     ctx.commit(&consumer)?;
@@ -113,7 +115,11 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        lag::record(&self.metrics, "group", &statistics);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -135,6 +141,7 @@ impl ConsumerContext for GroupContext {
                     }
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
+                self.metrics.ops.readiness.joined("group");
             }
             Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
         }

@@ -79,6 +79,31 @@ pub fn restore(
     store: &mut PartitionStore,
     committed_end: Option<i64>,
 ) -> Result<RestoreStats, RestoreError> {
+    restore_with_progress(cfg, partition, store, committed_end, &mut |_| {})
+}
+
+/// How far a running restore got: for the restore-progress gauges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Records read so far.
+    pub read: u64,
+    /// Offsets from the start position to the end the restore reads to, if known
+    /// (the committed end, else the partition's high watermark).
+    pub to_read: Option<u64>,
+    pub done: bool,
+}
+
+/// Records between two progress reports.
+const PROGRESS_EVERY: u64 = 1_000;
+
+/// [`restore`], reporting progress every [`PROGRESS_EVERY`] records and at the end.
+pub fn restore_with_progress(
+    cfg: &Config,
+    partition: i32,
+    store: &mut PartitionStore,
+    committed_end: Option<i64>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<RestoreStats, RestoreError> {
     let started = Instant::now();
     let topic = cfg.changelog_topic();
     let from_offset = store.changelog_position().unwrap_or(0);
@@ -95,6 +120,14 @@ pub fn restore(
     let mut tpl = TopicPartitionList::with_capacity(1);
     tpl.add_partition_offset(&topic, partition, Offset::Offset(from_offset))?;
     consumer.assign(&tpl)?;
+    let end = committed_end.or_else(|| {
+        // Only for the progress gauge: an approximate end is fine (the restore itself
+        // reads to end-of-partition).
+        consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
+    });
+    let to_read = end.map(|e| e.saturating_sub(from_offset).max(0) as u64);
+    let mut read = 0u64;
+    progress(Progress { read, to_read, done: false });
 
     let mut records = 0u64;
     let mut uncommitted: Vec<Vec<u8>> = Vec::new();
@@ -114,6 +147,10 @@ pub fn restore(
             }
             Some(Ok(msg)) => {
                 last_progress = Instant::now();
+                read += 1;
+                if read % PROGRESS_EVERY == 0 {
+                    progress(Progress { read, to_read, done: false });
+                }
                 let Some(key) = msg.key() else {
                     tracing::warn!(partition, offset = msg.offset(), "changelog record without a key skipped");
                     position = msg.offset() + 1;
@@ -141,6 +178,7 @@ pub fn restore(
     for key in &uncommitted {
         store.rewrite(key)?;
     }
+    progress(Progress { read, to_read, done: true });
     Ok(RestoreStats {
         from_offset,
         to_offset: position,
@@ -157,7 +195,9 @@ struct RestoreContext;
 impl ClientContext for RestoreContext {
     fn error(&self, error: KafkaError, reason: &str) {
         match error {
-            KafkaError::PartitionEOF(_) => tracing::trace!("changelog end reached: {reason}"),
+            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::trace!("changelog end reached: {reason}")
+            }
             other => tracing::warn!("changelog restore consumer: {other}: {reason}"),
         }
     }

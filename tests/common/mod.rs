@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod agg;
+pub mod collector;
 pub mod committed;
+pub mod http;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -172,6 +174,8 @@ impl Proc {
             .arg(&config)
             .arg("--state-dir")
             .arg(state_dir.path().join("state"))
+            // Many replicas run at once: each HTTP endpoint on a free port (see `http_addr`).
+            .args(["--http-addr", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
@@ -192,6 +196,15 @@ impl Proc {
     /// What the process logged so far (stderr).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.state_dir.path().join("pulses.log")).unwrap_or_default()
+    }
+
+    /// The address the HTTP endpoint is bound to, from the startup log line.
+    pub fn http_addr(&self) -> String {
+        wait_for("the HTTP endpoint's address in the log", DEADLINE, || {
+            let log = self.log();
+            let rest = log.split("listening on http://").nth(1)?;
+            Some(rest.split(|c: char| c.is_whitespace() || c == '"' || c == ' ').next()?.trim_end_matches(',').to_owned())
+        })
     }
 
     /// Kills the process with SIGKILL: no flush, no commit, no goodbye.
