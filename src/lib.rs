@@ -11,6 +11,7 @@ pub mod config;
 pub mod kafka;
 pub mod ops;
 pub mod pulse;
+pub mod registry;
 pub mod state;
 pub mod stage;
 pub mod window;

@@ -26,7 +26,10 @@ use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::txn::StageOutputs;
 use crate::ops::metrics::{self, Metrics};
-use crate::pulse::json::{decode_grouped, encode_grouped};
+use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::pulse::json::encode_grouped;
+use crate::registry::input::GroupedError;
+use crate::registry::{GroupedInput, OutputCodec, Registry};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, WindowOperator, WindowSettings};
@@ -45,7 +48,13 @@ struct Task {
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let changelog_topic = cfg.changelog_topic();
+    let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
+    let stop = || shutdown.load(Ordering::Acquire);
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.aggregated, AGGREGATE_SCHEMA,
+        cfg.schema_registry.auto_register, &stop)?;
     let context = AggregateContext {
+        input: GroupedInput::new(registry),
+        codec,
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
@@ -84,6 +93,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 /// close them (revoke) or fence, open and restore them (assign).
 struct AggregateContext {
     cfg: Config,
+    input: GroupedInput,
+    codec: OutputCodec,
     changelog_topic: String,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
@@ -101,7 +112,9 @@ impl AggregateContext {
         let partition = msg.partition();
         let payload = msg.payload().unwrap_or(&[]);
         let mut outputs = Vec::new();
-        match decode_grouped(payload) {
+        match self.input.decode(payload) {
+            // Not counting a valid pulse would be wrong: stop uncommitted, re-read on restart.
+            Err(GroupedError::Registry(e)) => return Err(e.into()),
             Ok(pulse) => {
                 let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
                 if !tasks.contains_key(&partition) {
@@ -137,7 +150,7 @@ impl AggregateContext {
         for out in outputs {
             match out {
                 Output::Aggregate { record, correction } => {
-                    let value = record.to_json();
+                    let value = self.codec.encode(|| record.to_json(), || aggregate_to_value(&record))?;
                     self.outputs.send(
                         partition,
                         BaseRecord::to(&self.cfg.topics.aggregated).key(&record.tenant_id).payload(&value),

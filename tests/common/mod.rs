@@ -4,6 +4,7 @@
 
 pub mod agg;
 pub mod committed;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
