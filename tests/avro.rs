@@ -294,3 +294,62 @@ fn avro_output_round_trips_to_the_json_values() {
     assert_eq!(avro_finals, json_finals);
     eprintln!("{} Avro aggregates ({avro_finals} final), {compared} compared field by field with the JSON run; {} expected finals", avro_records.len(), expected.len());
 }
+
+#[test]
+fn stub_produces_avro_through_the_registry() {
+    let t = Topics::create("avro-stub", 3);
+    let reg = RegistryDouble::start();
+    let status = std::process::Command::new(pulses_bin())
+        .arg("stub")
+        .args(t.flags())
+        .args(["--format", "avro", "--schema-registry-url", &reg.url, "--count", "1000", "--tenants", "7", "--seed", "5"])
+        .status()
+        .expect("run stub");
+    assert!(status.success());
+    // Registered under TopicNameStrategy, the very schemas/pulse.avsc.
+    let (id, schema) = reg.latest(&format!("{}-value", t.source)).expect("pulse schema registered");
+    assert_eq!(avro::parse(&schema), avro::parse(&avro::schema_text("pulse.avsc")));
+    let mut want: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
+    let input = read_all(&t.source);
+    assert_eq!(input.len(), 1000);
+    for r in &input {
+        let (sid, v) = avro::decode(&r.value, |id| reg.schema(id));
+        assert_eq!(sid, id);
+        let f = avro::fields(v);
+        let (Value::String(tenant), Value::String(amount)) = (&f["tenant_id"], &f["used_amount"]) else { panic!("{f:?}") };
+        let e = want.entry(tenant.clone()).or_default();
+        e.0 += Decimal::from_str(amount).unwrap();
+        e.1 += 1;
+    }
+    let _p = Proc::run(&t, &registry_config(&reg.url, ""), GROUP_ONLY);
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    let mut got: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
+    for r in read_all(&t.grouped) {
+        let v = r.json();
+        let e = got.entry(v["tenant_id"].as_str().unwrap().to_owned()).or_default();
+        e.0 += Decimal::from_str(v["used_amount"].as_str().unwrap()).unwrap();
+        e.1 += 1;
+    }
+    assert_eq!(got, want);
+    assert_eq!(want.len(), 7);
+}
+
+#[test]
+fn check_validates_the_schemas() {
+    let check = |dir: &std::path::Path| {
+        std::process::Command::new(pulses_bin()).args(["check", "--schemas"]).arg(dir).output().expect("run check")
+    };
+    let ok = check(&repo_root().join("schemas"));
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("schemas OK"));
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["pulse.avsc", "grouped_pulse.avsc", "window_aggregate.avsc"] {
+        std::fs::copy(repo_root().join("schemas").join(f), dir.path().join(f)).unwrap();
+    }
+    let grouped = avro::schema_text("grouped_pulse.avsc").replace(r#""name": "used_amount", "type": "string""#, r#""name": "used_amount", "type": "double""#);
+    std::fs::write(dir.path().join("grouped_pulse.avsc"), grouped).unwrap();
+    let bad = check(dir.path());
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("grouped_pulse.avsc: field used_amount cannot hold pulse field used_amount"), "{err}");
+}
