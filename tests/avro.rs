@@ -58,6 +58,18 @@ fn per_tenant(ps: &[P]) -> BTreeMap<String, (Decimal, usize)> {
     out
 }
 
+/// Per-tenant (total, count) of JSON grouped records.
+fn grouped_totals(records: &[Record]) -> BTreeMap<String, (Decimal, usize)> {
+    let mut out: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
+    for r in records {
+        let v = r.json();
+        let e = out.entry(v["tenant_id"].as_str().unwrap().to_owned()).or_default();
+        e.0 += Decimal::from_str(v["used_amount"].as_str().unwrap()).unwrap();
+        e.1 += 1;
+    }
+    out
+}
+
 #[test]
 fn mixed_avro_and_json_stream_groups_exactly() {
     let t = Topics::create("avro-mixed", 3);
@@ -74,7 +86,6 @@ fn mixed_avro_and_json_stream_groups_exactly() {
 
     // JSON-only equivalent: the same pulses summed here, exactly.
     let by_id: HashMap<&str, &P> = input.iter().map(|p| (p.id.as_str(), p)).collect();
-    let mut got: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
     let mut ids = HashSet::new();
     for r in &grouped {
         let v = r.json();
@@ -85,12 +96,9 @@ fn mixed_avro_and_json_stream_groups_exactly() {
         assert_eq!(v["event_time"].as_str().unwrap(), rfc3339(p.at));
         assert_eq!((v["tenant_id"].as_str().unwrap(), r.key_str().as_str()), (p.tenant.as_str(), p.tenant.as_str()));
         assert_eq!((v["product_sku"].as_str().unwrap(), v["use_unit"].as_str().unwrap()), (p.sku.as_str(), p.unit.as_str()));
-        let e = got.entry(v["tenant_id"].as_str().unwrap().to_owned()).or_default();
-        e.0 += Decimal::from_str(v["used_amount"].as_str().unwrap()).unwrap();
-        e.1 += 1;
     }
     let want = per_tenant(&input);
-    assert_eq!(got, want);
+    assert_eq!(grouped_totals(&grouped), want);
     eprintln!("per-tenant totals: {want:?}");
     // The schema was fetched once and cached.
     assert_eq!(reg.counters.by_id.load(Ordering::Relaxed), 1);
@@ -174,16 +182,7 @@ fn a_30s_registry_outage_loses_no_pulse() {
     assert_eq!(grouped.len(), 2_000);
     let ids: HashSet<String> = grouped.iter().map(|r| r.json()["pulse_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids.len(), 2_000);
-    assert_eq!(per_tenant(&input), {
-        let mut m: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
-        for r in &grouped {
-            let v = r.json();
-            let e = m.entry(v["tenant_id"].as_str().unwrap().to_owned()).or_default();
-            e.0 += Decimal::from_str(v["used_amount"].as_str().unwrap()).unwrap();
-            e.1 += 1;
-        }
-        m
-    });
+    assert_eq!(grouped_totals(&grouped), per_tenant(&input));
 }
 
 /// Final aggregates of an Avro aggregated topic, decoded with apache-avro and the
@@ -323,14 +322,7 @@ fn stub_produces_avro_through_the_registry() {
     }
     let _p = Proc::run(&t, &registry_config(&reg.url, ""), GROUP_ONLY);
     wait_all_committed(&format!("{}.group", t.app), &t.source);
-    let mut got: BTreeMap<String, (Decimal, usize)> = BTreeMap::new();
-    for r in read_all(&t.grouped) {
-        let v = r.json();
-        let e = got.entry(v["tenant_id"].as_str().unwrap().to_owned()).or_default();
-        e.0 += Decimal::from_str(v["used_amount"].as_str().unwrap()).unwrap();
-        e.1 += 1;
-    }
-    assert_eq!(got, want);
+    assert_eq!(grouped_totals(&read_all(&t.grouped)), want);
     assert_eq!(want.len(), 7);
 }
 
