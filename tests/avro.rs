@@ -345,3 +345,41 @@ fn check_validates_the_schemas() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("grouped_pulse.avsc: field used_amount cannot hold pulse field used_amount"), "{err}");
 }
+
+#[test]
+fn an_outage_beyond_the_retry_budget_dlqs_as_registry_unavailable_then_recovers() {
+    let t = Topics::create("avro-outage-long", 1);
+    let reg = RegistryDouble::start();
+    let schema_text = avro::schema_text("pulse.avsc");
+    let id = reg.register(&format!("{}-value", t.source), &schema_text);
+    let schema = avro::parse(&schema_text);
+    let first = pulses(50, "down", 1_795_341_600_000);
+    let json_too = pulses(50, "json", 1_795_341_600_000);
+    // Longer than the 3 s budget below, and than the group join.
+    reg.outage_for(Duration::from_secs(20));
+    let mut records: Vec<(Option<Vec<u8>>, Vec<u8>)> = first.iter().map(|p| (None, avro::pulse(&schema, id, p))).collect();
+    records.extend(json_too.iter().map(|p| (None, p.json())));
+    produce(&t.source, &records);
+    let cfg = registry_config(&reg.url, "retry_max = \"3s\"\nretry_max_backoff = \"1s\"");
+    let _p = Proc::run(&t, &cfg, GROUP_ONLY);
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    // The Avro pulses went to the DLQ with their bytes; JSON needs no registry.
+    let dlq = read_all(&t.dlq);
+    assert_eq!(dlq.len(), 50);
+    for r in &dlq {
+        assert_eq!(r.headers["error.reason"], "registry_unavailable", "{}", r.headers["error.detail"]);
+        assert_eq!(r.value[0], 0);
+    }
+    let dlq_bytes: HashSet<Vec<u8>> = dlq.iter().map(|r| r.value.clone()).collect();
+    assert_eq!(dlq_bytes, first.iter().map(|p| avro::pulse(&schema, id, p)).collect());
+    assert_eq!(grouped_totals(&read_all(&t.grouped)), per_tenant(&json_too));
+
+    // Once the registry is back, Avro pulses are grouped again.
+    let later = pulses(50, "up", 1_795_341_600_000);
+    wait_for("the outage to end", DEADLINE, || (reg.outage_until_passed()).then_some(()));
+    produce(&t.source, &later.iter().map(|p| (None, avro::pulse(&schema, id, p))).collect::<Vec<_>>());
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    let all_json: Vec<P> = json_too.iter().chain(&later).cloned().collect();
+    assert_eq!(grouped_totals(&read_all(&t.grouped)), per_tenant(&all_json));
+    assert_eq!(read_all(&t.dlq).len(), 50);
+}

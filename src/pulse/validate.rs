@@ -315,6 +315,7 @@ mod tests {
             (format!(r#"{{{BASE},"used_amount":1,"timestamp":1.5}}"#).into_bytes(), RejectReason::BadTimestamp),
             (format!(r#"{{{BASE},"used_amount":1,"timestamp":-5}}"#).into_bytes(), RejectReason::BadTimestamp),
             (vec![0, 0, 0, 0, 1, 2], RejectReason::UnknownSchema),
+            (vec![0, 0, 1], RejectReason::InvalidAvro),
         ];
         for (input, want) in cases {
             assert_eq!(reason(&input), want, "input {:?}", String::from_utf8_lossy(&input));

@@ -94,3 +94,25 @@ impl SchemaRegistryConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks() {
+        let none = SchemaRegistryConfig::default();
+        assert!(none.check(OutputFormat::Json, None).is_ok());
+        assert!(none.check(OutputFormat::Avro, None).unwrap_err().contains("needs [schema_registry] url"));
+        let url = SchemaRegistryConfig { url: Some("http://sr:8081".into()), ..none.clone() };
+        assert!(url.check(OutputFormat::Avro, None).is_ok());
+        let tls = SchemaRegistryConfig { url: Some("https://sr:8081".into()), ..none.clone() };
+        assert!(tls.check(OutputFormat::Json, None).unwrap_err().contains("http://"));
+        // 60 s + 5 s + 5 s of waiting must fit in max.poll.interval.ms.
+        assert!(url.check(OutputFormat::Json, Some("70001")).is_ok());
+        assert!(url.check(OutputFormat::Json, Some("70000")).unwrap_err().contains("max.poll.interval.ms"));
+        assert!(url.check(OutputFormat::Json, Some("soon")).is_err());
+        let zero = SchemaRegistryConfig { retry_initial_backoff: Duration::ZERO, ..url };
+        assert!(zero.check(OutputFormat::Json, None).is_err());
+    }
+}

@@ -76,6 +76,11 @@ impl RegistryDouble {
         self.state.lock().unwrap().outage_until = Some(Instant::now() + d);
     }
 
+    /// Whether a started outage is over (or none was started).
+    pub fn outage_until_passed(&self) -> bool {
+        self.state.lock().unwrap().outage_until.is_none_or(|t| Instant::now() >= t)
+    }
+
     fn serve(&self, stream: TcpStream) {
         let mut reader = BufReader::new(match stream.try_clone() {
             Ok(s) => s,
