@@ -161,7 +161,7 @@ fn unknown_schema_and_corrupt_avro_go_to_the_dlq() {
 
 #[test]
 fn a_30s_registry_outage_loses_no_pulse() {
-    let t = Topics::create("avro-outage", 3);
+    let t = Topics::create("avro-outage", 1);
     let reg = RegistryDouble::start();
     let id = reg.register(&format!("{}-value", t.source), &avro::schema_text("pulse.avsc"));
     let input = pulses(2_000, "o", 1_795_341_600_000);
@@ -169,7 +169,10 @@ fn a_30s_registry_outage_loses_no_pulse() {
     let outage = Duration::from_secs(30);
     let started = Instant::now();
     reg.outage_for(outage);
-    produce(&t.source, &mixed(&input, id));
+    // A JSON pulse first: its output is in an open transaction when the wait begins.
+    let mut records = mixed(&input, id);
+    records.swap(0, 1);
+    produce(&t.source, &records);
     let _p = Proc::run(&t, &registry_config(&reg.url, "retry_max = \"60s\"\nretry_max_backoff = \"2s\""), GROUP_ONLY);
     wait_all_committed(&format!("{}.group", t.app), &t.source);
     let elapsed = started.elapsed();
@@ -382,4 +385,34 @@ fn an_outage_beyond_the_retry_budget_dlqs_as_registry_unavailable_then_recovers(
     let all_json: Vec<P> = json_too.iter().chain(&later).cloned().collect();
     assert_eq!(grouped_totals(&read_all(&t.grouped)), per_tenant(&all_json));
     assert_eq!(read_all(&t.dlq).len(), 50);
+}
+
+#[test]
+fn sigterm_during_a_registry_wait_commits_up_to_the_waiting_record() {
+    let t = Topics::create("avro-sigterm", 1);
+    let reg = RegistryDouble::start();
+    let schema_text = avro::schema_text("pulse.avsc");
+    let id = reg.register(&format!("{}-value", t.source), &schema_text);
+    let schema = avro::parse(&schema_text);
+    let ps = pulses(3, "s", 1_795_341_600_000);
+    reg.outage_for(Duration::from_secs(600));
+    // JSON, Avro (waits for the registry), JSON.
+    produce(&t.source, &[(None, ps[0].json()), (None, avro::pulse(&schema, id, &ps[1])), (None, ps[2].json())]);
+    let cfg = registry_config(&reg.url, "retry_max = \"60s\"\nretry_max_backoff = \"1s\"");
+    let mut p = Proc::run(&t, &cfg, GROUP_ONLY);
+    // The pulse before the waiting record was committed when the wait began.
+    wait_for("the first pulse grouped", DEADLINE, || (read_all(&t.grouped).len() == 1).then_some(()));
+    wait_for("the stage to be waiting", DEADLINE, || (reg.counters.unavailable.load(Ordering::Relaxed) >= 2).then_some(()));
+    let status = p.terminate(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status:?}");
+    assert_eq!(committed(&format!("{}.group", t.app), &t.source).get(&0).copied(), Some(1), "committed up to the waiting record");
+    assert_eq!(read_all(&t.dlq).len(), 0);
+
+    // Registry back, same replica again: the rest, exactly once.
+    reg.outage_for(Duration::ZERO);
+    let _p2 = Proc::run_in(&t, &cfg, GROUP_ONLY, p.into_state());
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    let grouped = read_all(&t.grouped);
+    let ids: Vec<String> = grouped.iter().map(|r| r.json()["pulse_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, vec!["s-0", "s-1", "s-2"]);
 }

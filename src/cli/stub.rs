@@ -11,7 +11,7 @@ use super::CommonArgs;
 use crate::config::parse_duration;
 use crate::kafka::clients::{send_with_backpressure, tracked_producer, DeliveryTracker};
 use crate::pulse::{avro, time, wire};
-use crate::registry::{OutputFormat, Registry};
+use crate::registry::{OutputFormat, Registry, Wait};
 use crate::stub::{Generator, StubSpec};
 
 #[derive(Debug, Args)]
@@ -67,7 +67,7 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
                 .context("--format avro needs a schema registry: --schema-registry-url or [schema_registry] url")?;
             let stop = || shutdown.load(Ordering::Acquire);
             let s = registry
-                .value_schema(&cfg.topics.source, avro::PULSE_SCHEMA, cfg.schema_registry.auto_register, &stop)
+                .value_schema(&cfg.topics.source, avro::PULSE_SCHEMA, cfg.schema_registry.auto_register, Wait::until(&stop))
                 .context("registering schemas/pulse.avsc")?;
             eprintln!("stub: Avro pulses with schema id {} (subject {}-value)", s.id, cfg.topics.source);
             Some((s.id, s.parsed.clone()))

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use super::{Registry, RegistryError};
+use super::{Registry, RegistryError, Wait};
 use crate::pulse::avro;
 use crate::pulse::json::decode_grouped;
 use crate::pulse::validate::{normalise, validate, RecordContext};
@@ -22,25 +22,26 @@ impl PulseInput {
 
     /// Decodes and validates one value: a pulse, or why it goes to the DLQ. While the
     /// registry is down this blocks (bounded, see [`super::retry`]);
-    /// `Err(RegistryError::Interrupted)` means `stop()` turned true meanwhile and the
-    /// record was not handled (it must not be committed).
+    /// `Err(RegistryError::Interrupted)` means shutdown began meanwhile and the record
+    /// was not handled (it must not be committed).
     pub fn decode(
         &self,
         bytes: &[u8],
         ctx: &RecordContext<'_>,
-        stop: &dyn Fn() -> bool,
+        wait: Wait<'_>,
     ) -> Result<Result<GroupedPulse, Rejection>, RegistryError> {
         let (schema_id, body, registry) = match (wire::detect(bytes), &self.registry) {
             (Ok(Wire::Avro { schema_id, body }), Some(registry)) => (schema_id, body, registry),
             // JSON, a truncated header, or Avro without a registry (unknown_schema).
             _ => return Ok(validate(bytes, ctx)),
         };
-        let schema = match registry.schema(schema_id, stop) {
+        let schema = match registry.schema(schema_id, wait) {
             Ok(schema) => schema,
             Err(RegistryError::Interrupted) => return Err(RegistryError::Interrupted),
             Err(e @ RegistryError::Unavailable { .. }) => {
                 return Ok(Err(Rejection::new(RejectReason::RegistryUnavailable, e.to_string())))
             }
+            Err(e @ RegistryError::Prepare(_)) => return Err(e),
             Err(e) => return Ok(Err(Rejection::new(RejectReason::UnknownSchema, e.to_string()))),
         };
         Ok(avro::decode_record(&schema.parsed, body)
@@ -71,7 +72,7 @@ impl GroupedInput {
         Self { registry }
     }
 
-    pub fn decode(&self, bytes: &[u8]) -> Result<GroupedPulse, GroupedError> {
+    pub fn decode(&self, bytes: &[u8], wait: Wait<'_>) -> Result<GroupedPulse, GroupedError> {
         let invalid = |e: &dyn std::fmt::Display| GroupedError::Invalid(e.to_string());
         match wire::detect(bytes).map_err(|r| invalid(&r.detail))? {
             Wire::Json(json) => decode_grouped(json).map_err(|e| invalid(&e)),
@@ -79,7 +80,7 @@ impl GroupedInput {
                 let Some(registry) = &self.registry else {
                     return Err(invalid(&format!("Avro grouped pulse (schema id {schema_id}) but no schema registry is configured")));
                 };
-                let schema = registry.schema(schema_id, &|| false).map_err(|e| match e {
+                let schema = registry.schema(schema_id, wait).map_err(|e| match e {
                     RegistryError::Refused(d) => GroupedError::Invalid(d),
                     e => GroupedError::Registry(e),
                 })?;

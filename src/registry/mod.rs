@@ -40,6 +40,29 @@ pub enum RegistryError {
     /// The stage is shutting down; the record was not handled.
     #[error("interrupted by shutdown while waiting for the schema registry")]
     Interrupted,
+    /// The caller's preparation for a wait ([`Wait::before`]) failed.
+    #[error("before waiting for the schema registry: {0}")]
+    Prepare(String),
+}
+
+/// How a caller waits out a registry outage.
+#[derive(Clone, Copy)]
+pub struct Wait<'a> {
+    /// Turns true when the caller shuts down: stop waiting ([`RegistryError::Interrupted`]).
+    pub stop: &'a dyn Fn() -> bool,
+    /// Runs once before the first backoff of a wait. The stages commit the work done so
+    /// far, so no Kafka transaction stays open (`transaction.timeout.ms`) during the wait.
+    pub before: &'a dyn Fn() -> Result<(), String>,
+}
+
+impl<'a> Wait<'a> {
+    /// Waits with nothing to prepare.
+    pub fn until(stop: &'a dyn Fn() -> bool) -> Self {
+        fn nothing() -> Result<(), String> {
+            Ok(())
+        }
+        Self { stop, before: &nothing }
+    }
 }
 
 /// A registry client for one stage thread.
@@ -85,8 +108,8 @@ impl Registry {
     }
 
     /// The writer schema of `id` (cached after the first fetch).
-    pub fn schema(&self, id: u32, stop: &dyn Fn() -> bool) -> Result<Arc<AvroSchema>, RegistryError> {
-        self.with_retry(stop, || {
+    pub fn schema(&self, id: u32, wait: Wait<'_>) -> Result<Arc<AvroSchema>, RegistryError> {
+        self.with_retry(wait, || {
             let r = self.rt.block_on(self.decoder.get_schema(id));
             if r.as_ref().is_err_and(is_server_error) {
                 // The converter caches non-retriable errors, 5xx other than 502/503 among
@@ -109,10 +132,10 @@ impl Registry {
         topic: &str,
         schema: &str,
         auto_register: bool,
-        stop: &dyn Fn() -> bool,
+        wait: Wait<'_>,
     ) -> Result<Arc<AvroSchema>, RegistryError> {
         let subject = format!("{topic}-value");
-        self.with_retry(stop, || {
+        self.with_retry(wait, || {
             let strategy = if auto_register {
                 SubjectNameStrategy::TopicNameStrategyWithSchema(
                     topic.to_owned(),
@@ -135,11 +158,8 @@ impl Registry {
     }
 
     /// Runs `attempt` under the outage policy.
-    fn with_retry<T>(
-        &self,
-        stop: &dyn Fn() -> bool,
-        mut attempt: impl FnMut() -> Result<T, SRCError>,
-    ) -> Result<T, RegistryError> {
+    fn with_retry<T>(&self, wait: Wait<'_>, mut attempt: impl FnMut() -> Result<T, SRCError>) -> Result<T, RegistryError> {
+        let mut prepared = false;
         loop {
             let now = Instant::now();
             let may = self.outage.lock().map(|o| o.may_attempt(&self.policy, now)).unwrap_or(true);
@@ -169,8 +189,12 @@ impl Registry {
                 Step::GiveUp => return Err(RegistryError::Unavailable { secs, detail: failure }),
                 Step::Retry(delay) => {
                     tracing::warn!(retry_in_ms = delay.as_millis() as u64, outage_secs = secs, "schema registry: {failure}");
-                    if stop() {
+                    if (wait.stop)() {
                         return Err(RegistryError::Interrupted);
+                    }
+                    if !prepared {
+                        (wait.before)().map_err(RegistryError::Prepare)?;
+                        prepared = true;
                     }
                     std::thread::sleep(delay);
                 }

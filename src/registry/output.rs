@@ -3,7 +3,7 @@
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
 
-use super::{OutputFormat, Registry, RegistryError};
+use super::{OutputFormat, Registry, RegistryError, Wait};
 use crate::pulse::{avro, wire};
 
 /// How one output topic's values are written.
@@ -32,13 +32,13 @@ impl OutputCodec {
         topic: &str,
         schema: &str,
         auto_register: bool,
-        stop: &dyn Fn() -> bool,
+        wait: Wait<'_>,
     ) -> Result<Self, RegistryError> {
         match (format, registry) {
             (OutputFormat::Json, _) => Ok(Self::Json),
             (OutputFormat::Avro, None) => Err(RegistryError::Setup("output_format avro needs a schema registry url".into())),
             (OutputFormat::Avro, Some(r)) => {
-                let registered = r.value_schema(topic, schema, auto_register, stop)?;
+                let registered = r.value_schema(topic, schema, auto_register, wait)?;
                 tracing::info!(topic, subject = %format!("{topic}-value"), schema_id = registered.id, "Avro output schema");
                 Ok(Self::Avro { schema_id: registered.id, schema: registered.parsed.clone() })
             }

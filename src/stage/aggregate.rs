@@ -29,7 +29,7 @@ use crate::ops::metrics::{self, Metrics};
 use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
 use crate::pulse::json::encode_grouped;
 use crate::registry::input::GroupedError;
-use crate::registry::{GroupedInput, OutputCodec, Registry};
+use crate::registry::{GroupedInput, OutputCodec, Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, WindowOperator, WindowSettings};
@@ -51,7 +51,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
     let stop = || shutdown.load(Ordering::Acquire);
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.aggregated, AGGREGATE_SCHEMA,
-        cfg.schema_registry.auto_register, &stop)?;
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let context = AggregateContext {
         input: GroupedInput::new(registry),
         codec,
@@ -74,7 +74,16 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
-        poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
+        let polled = poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| {
+            // Nothing stays in an open transaction while the registry is waited for.
+            let commit = || ctx.commit(&consumer).map_err(|e| e.to_string());
+            ctx.aggregate_one(msg, Wait { stop: &stop, before: &commit })
+        });
+        match polled {
+            // Shutdown while waiting for the registry: that record stays uncommitted.
+            Err(StageError::Registry(RegistryError::Interrupted)) => break,
+            other => other?,
+        };
         ctx.failure.take()?;
         ctx.on_time()?;
         ctx.commit(&consumer)?;
@@ -106,13 +115,13 @@ struct AggregateContext {
 }
 
 impl AggregateContext {
-    fn aggregate_one(&self, msg: &impl Message) -> Result<(), StageError> {
+    fn aggregate_one(&self, msg: &impl Message, wait: Wait<'_>) -> Result<(), StageError> {
         let m = &self.metrics.aggregate;
         metrics::add(&m.consumed, 1);
         let partition = msg.partition();
         let payload = msg.payload().unwrap_or(&[]);
         let mut outputs = Vec::new();
-        match self.input.decode(payload) {
+        match self.input.decode(payload, wait) {
             // Not counting a valid pulse would be wrong: stop uncommitted, re-read on restart.
             Err(GroupedError::Registry(e)) => return Err(e.into()),
             Ok(pulse) => {

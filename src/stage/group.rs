@@ -24,14 +24,14 @@ use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::RecordContext;
-use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError};
+use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
     let stop = || shutdown.load(Ordering::Acquire);
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.grouped, GROUPED_SCHEMA,
-        cfg.schema_registry.auto_register, &stop)?;
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let io = GroupIo { input: PulseInput::new(registry), codec };
     let context = GroupContext {
         outputs: StageOutputs::new(cfg, "group", None)?,
@@ -50,7 +50,9 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
         let polled = poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
-            group_one(cfg, &io, &ctx.outputs, msg, m, &stop)?;
+            // Nothing stays in an open transaction while the registry is waited for.
+            let commit = || ctx.commit(&consumer).map_err(|e| e.to_string());
+            group_one(cfg, &io, &ctx.outputs, msg, m, Wait { stop: &stop, before: &commit })?;
             ctx.pending.record(msg.partition(), msg.offset());
             Ok::<_, StageError>(())
         });
@@ -82,7 +84,7 @@ fn group_one(
     outputs: &StageOutputs,
     msg: &impl Message,
     m: &GroupMetrics,
-    stop: &dyn Fn() -> bool,
+    wait: Wait<'_>,
 ) -> Result<(), StageError> {
     metrics::add(&m.consumed, 1);
     let payload = msg.payload().unwrap_or(&[]);
@@ -92,7 +94,7 @@ fn group_one(
         offset: msg.offset(),
         record_time_ms: msg.timestamp().to_millis(),
     };
-    match io.input.decode(payload, &ctx, stop)? {
+    match io.input.decode(payload, &ctx, wait)? {
         Ok(pulse) => {
             let value = io.codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
             outputs.send(ctx.partition, BaseRecord::to(&cfg.topics.grouped).key(&pulse.tenant_id).payload(&value))?;
