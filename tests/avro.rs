@@ -21,7 +21,7 @@ fn registry_config(url: &str, extra: &str) -> String {
     format!("[schema_registry]\nurl = \"{url}\"\n{extra}\n")
 }
 
-/// `n` pulses over 10 tenants and 3 products, amounts of scale 0 to 4.
+/// `n` pulses over 10 tenants and 3 products, amounts of scale 0 to 4 for every tenant.
 fn pulses(n: usize, prefix: &str, base: i64) -> Vec<P> {
     let skus = [("storage.standard", "GB"), ("compute.vcpu", "vCPU-s"), ("api.requests", "requests")];
     (0..n)
@@ -32,7 +32,7 @@ fn pulses(n: usize, prefix: &str, base: i64) -> Vec<P> {
                 tenant: format!("tenant-{}", i % 10),
                 sku: sku.into(),
                 unit: unit.into(),
-                amount: Decimal::new(((i * 7_919) % 100_000 + 1) as i64, (i % 5) as u32),
+                amount: Decimal::new(((i * 7_919) % 100_000 + 1) as i64, ((i / 10) % 5) as u32),
                 at: base + i as i64,
             }
         })
@@ -415,4 +415,29 @@ fn sigterm_during_a_registry_wait_commits_up_to_the_waiting_record() {
     let grouped = read_all(&t.grouped);
     let ids: Vec<String> = grouped.iter().map(|r| r.json()["pulse_id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(ids, vec!["s-0", "s-1", "s-2"]);
+}
+
+#[test]
+fn without_auto_register_the_subjects_latest_schema_is_used() {
+    let t = Topics::create("avro-noreg", 1);
+    let reg = RegistryDouble::start();
+    produce(&t.source, &pulses(20, "n", 1_795_341_600_000).iter().map(|p| (None, p.json())).collect::<Vec<_>>());
+    let cfg = format!("output_format = \"avro\"\n{}", registry_config(&reg.url, "auto_register = false"));
+    // Nothing registered under <grouped>-value: a clear error at start, not a guess.
+    let mut p = Proc::run(&t, &cfg, GROUP_ONLY);
+    let status = wait_for("pulses to fail", DEADLINE, || p.child.try_wait().expect("try_wait"));
+    assert!(!status.success());
+    assert!(p.log().contains(&format!("subject {}-value", t.grouped)), "{}", p.log());
+    assert_eq!(reg.counters.register.load(Ordering::Relaxed), 0, "nothing registered by pulses");
+
+    // Registered by an operator: used as it is.
+    let id = reg.register(&format!("{}-value", t.grouped), &avro::schema_text("grouped_pulse.avsc"));
+    let _p = Proc::run(&t, &cfg, GROUP_ONLY);
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+    let grouped = read_all(&t.grouped);
+    assert_eq!(grouped.len(), 20);
+    for r in &grouped {
+        assert_eq!(avro::decode(&r.value, |id| reg.schema(id)).0, id);
+    }
+    assert_eq!(reg.counters.register.load(Ordering::Relaxed), 0, "pulses registered nothing");
 }

@@ -32,7 +32,7 @@ pub enum RegistryError {
     #[error("schema registry client setup: {0}")]
     Setup(String),
     /// The registry answered, and the answer is no (404, bad schema): not retried.
-    #[error("{0}")]
+    #[error("schema registry: {0}")]
     Refused(String),
     /// No answer (or 5xx) for the whole retry budget.
     #[error("schema registry unavailable for {secs:.1} s: {detail}")]
@@ -160,9 +160,12 @@ impl Registry {
     /// Runs `attempt` under the outage policy.
     fn with_retry<T>(&self, wait: Wait<'_>, mut attempt: impl FnMut() -> Result<T, SRCError>) -> Result<T, RegistryError> {
         let mut prepared = false;
+        let mut retrying = false;
         loop {
-            let now = Instant::now();
-            let may = self.outage.lock().map(|o| o.may_attempt(&self.policy, now)).unwrap_or(true);
+            // A call arriving during a long outage fails fast unless a probe is due; a
+            // retry after a backoff always asks.
+            let may = retrying
+                || self.outage.lock().map(|o| o.may_attempt(&self.policy, Instant::now())).unwrap_or(true);
             let failure = if may {
                 match attempt() {
                     Ok(v) => {
@@ -174,11 +177,11 @@ impl Registry {
                         }
                         return Ok(v);
                     }
-                    Err(e) if is_outage(&e) => e.to_string(),
+                    Err(e) if is_outage(&e) => describe(&e),
                     Err(e) => return Err(RegistryError::Refused(describe(&e))),
                 }
             } else {
-                "still unavailable (failing fast until the next probe)".to_owned()
+                "no answer since the retry budget ran out (next probe after retry_max_backoff)".to_owned()
             };
             let now = Instant::now();
             let (step, secs) = match self.outage.lock() {
@@ -197,6 +200,7 @@ impl Registry {
                         prepared = true;
                     }
                     std::thread::sleep(delay);
+                    retrying = true;
                 }
             }
         }

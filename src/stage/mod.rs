@@ -22,7 +22,7 @@ pub enum StageError {
     Poisoned,
     #[error("topic setup: {0}")]
     Admin(#[from] crate::kafka::admin::AdminError),
-    #[error("schema registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Encode(#[from] crate::registry::output::EncodeError),
