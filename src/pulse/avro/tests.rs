@@ -109,6 +109,10 @@ fn liberal_producer_schemas() {
     let neg = through(&dec, base(Value::Decimal(apache_avro::Decimal::from((-5i64).to_be_bytes().to_vec()))));
     assert_eq!(neg.unwrap_err().reason, RejectReason::NegativeAmount);
 
+    let fixed = producer(r#"{"type":"fixed","name":"Amount","size":8,"logicalType":"decimal","precision":18,"scale":2}"#);
+    let p = through(&fixed, base(Value::Decimal(apache_avro::Decimal::from(1250i64.to_be_bytes().to_vec())))).unwrap();
+    assert_eq!(p.used_amount.to_string(), "12.50");
+
     let long = producer(r#""long""#);
     assert_eq!(through(&long, base(Value::Long(42))).unwrap().used_amount, Decimal::from(42));
 
@@ -117,10 +121,14 @@ fn liberal_producer_schemas() {
     assert_eq!(err.reason, RejectReason::InvalidAmount);
     assert!(err.detail.contains("floating-point"), "{}", err.detail);
 
-    let wrong = producer(r#""string""#);
-    let mut fields = base(s("1"));
-    fields[0] = ("tenant_id", s("t"));
-    assert!(through(&wrong, fields).is_ok());
+    // A field of the wrong type is invalid_field, as `"tenant_id": 7` is in JSON.
+    let numeric_tenant = Schema::parse_str(
+        r#"{"type":"record","name":"P","fields":[{"name":"tenant_id","type":"long"},
+            {"name":"product_sku","type":"string"},{"name":"use_unit","type":"string"},{"name":"used_amount","type":"string"}]}"#,
+    )
+    .unwrap();
+    let fields = vec![("tenant_id", Value::Long(7)), ("product_sku", s("s")), ("use_unit", s("u")), ("used_amount", s("1"))];
+    assert_eq!(through(&numeric_tenant, fields).unwrap_err().reason, RejectReason::InvalidField);
 }
 
 #[test]
