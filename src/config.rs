@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+use crate::registry::{OutputFormat, SchemaRegistryConfig};
 use crate::window::{WindowSettings, WindowSpec};
 
 /// Errors reading or checking the configuration.
@@ -51,6 +52,10 @@ pub struct Config {
     pub aggregate: AggregateStage,
     /// Tumbling windows computed at once (SPEC §4).
     pub windows: Vec<WindowSpec>,
+    /// Value format of the grouped and aggregated topics: `json` (default) or `avro`.
+    pub output_format: OutputFormat,
+    /// Confluent Schema Registry for Avro input and output (SPEC §6).
+    pub schema_registry: SchemaRegistryConfig,
 }
 
 /// What a crash or rebalance may do to the outputs (SPEC §4).
@@ -170,6 +175,8 @@ impl Default for Config {
             group: GroupStage::default(),
             aggregate: AggregateStage::default(),
             windows: WindowSpec::defaults(),
+            output_format: OutputFormat::Json,
+            schema_registry: SchemaRegistryConfig::default(),
         }
     }
 }
@@ -285,6 +292,8 @@ impl Config {
         if self.aggregate.state_memory_mib < 8 {
             return invalid("aggregate.state_memory_mib must be at least 8".into());
         }
+        let max_poll = self.kafka.get("max.poll.interval.ms").map(String::as_str);
+        self.schema_registry.check(self.output_format, max_poll).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ pub mod ops;
 pub mod pulse;
 pub mod rate;
 pub mod replay;
+pub mod registry;
 pub mod state;
 pub mod stage;
 pub mod window;

@@ -104,6 +104,21 @@ impl StubPulse {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// The pulse as a `schemas/pulse.avsc` record.
+    pub fn to_avro(&self) -> apache_avro::types::Value {
+        use apache_avro::types::Value;
+        let some = |v| Value::Union(1, Box::new(v));
+        Value::Record(vec![
+            ("pulse_id".into(), some(Value::String(self.pulse_id.clone()))),
+            ("tenant_id".into(), Value::String(self.tenant_id.clone())),
+            ("product_sku".into(), Value::String(self.product_sku.clone())),
+            ("use_unit".into(), Value::String(self.use_unit.clone())),
+            ("used_amount".into(), Value::String(self.used_amount.to_string())),
+            ("timestamp".into(), some(Value::TimestampMillis(self.timestamp))),
+            ("attributes".into(), some(Value::Map([("region".to_owned(), Value::String(self.attributes.region.into()))].into()))),
+        ])
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +138,21 @@ mod tests {
         assert_eq!(xs, ys);
         assert_ne!(xs, zs);
         assert_eq!(xs[10].timestamp, 1_001_000); // 10 pulses at 10/s = 1 s later
+    }
+
+    #[test]
+    fn avro_stub_pulses_decode_to_the_json_ones() {
+        use crate::pulse::avro::{decode_record, pulse_from_record, write_datum, PULSE_SCHEMA};
+        use crate::pulse::validate::{normalise, validate, RecordContext};
+        let schema = apache_avro::Schema::parse_str(PULSE_SCHEMA).unwrap();
+        let ctx = RecordContext { topic: "t", partition: 0, offset: 0, record_time_ms: None };
+        let mut g = Generator::new(spec(3));
+        for _ in 0..100 {
+            let p = g.next_pulse(0);
+            let bytes = write_datum(&schema, p.to_avro()).unwrap();
+            let avro = pulse_from_record(&schema, decode_record(&schema, &bytes).unwrap()).unwrap();
+            assert_eq!(normalise(avro.raw(), &ctx), validate(&p.to_json(), &ctx));
+        }
     }
 
     #[test]

@@ -103,6 +103,14 @@ pub struct CommonArgs {
     /// Topic for pulses too late even for a correction [config default: tenant.late.pulses]
     #[arg(long, env = "PULSES_LATE_TOPIC", value_name = "TOPIC")]
     pub late_topic: Option<String>,
+    /// Confluent Schema Registry base URL (http://host:port) for Avro input and output
+    /// [config: schema_registry.url; default: none, Avro input then goes to the DLQ]
+    #[arg(long, env = "PULSES_SCHEMA_REGISTRY_URL", value_name = "URL")]
+    pub schema_registry_url: Option<String>,
+    /// Value format of the grouped and aggregated topics; avro needs a schema registry
+    /// [config default: json]
+    #[arg(long, env = "PULSES_OUTPUT_FORMAT", value_name = "FORMAT")]
+    pub output_format: Option<crate::registry::OutputFormat>,
 }
 
 impl CommonArgs {
@@ -133,6 +141,12 @@ impl CommonArgs {
         }
         if let Some(d) = &self.state_dir {
             cfg.state_dir.clone_from(d);
+        }
+        if let Some(url) = &self.schema_registry_url {
+            cfg.schema_registry.url = Some(url.clone());
+        }
+        if let Some(f) = self.output_format {
+            cfg.output_format = f;
         }
         cfg.check()?;
         Ok(cfg)

@@ -10,7 +10,8 @@ use rdkafka::producer::{BaseRecord, Producer};
 use super::CommonArgs;
 use crate::config::parse_duration;
 use crate::kafka::clients::{send_with_backpressure, tracked_producer, DeliveryTracker};
-use crate::pulse::time;
+use crate::pulse::{avro, time, wire};
+use crate::registry::{OutputFormat, Registry, Wait};
 use crate::stub::{Generator, StubSpec};
 
 #[derive(Debug, Args)]
@@ -40,6 +41,10 @@ pub struct StubArgs {
     /// event time = now, minus up to 0.5 s of jitter]
     #[arg(long, value_name = "START", value_parser = parse_start)]
     start_time: Option<i64>,
+    /// Value format: `json`, or `avro` (Confluent wire format; registers
+    /// schemas/pulse.avsc under `<source-topic>-value`, needs --schema-registry-url)
+    #[arg(long, value_name = "FORMAT", default_value = "json")]
+    format: OutputFormat,
 }
 
 fn parse_start(s: &str) -> Result<i64, String> {
@@ -56,6 +61,19 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
     let cfg = args.common.load()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
+    let avro_schema = match args.format {
+        OutputFormat::Json => None,
+        OutputFormat::Avro => {
+            let registry = Registry::from_config(&cfg.schema_registry)?
+                .context("--format avro needs a schema registry: --schema-registry-url or [schema_registry] url")?;
+            let stop = || shutdown.load(Ordering::Acquire);
+            let s = registry
+                .value_schema(&cfg.topics.source, avro::PULSE_SCHEMA, cfg.schema_registry.auto_register, Wait::until(&stop))
+                .context("registering schemas/pulse.avsc")?;
+            eprintln!("stub: Avro pulses with schema id {} (subject {}-value)", s.id, cfg.topics.source);
+            Some((s.id, s.parsed.clone()))
+        }
+    };
     let producer = tracked_producer(&cfg, DeliveryTracker::default()).context("creating the producer")?;
     let mut gen = Generator::new(StubSpec {
         tenants: args.tenants,
@@ -85,7 +103,10 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
             }
         }
         let pulse = gen.next_pulse(time::now_ms());
-        let value = pulse.to_json();
+        let value = match &avro_schema {
+            None => pulse.to_json(),
+            Some((id, schema)) => wire::confluent(*id, &avro::write_datum(schema, pulse.to_avro()).context("encoding a pulse")?),
+        };
         // Record time = event time, so `pulses replay --from/--to` (offsets-for-time)
         // selects the pulses of that event-time range.
         let record = BaseRecord::to(&cfg.topics.source).key(&pulse.pulse_id).payload(&value).timestamp(pulse.timestamp);

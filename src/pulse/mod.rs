@@ -1,11 +1,14 @@
-//! The pulse model: what a producer sends (`RawPulse`, decoded in [`json`]), what
+//! The pulse model: what a producer sends (`RawPulse`, decoded in [`json`] or
+//! [`avro`], told apart by [`wire`]), what
 //! validation makes of it ([`validate`]) and what stage 1 writes to the grouped topic
 //! ([`GroupedPulse`]). Plain types only: no Kafka, no RocksDB.
 
+pub mod avro;
 pub mod ids;
 pub mod json;
 pub mod time;
 pub mod validate;
+pub mod wire;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};

@@ -8,6 +8,7 @@ use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
 use super::json::{decode_pulse, RawPulse};
+use super::wire::{self, Wire};
 use super::{ids, time, GroupedPulse, SourceRef};
 
 /// Why a record was rejected: the `error.reason` header of its DLQ record.
@@ -27,12 +28,18 @@ pub enum RejectReason {
     NegativeAmount,
     /// `timestamp` is neither RFC 3339 nor epoch milliseconds, or out of range.
     BadTimestamp,
-    /// Avro wire format whose schema cannot be resolved.
+    /// Avro wire format whose schema cannot be resolved (the registry does not know the
+    /// id, or no registry is configured).
     UnknownSchema,
+    /// Avro wire format whose bytes do not decode with their schema, or not to a record.
+    InvalidAvro,
+    /// Avro wire format whose schema could not be fetched: the registry stayed
+    /// unreachable for the whole retry budget (`schema_registry.retry_max`).
+    RegistryUnavailable,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         Self::InvalidJson,
         Self::MissingField,
         Self::InvalidField,
@@ -41,6 +48,8 @@ impl RejectReason {
         Self::NegativeAmount,
         Self::BadTimestamp,
         Self::UnknownSchema,
+        Self::InvalidAvro,
+        Self::RegistryUnavailable,
     ];
 
     /// The stable machine code used in the `error.reason` header and in metrics.
@@ -54,6 +63,8 @@ impl RejectReason {
             Self::NegativeAmount => "negative_amount",
             Self::BadTimestamp => "bad_timestamp",
             Self::UnknownSchema => "unknown_schema",
+            Self::InvalidAvro => "invalid_avro",
+            Self::RegistryUnavailable => "registry_unavailable",
         }
     }
 }
@@ -92,18 +103,17 @@ pub const MAX_ID_LEN: usize = 128;
 /// Longest accepted pulse_id: free-form (UUIDs, ULIDs, producer ids), but bounded.
 pub const MAX_PULSE_ID_LEN: usize = 256;
 
-/// Decodes and validates one `source.pulses` value into a grouped pulse.
+/// Decodes and validates one `source.pulses` value into a grouped pulse, without a
+/// schema registry (Avro input goes through [`crate::registry::PulseInput`]).
 pub fn validate(bytes: &[u8], ctx: &RecordContext<'_>) -> Result<GroupedPulse, Rejection> {
-    if bytes.first() == Some(&0) {
-        // Confluent wire format starts with magic byte 0. Avro input needs a schema
-        // registry; without one the schema id cannot be resolved.
-        return Err(Rejection::new(
+    match wire::detect(bytes)? {
+        Wire::Json(json) => normalise(decode_pulse(json)?, ctx),
+        // Avro input needs a schema registry; without one the schema id cannot be resolved.
+        Wire::Avro { schema_id, .. } => Err(Rejection::new(
             RejectReason::UnknownSchema,
-            "Avro wire format (magic byte 0) but no schema registry is configured",
-        ));
+            format!("Avro wire format (magic byte 0, schema id {schema_id}) but no schema registry is configured"),
+        )),
     }
-    let raw = decode_pulse(bytes)?;
-    normalise(raw, ctx)
 }
 
 /// Applies the SPEC §3 rules to a decoded pulse.
@@ -305,6 +315,7 @@ mod tests {
             (format!(r#"{{{BASE},"used_amount":1,"timestamp":1.5}}"#).into_bytes(), RejectReason::BadTimestamp),
             (format!(r#"{{{BASE},"used_amount":1,"timestamp":-5}}"#).into_bytes(), RejectReason::BadTimestamp),
             (vec![0, 0, 0, 0, 1, 2], RejectReason::UnknownSchema),
+            (vec![0, 0, 1], RejectReason::InvalidAvro),
         ];
         for (input, want) in cases {
             assert_eq!(reason(&input), want, "input {:?}", String::from_utf8_lossy(&input));

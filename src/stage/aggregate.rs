@@ -28,7 +28,10 @@ use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
-use crate::pulse::json::{decode_grouped, encode_grouped};
+use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::pulse::json::encode_grouped;
+use crate::registry::input::GroupedError;
+use crate::registry::{GroupedInput, OutputCodec, Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, WindowOperator, WindowSettings};
@@ -47,7 +50,13 @@ struct Task {
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let changelog_topic = cfg.changelog_topic();
+    let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
+    let stop = || shutdown.load(Ordering::Acquire);
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.aggregated, AGGREGATE_SCHEMA,
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let context = AggregateContext {
+        input: GroupedInput::new(registry),
+        codec,
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
@@ -69,8 +78,16 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let ctx = consumer.context();
     let mut trimmer = HeapTrimmer::default();
     while !shutdown.load(Ordering::Acquire) {
-        let records =
-            poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| ctx.aggregate_one(msg))?;
+        let polled = poll_batch(&consumer, cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait, |msg| {
+            // Nothing stays in an open transaction while the registry is waited for.
+            let commit = || ctx.commit(&consumer).map_err(|e| e.to_string());
+            ctx.aggregate_one(msg, Wait { stop: &stop, before: &commit })
+        });
+        let records = match polled {
+            // Shutdown while waiting for the registry: that record stays uncommitted.
+            Err(StageError::Registry(RegistryError::Interrupted)) => break,
+            other => other?,
+        };
         ctx.failure.take()?;
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "aggregate", records).entered());
         ctx.on_time()?;
@@ -91,6 +108,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 /// close them (revoke) or fence, open and restore them (assign).
 struct AggregateContext {
     cfg: Config,
+    input: GroupedInput,
+    codec: OutputCodec,
     changelog_topic: String,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
@@ -113,13 +132,15 @@ struct FinalEmitted {
 }
 
 impl AggregateContext {
-    fn aggregate_one(&self, msg: &impl Message) -> Result<(), StageError> {
+    fn aggregate_one(&self, msg: &impl Message, wait: Wait<'_>) -> Result<(), StageError> {
         let m = &self.metrics.aggregate;
         metrics::add(&m.consumed, 1);
         let partition = msg.partition();
         let payload = msg.payload().unwrap_or(&[]);
         let mut outputs = Vec::new();
-        match decode_grouped(payload) {
+        match self.input.decode(payload, wait) {
+            // Not counting a valid pulse would be wrong: stop uncommitted, re-read on restart.
+            Err(GroupedError::Registry(e)) => return Err(e.into()),
             Ok(pulse) => {
                 let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
                 if !tasks.contains_key(&partition) {
@@ -155,7 +176,7 @@ impl AggregateContext {
         for out in outputs {
             match out {
                 Output::Aggregate { record, correction } => {
-                    let value = record.to_json();
+                    let value = self.codec.encode(|| record.to_json(), || aggregate_to_value(&record))?;
                     self.outputs.send(
                         partition,
                         BaseRecord::to(&self.cfg.topics.aggregated).key(&record.tenant_id).payload(&value),

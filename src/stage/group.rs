@@ -22,11 +22,18 @@ use crate::kafka::dlq;
 use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
+use crate::pulse::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
-use crate::pulse::validate::{validate, RecordContext};
+use crate::pulse::validate::RecordContext;
+use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
+    let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
+    let stop = || shutdown.load(Ordering::Acquire);
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.grouped, GROUPED_SCHEMA,
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
+    let io = GroupIo { input: PulseInput::new(registry), codec };
     let context = GroupContext {
         outputs: StageOutputs::new(cfg, "group", None)?.with_metrics(Arc::clone(&metrics)),
         source_topic: cfg.topics.source.clone(),
@@ -43,11 +50,18 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let m = &metrics.group;
     let ctx = consumer.context();
     while !shutdown.load(Ordering::Acquire) {
-        let records = poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
-            group_one(cfg, &ctx.outputs, msg, m)?;
+        let polled = poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
+            // Nothing stays in an open transaction while the registry is waited for.
+            let commit = || ctx.commit(&consumer).map_err(|e| e.to_string());
+            group_one(cfg, &io, &ctx.outputs, msg, m, Wait { stop: &stop, before: &commit })?;
             ctx.pending.record(msg.partition(), msg.offset());
             Ok::<_, StageError>(())
-        })?;
+        });
+        let records = match polled {
+            // Shutdown while waiting for the registry: that record stays uncommitted.
+            Err(StageError::Registry(RegistryError::Interrupted)) => break,
+            other => other?,
+        };
         ctx.failure.take()?;
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "group", records).entered());
         ctx.commit(&consumer)?;
@@ -59,8 +73,21 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     Ok(())
 }
 
+/// How stage 1 reads pulses and writes grouped pulses.
+struct GroupIo {
+    input: PulseInput,
+    codec: OutputCodec,
+}
+
 /// Validates one record and enqueues its output: a grouped pulse or a DLQ record.
-fn group_one(cfg: &Config, outputs: &StageOutputs, msg: &impl Message, m: &GroupMetrics) -> Result<(), StageError> {
+fn group_one(
+    cfg: &Config,
+    io: &GroupIo,
+    outputs: &StageOutputs,
+    msg: &impl Message,
+    m: &GroupMetrics,
+    wait: Wait<'_>,
+) -> Result<(), StageError> {
     metrics::add(&m.consumed, 1);
     let payload = msg.payload().unwrap_or(&[]);
     let ctx = RecordContext {
@@ -69,9 +96,9 @@ fn group_one(cfg: &Config, outputs: &StageOutputs, msg: &impl Message, m: &Group
         offset: msg.offset(),
         record_time_ms: msg.timestamp().to_millis(),
     };
-    match validate(payload, &ctx) {
+    match io.input.decode(payload, &ctx, wait)? {
         Ok(pulse) => {
-            let value = encode_grouped(&pulse);
+            let value = io.codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
             outputs.send(ctx.partition, BaseRecord::to(&cfg.topics.grouped).key(&pulse.tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
         }

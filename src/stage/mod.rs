@@ -22,4 +22,8 @@ pub enum StageError {
     Poisoned,
     #[error("topic setup: {0}")]
     Admin(#[from] crate::kafka::admin::AdminError),
+    #[error(transparent)]
+    Registry(#[from] crate::registry::RegistryError),
+    #[error(transparent)]
+    Encode(#[from] crate::registry::output::EncodeError),
 }

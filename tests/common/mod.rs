@@ -6,6 +6,7 @@ pub mod agg;
 pub mod collector;
 pub mod committed;
 pub mod http;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

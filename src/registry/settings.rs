@@ -1,0 +1,118 @@
+//! The `[schema_registry]` configuration section and `output_format`.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::duration;
+
+/// Value format of the records pulses writes to the grouped and aggregated topics.
+/// Input is always both: the wire format of each record decides (SPEC §6).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// JSON, as in SPEC §3.
+    #[default]
+    Json,
+    /// Avro in Confluent wire format, schemas under `<topic>-value` (TopicNameStrategy).
+    Avro,
+}
+
+/// How pulses talks to a Confluent Schema Registry.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URL, e.g. `http://schema-registry:8081`. Unset: Avro input goes to the DLQ as
+    /// `unknown_schema`, and `output_format` must be `json`.
+    pub url: Option<String>,
+    /// Register `schemas/*.avsc` under `<topic>-value` at start (else the subject's latest
+    /// version must already be registered).
+    pub auto_register: bool,
+    /// Timeout of one HTTP request to the registry.
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    /// First wait after a failed request; doubles up to `retry_max_backoff`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_initial_backoff: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max_backoff: Duration,
+    /// How long an outage (transport errors, HTTP 5xx) is retried before a record whose
+    /// schema cannot be fetched goes to the DLQ as `registry_unavailable`. Stage 1 blocks
+    /// meanwhile, so this must stay below the consumer's `max.poll.interval.ms`.
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+}
+
+impl Default for SchemaRegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            auto_register: true,
+            request_timeout: Duration::from_secs(5),
+            retry_initial_backoff: Duration::from_millis(100),
+            retry_max_backoff: Duration::from_secs(5),
+            retry_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// librdkafka's default `max.poll.interval.ms`.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
+impl SchemaRegistryConfig {
+    /// Checks what serde cannot. `max_poll_interval_ms` is the consumers' setting, if set.
+    pub fn check(&self, output_format: OutputFormat, max_poll_interval_ms: Option<&str>) -> Result<(), String> {
+        match self.url.as_deref() {
+            None if output_format == OutputFormat::Avro => {
+                return Err("output_format = \"avro\" needs [schema_registry] url".into())
+            }
+            Some(url) if !url.starts_with("http://") => {
+                return Err(format!(
+                    "schema_registry.url {url:?} must start with http:// (this build has no TLS for the registry client)"
+                ))
+            }
+            _ => {}
+        }
+        if self.retry_initial_backoff.is_zero() || self.retry_max_backoff < self.retry_initial_backoff {
+            return Err("schema_registry.retry_initial_backoff must be > 0 and <= retry_max_backoff".into());
+        }
+        if self.request_timeout.is_zero() {
+            return Err("schema_registry.request_timeout must be more than 0".into());
+        }
+        let poll_ms = match max_poll_interval_ms {
+            Some(v) => v.parse::<u64>().map_err(|_| format!("kafka max.poll.interval.ms {v:?} is not a number"))?,
+            None => DEFAULT_MAX_POLL_INTERVAL_MS,
+        };
+        let worst = self.retry_max + self.retry_max_backoff + self.request_timeout;
+        if worst.as_millis() >= u128::from(poll_ms) {
+            return Err(format!(
+                "schema_registry.retry_max + retry_max_backoff + request_timeout ({} ms) must stay below the consumer's \
+                 max.poll.interval.ms ({poll_ms} ms): stage 1 waits for the registry without polling",
+                worst.as_millis()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks() {
+        let none = SchemaRegistryConfig::default();
+        assert!(none.check(OutputFormat::Json, None).is_ok());
+        assert!(none.check(OutputFormat::Avro, None).unwrap_err().contains("needs [schema_registry] url"));
+        let url = SchemaRegistryConfig { url: Some("http://sr:8081".into()), ..none.clone() };
+        assert!(url.check(OutputFormat::Avro, None).is_ok());
+        let tls = SchemaRegistryConfig { url: Some("https://sr:8081".into()), ..none.clone() };
+        assert!(tls.check(OutputFormat::Json, None).unwrap_err().contains("http://"));
+        // 60 s + 5 s + 5 s of waiting must fit in max.poll.interval.ms.
+        assert!(url.check(OutputFormat::Json, Some("70001")).is_ok());
+        assert!(url.check(OutputFormat::Json, Some("70000")).unwrap_err().contains("max.poll.interval.ms"));
+        assert!(url.check(OutputFormat::Json, Some("soon")).is_err());
+        let zero = SchemaRegistryConfig { retry_initial_backoff: Duration::ZERO, ..url };
+        assert!(zero.check(OutputFormat::Json, None).is_err());
+    }
+}
