@@ -4,11 +4,11 @@
 //! and request counters. No Schema Registry server can be installed on these machines.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::http::{serve, Response};
 
 #[derive(Default)]
 struct State {
@@ -40,17 +40,13 @@ pub struct RegistryDouble {
 
 impl RegistryDouble {
     pub fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind registry double");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        let double = Self { url, state: Arc::default(), counters: Arc::default() };
-        let d = double.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let d = d.clone();
-                std::thread::spawn(move || d.serve(stream));
-            }
+        let (state, counters): (Arc<Mutex<State>>, Arc<Counters>) = (Arc::default(), Arc::default());
+        let d = Self { url: String::new(), state: Arc::clone(&state), counters: Arc::clone(&counters) };
+        let url = serve(move |req| {
+            let (status, body) = d.handle(&req.method, &req.path, &req.body);
+            Response { status, content_type: "application/vnd.schemaregistry.v1+json", body }
         });
-        double
+        Self { url, state, counters }
     }
 
     /// Registers `schema` under `subject` (as a producer would) and returns its id.
@@ -79,57 +75,6 @@ impl RegistryDouble {
     /// Whether a started outage is over (or none was started).
     pub fn outage_until_passed(&self) -> bool {
         self.state.lock().unwrap().outage_until.is_none_or(|t| Instant::now() >= t)
-    }
-
-    fn serve(&self, stream: TcpStream) {
-        let mut reader = BufReader::new(match stream.try_clone() {
-            Ok(s) => s,
-            Err(_) => return,
-        });
-        let mut writer = stream;
-        // Keep-alive: one request after another on the connection.
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            let mut parts = line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or("").to_owned(), parts.next().unwrap_or("").to_owned());
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                    return;
-                }
-                let h = h.trim_end();
-                if h.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.split_once(':') {
-                    if k.eq_ignore_ascii_case("content-length") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                }
-            }
-            let mut body = vec![0; len];
-            if reader.read_exact(&mut body).is_err() {
-                return;
-            }
-            let (status, json) = self.handle(&method, &path, &body);
-            let reason = match status {
-                200 => "OK",
-                404 => "Not Found",
-                503 => "Service Unavailable",
-                _ => "Error",
-            };
-            let response = format!(
-                "HTTP/1.1 {status} {reason}\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\n\r\n{json}",
-                json.len()
-            );
-            if writer.write_all(response.as_bytes()).and_then(|_| writer.flush()).is_err() {
-                return;
-            }
-        }
     }
 
     fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
