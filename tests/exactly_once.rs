@@ -117,8 +117,9 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
 /// partitions through the changelog, transactions commit before partitions are
 /// revoked, and every final aggregate is exact and emitted once per revision.
 #[test]
-#[ignore = "unfinished (issue 4): passed with exact totals, but 2 of 4 runs on Nisshi timed out waiting; \
-            not yet diagnosed"]
+#[ignore = "unfinished (issue 4): passes with exact totals in 34 s, but 2 of 5 runs on Nisshi (2026-11-23) \
+            timed out: after the second rebalance one stage-1 partition's last record (offset 3332 of 3333, \
+            readable by any consumer) stayed unconsumed for 180 s; not diagnosed"]
 fn rebalances_move_state_and_stay_exact() {
     let t = Topics::create_with("scale", 6, 6);
     let config = format!("checkpoint_interval = \"2s\"\n{}", config("1h", "1h"));
