@@ -17,9 +17,13 @@ use crate::config::Config;
 
 /// pulses: a Kafka-native stream processor that meters cloud usage for billing.
 ///
-/// Producers write usage pulses to `source.pulses`; pulses validates them, re-keys them
-/// by tenant into `tenant.grouped.pulses` and sends anything invalid to
-/// `source.pulses.dlq` with the reason in its headers.
+/// Producers write usage pulses (JSON, or Avro through a schema registry) to
+/// `source.pulses`; pulses validates them, re-keys them by tenant into
+/// `tenant.grouped.pulses` (anything invalid goes to `source.pulses.dlq` with the reason
+/// in its headers), aggregates them exactly in event-time windows kept in RocksDB and
+/// emits the aggregates to `tenant.aggregated.pulses.amount`, exactly once by default.
+/// `rate` turns final aggregates into charges and alerts; `replay` recomputes them for a
+/// time range.
 #[derive(Debug, Parser)]
 #[command(name = "pulses", version, propagate_version = true)]
 pub struct Cli {
