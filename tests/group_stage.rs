@@ -163,12 +163,17 @@ fn sigterm_commits_and_restart_does_not_re_emit() {
 
 #[test]
 fn help_describes_every_flag() {
-    for args in [vec!["--help"], vec!["run", "--help"], vec!["stub", "--help"], vec!["check", "--help"]] {
+    let commands = ["run", "stub", "check", "rate", "replay", "topology"];
+    for args in std::iter::once(vec!["--help"]).chain(commands.iter().map(|c| vec![*c, "--help"])) {
         let out = Command::new(pulses_bin()).args(&args).output().expect("run --help");
         assert!(out.status.success());
         let text = String::from_utf8(out.stdout).unwrap();
         assert!(text.contains("Usage: pulses"), "{args:?}: {text}");
-        if args.len() > 1 {
+        if args.len() == 1 {
+            for c in commands {
+                assert!(text.contains(&format!("\n  {c} ")), "pulses --help lists {c}: {text}");
+            }
+        } else {
             for flag in ["--bootstrap-servers", "--application-id", "--state-dir", "--http-addr", "--source-topic", "--config"] {
                 assert!(text.contains(flag), "{args:?} lacks {flag}");
             }
