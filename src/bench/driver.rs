@@ -379,7 +379,9 @@ fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
     stats::proc_cpu_seconds(&stat, if ticks > 0 { ticks as f64 } else { 100.0 }).ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))
 }
 
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+/// GET `path` from `addr` with a plain HTTP/1.1 request, as a scraper or a kubelet
+/// would: (status code, body), or None if nothing answers (yet).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
