@@ -1,11 +1,7 @@
 //! The I/O of `pulses bench`: fresh topics, a child `pulses run`, a producer of stub
 //! pulses, a read_committed reader of the aggregates and a `/metrics` poller.
 
-use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,8 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
+use super::aggregates::read_aggregates;
+use super::processor::{cpu_seconds_of, Processor};
 use super::report::{BrokerBaseline, ModeReport, Quantiles};
 use super::stats;
 use crate::config::{Config, Guarantee};
@@ -48,13 +46,13 @@ pub struct Plan {
 }
 
 /// Names of one run's topics, all starting with the run id.
-struct RunTopics {
-    id: String,
-    source: String,
-    grouped: String,
-    aggregated: String,
-    dlq: String,
-    late: String,
+pub struct RunTopics {
+    pub id: String,
+    pub source: String,
+    pub grouped: String,
+    pub aggregated: String,
+    pub dlq: String,
+    pub late: String,
 }
 
 impl RunTopics {
@@ -183,213 +181,6 @@ pub fn broker_baseline(plan: &Plan) -> anyhow::Result<BrokerBaseline> {
     Ok(BrokerBaseline { produce_pulses_per_s: produce_rate, consume_pulses_per_s: consume_rate })
 }
 
-/// What the reader of the aggregated topic saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// aggregate_id → (revision, window, pulse_count) of its latest final record.
-    latest: HashMap<String, (u64, String, u64)>,
-    counted: HashMap<String, u64>,
-    /// Seconds from last_event_time to receipt, per window, of every final record.
-    latency: HashMap<String, Vec<f64>>,
-    finals: u64,
-}
-
-impl Seen {
-    fn add(&mut self, v: &serde_json::Value, received_ms: i64) -> anyhow::Result<()> {
-        if v["final"].as_bool() != Some(true) {
-            return Ok(());
-        }
-        let field = |k: &str| v[k].as_str().ok_or_else(|| anyhow!("aggregate without {k}: {v}"));
-        let id = field("aggregate_id")?.to_owned();
-        let window = field("window")?.to_owned();
-        let last = time::parse_rfc3339_ms(field("last_event_time")?).ok_or_else(|| anyhow!("bad last_event_time: {v}"))?;
-        let revision = v["revision"].as_u64().unwrap_or(0);
-        let count = v["pulse_count"].as_u64().ok_or_else(|| anyhow!("aggregate without pulse_count: {v}"))?;
-        self.finals += 1;
-        self.latency.entry(window.clone()).or_default().push((received_ms - last) as f64 / 1000.0);
-        let previous = self.latest.get(&id).cloned();
-        if previous.as_ref().is_some_and(|(r, _, _)| *r >= revision) {
-            return Ok(());
-        }
-        let total = self.counted.entry(window.clone()).or_insert(0);
-        *total = *total - previous.map_or(0, |(_, _, c)| c) + count;
-        self.latest.insert(id, (revision, window, count));
-        Ok(())
-    }
-
-    fn counted(&self, window: &str) -> u64 {
-        self.counted.get(window).copied().unwrap_or(0)
-    }
-
-    fn quantiles(&self, window: &str) -> Quantiles {
-        let s = self.latency.get(window).map(Vec::as_slice).unwrap_or_default();
-        let (p50, p99) = stats::p50_p99(s);
-        Quantiles { p50, p99, count: s.len() as u64 }
-    }
-}
-
-/// Reads final aggregates until both windows count `expected` pulses or `stop` is set.
-fn read_aggregates(c: &BaseConsumer, expected: u64, stop: &AtomicBool) -> anyhow::Result<Seen> {
-    let mut seen = Seen::default();
-    while !(seen.counted("inflight") >= expected && seen.counted("postflight") >= expected) {
-        if stop.load(Ordering::Acquire) {
-            break;
-        }
-        match c.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let received = time::now_ms();
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())
-                    .with_context(|| format!("aggregate at offset {} is not JSON", m.offset()))?;
-                seen.add(&v, received)?;
-            }
-            None => {}
-            Some(Err(e)) => bail!("reading aggregates: {e}"),
-        }
-    }
-    Ok(seen)
-}
-
-/// The child `pulses run` process; killed if the bench stops early.
-struct Processor {
-    child: Child,
-    http: String,
-    log: PathBuf,
-}
-
-impl Processor {
-    fn start(plan: &Plan, t: &RunTopics, guarantee: Guarantee, dir: &Path) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let http = format!("127.0.0.1:{port}");
-        let config = dir.join("bench.toml");
-        std::fs::write(&config, child_config(plan)?).context("writing the bench config")?;
-        let log = dir.join("pulses-run.log");
-        let mut cmd = Command::new(&plan.exe);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("PULSES_") {
-                cmd.env_remove(k);
-            }
-        }
-        let a = |s: &str| s.to_owned();
-        cmd.args([a("run"), a("--config"), config.display().to_string()])
-            .args(["--bootstrap-servers", &plan.cfg.bootstrap_servers, "--application-id", &t.id])
-            .args(["--state-dir", &dir.join("state").display().to_string(), "--http-addr", &http])
-            .args(["--source-topic", &t.source, "--grouped-topic", &t.grouped, "--aggregated-topic", &t.aggregated])
-            .args(["--dlq-topic", &t.dlq, "--late-topic", &t.late, "--processing-guarantee", guarantee.as_str()])
-            .args(["--default-partitions", &plan.partitions.to_string(), "--stages", "group,aggregate"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).context("creating the processor log")?);
-        let child = cmd.spawn().with_context(|| format!("starting {}", plan.exe.display()))?;
-        Ok(Self { child, http, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn exited(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            bail!("pulses run exited with {status}; last log lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-        }
-        Ok(())
-    }
-
-    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
-        loop {
-            self.exited()?;
-            if http_get(&self.http, "/readyz").is_some_and(|(status, _)| status == 200) {
-                return Ok(());
-            }
-            if started.elapsed() > timeout {
-                bail!("pulses run not ready after {timeout:?} (log: {})", self.log.display());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn metrics(&self) -> anyhow::Result<Vec<stats::Sample>> {
-        match http_get(&self.http, "/metrics") {
-            Some((200, body)) => Ok(stats::parse_exposition(&body)),
-            other => bail!("/metrics answered {:?}", other.map(|(s, _)| s)),
-        }
-    }
-
-    fn cpu_seconds(&self) -> anyhow::Result<f64> {
-        cpu_seconds_of(self.pid())
-    }
-
-    fn peak_rss_mib(&self) -> anyhow::Result<f64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).context("reading /proc/<pid>/status")?;
-        let bytes = stats::peak_rss_bytes(&status).ok_or_else(|| anyhow!("no VmHWM in /proc status"))?;
-        Ok(bytes as f64 / (1024.0 * 1024.0))
-    }
-
-    /// SIGTERM, then SIGKILL if it has not stopped within 30 s.
-    fn stop(mut self) {
-        // SAFETY: signals our own child by its pid.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Processor {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The child's configuration: the user's `[kafka]` table plus a 6 s session timeout
-/// (group joins are slow on Nisshi), the bench's grace and idle timeout, and the
-/// 1 s and 10 s windows.
-fn child_config(plan: &Plan) -> anyhow::Result<String> {
-    let mut kafka = toml::Table::new();
-    kafka.insert("session.timeout.ms".into(), "6000".into());
-    for (k, v) in &plan.cfg.kafka {
-        kafka.insert(k.clone(), v.clone().into());
-    }
-    let mut doc = toml::Table::new();
-    doc.insert("kafka".into(), kafka.into());
-    let text = toml::to_string(&doc)?;
-    Ok(format!(
-        "{text}\n[aggregate]\ngrace = \"{}ms\"\nidle_timeout = \"{}ms\"\nmax_batch_wait = \"50ms\"\n\n\
-         [[windows]]\nname = \"inflight\"\nsize = \"1s\"\n\n[[windows]]\nname = \"postflight\"\nsize = \"10s\"\n",
-        plan.grace.as_millis(),
-        plan.idle_timeout.as_millis()
-    ))
-}
-
-/// User + system CPU seconds process `pid` has used so far.
-fn cpu_seconds_of(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // SAFETY: sysconf only reads a constant of the system.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    stats::proc_cpu_seconds(&stat, if ticks > 0 { ticks as f64 } else { 100.0 }).ok_or_else(|| anyhow!("unreadable /proc/{pid}/stat"))
-}
-
-/// GET `path` from `addr` with a plain HTTP/1.1 request, as a scraper or a kubelet
-/// would: (status code, body), or None if nothing answers (yet).
-pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_owned()))
-}
 
 fn histogram_quantiles(samples: &[stats::Sample], window: &str) -> Quantiles {
     let (buckets, count) = stats::histogram(samples, "pulses_window_close_delay_seconds", window);
@@ -520,59 +311,5 @@ fn watch_processing(plan: &Plan, proc: &mut Processor, stop: &AtomicBool) -> any
             return Ok(now);
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn agg(id: &str, window: &str, revision: u64, count: u64, last: &str) -> serde_json::Value {
-        serde_json::json!({"aggregate_id": id, "window": window, "revision": revision, "pulse_count": count,
-                           "last_event_time": last, "final": true})
-    }
-
-    #[test]
-    fn counts_the_latest_revision_of_each_final_aggregate() {
-        let mut s = Seen::default();
-        let t0 = time::parse_rfc3339_ms("2026-11-22T10:00:00.500Z").unwrap();
-        s.add(&agg("a", "inflight", 0, 3, "2026-11-22T10:00:00.500Z"), t0 + 1500).unwrap();
-        s.add(&agg("b", "inflight", 0, 2, "2026-11-22T10:00:00.500Z"), t0 + 1000).unwrap();
-        s.add(&agg("a", "inflight", 1, 4, "2026-11-22T10:00:00.500Z"), t0 + 2000).unwrap();
-        s.add(&agg("a", "inflight", 0, 3, "2026-11-22T10:00:00.500Z"), t0 + 2500).unwrap(); // stale duplicate
-        s.add(&serde_json::json!({"final": false, "window": "inflight"}), t0).unwrap();
-        assert_eq!(s.counted("inflight"), 6);
-        assert_eq!(s.counted("postflight"), 0);
-        assert_eq!(s.finals, 4);
-        let q = s.quantiles("inflight");
-        assert_eq!((q.p50, q.p99, q.count), (Some(1.5), Some(2.5), 4));
-        assert!(s.add(&serde_json::json!({"final": true, "window": "inflight"}), t0).is_err());
-    }
-
-    #[test]
-    fn child_config_keeps_the_users_kafka_settings() {
-        let mut cfg = Config::default();
-        cfg.kafka.insert("security.protocol".into(), "SASL_SSL".into());
-        let plan = Plan {
-            cfg,
-            pulses: 1,
-            rate: None,
-            broker_pid: None,
-            tenants: 1,
-            skus: 1,
-            partitions: 1,
-            grace: Duration::from_secs(1),
-            idle_timeout: Duration::from_secs(2),
-            timeout: Duration::from_secs(1),
-            keep_topics: false,
-            exe: PathBuf::new(),
-            work_dir: PathBuf::new(),
-        };
-        let text = child_config(&plan).unwrap();
-        let parsed = Config::from_toml(&text).unwrap();
-        assert_eq!(parsed.kafka["session.timeout.ms"], "6000");
-        assert_eq!(parsed.kafka["security.protocol"], "SASL_SSL");
-        assert_eq!(parsed.aggregate.grace, Duration::from_secs(1));
-        assert_eq!(parsed.windows.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["inflight", "postflight"]);
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 /// GET `path` from `addr`: (status code, body), or None if nothing answers yet.
-pub use pulses::bench::driver::http_get as get;
+pub use pulses::bench::processor::http_get as get;
 
 /// Samples of a Prometheus text exposition: `name{labels}` (as written) → value.
 pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
