@@ -6,6 +6,7 @@
 //! - the pure core ([`pulse`]) has no Kafka in sight and is unit-tested on plain values;
 //! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod kafka;

@@ -1,6 +1,7 @@
 //! The command line (SPEC §5). Each subcommand lives in its own file; this one holds
 //! the flags shared by the Kafka-facing commands and how they overlay the config file.
 
+mod bench;
 mod check;
 mod rate;
 mod replay;
@@ -65,6 +66,10 @@ enum Command {
     /// Print the topology (sources, stages, stores, changelogs, sinks, windows) of the
     /// effective configuration, as text or as a Mermaid flowchart.
     Topology(topology::TopologyArgs),
+    /// End-to-end benchmark against the broker: throughput, latency, CPU and RSS of
+    /// both stages under exactly_once and at_least_once.
+    #[command(long_about = bench::LONG_ABOUT)]
+    Bench(bench::BenchArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -174,6 +179,7 @@ pub fn main() -> ExitCode {
         Command::Rate(args) => rate::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Topology(args) => topology::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
