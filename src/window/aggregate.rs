@@ -26,25 +26,9 @@ pub struct GroupKey {
 impl GroupKey {
     pub fn new(tenant_id: impl Into<String>, product_sku: impl Into<String>, use_unit: impl Into<String>) -> Self {
         let (tenant_id, product_sku, use_unit) = (tenant_id.into(), product_sku.into(), use_unit.into());
-        let hash = Self::hash_of(&tenant_id, &product_sku, &use_unit);
-        Self { tenant_id, product_sku, use_unit, hash }
-    }
-
-    /// The hash a key of these parts has, computed without making the key.
-    pub fn hash_of(tenant_id: &str, product_sku: &str, use_unit: &str) -> u64 {
         let mut h = std::hash::DefaultHasher::new();
-        (tenant_id, product_sku, use_unit).hash(&mut h);
-        h.finish()
-    }
-
-    /// A key whose parts hash to `hash` (from [`Self::hash_of`]).
-    pub(crate) fn with_hash(tenant_id: &str, product_sku: &str, use_unit: &str, hash: u64) -> Self {
-        Self { tenant_id: tenant_id.to_owned(), product_sku: product_sku.to_owned(), use_unit: use_unit.to_owned(), hash }
-    }
-
-    /// Whether this key has these parts.
-    pub fn is(&self, tenant_id: &str, product_sku: &str, use_unit: &str) -> bool {
-        self.content() == (tenant_id, product_sku, use_unit)
+        (&tenant_id, &product_sku, &use_unit).hash(&mut h);
+        Self { tenant_id, product_sku, use_unit, hash: h.finish() }
     }
 
     pub fn tenant_id(&self) -> &str {

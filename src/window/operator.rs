@@ -60,46 +60,6 @@ pub struct WindowOperator {
     watermark_dirty: bool,
     /// The windows one pulse updates, reused from pulse to pulse.
     updates: Vec<(WindowKey, WindowState, bool)>,
-    keys: KeyInterner,
-}
-
-/// The group keys of open windows, by hash, so a pulse of a known group makes no key
-/// (three strings and an `Arc` per pulse were the largest cost left after hashing).
-/// Keys no window holds any more are dropped in amortised sweeps, so the set follows
-/// the open windows instead of growing with every group ever seen.
-#[derive(Default)]
-struct KeyInterner {
-    by_hash: HashMap<u64, Vec<Arc<GroupKey>>, FastHash>,
-    len: usize,
-    sweep_at: usize,
-}
-
-impl KeyInterner {
-    fn get(&mut self, tenant_id: &str, product_sku: &str, use_unit: &str) -> Arc<GroupKey> {
-        let hash = GroupKey::hash_of(tenant_id, product_sku, use_unit);
-        let bucket = self.by_hash.entry(hash).or_default();
-        if let Some(k) = bucket.iter().find(|k| k.is(tenant_id, product_sku, use_unit)) {
-            return Arc::clone(k);
-        }
-        let k = Arc::new(GroupKey::with_hash(tenant_id, product_sku, use_unit, hash));
-        bucket.push(Arc::clone(&k));
-        self.len += 1;
-        if self.len > self.sweep_at {
-            self.sweep();
-        }
-        k
-    }
-
-    /// Forgets keys only the interner holds; the next sweep waits until the set has
-    /// doubled, so sweeping costs O(1) per new key.
-    fn sweep(&mut self) {
-        self.by_hash.retain(|_, bucket| {
-            bucket.retain(|k| Arc::strong_count(k) > 1);
-            !bucket.is_empty()
-        });
-        self.len = self.by_hash.values().map(Vec::len).sum();
-        self.sweep_at = 2 * self.len + 1024;
-    }
 }
 
 impl WindowOperator {
@@ -108,16 +68,7 @@ impl WindowOperator {
         let watermark = store.load_watermark()?.unwrap_or_default();
         let open: HashMap<_, _, FastHash> = store.load_open()?.into_iter().collect();
         let by_end = open.keys().cloned().collect();
-        Ok(Self {
-            settings,
-            watermark,
-            open,
-            by_end,
-            dirty: HashSet::default(),
-            watermark_dirty: false,
-            updates: Vec::new(),
-            keys: KeyInterner::default(),
-        })
+        Ok(Self { settings, watermark, open, by_end, dirty: HashSet::default(), watermark_dirty: false, updates: Vec::new() })
     }
 
     pub fn watermark(&self) -> &Watermark {
@@ -148,7 +99,7 @@ impl WindowOperator {
             out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::BeyondRetention });
             return Ok(());
         }
-        let key = self.keys.get(&pulse.tenant_id, &pulse.product_sku, &pulse.use_unit);
+        let key = Arc::new(GroupKey::new(pulse.tenant_id.as_str(), pulse.product_sku.as_str(), pulse.use_unit.as_str()));
         let mut updates = std::mem::take(&mut self.updates);
         updates.clear();
         for (i, spec) in s.windows.iter().enumerate() {
@@ -281,26 +232,5 @@ impl WindowOperator {
     fn record(&self, k: &WindowKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
         let name = &self.settings.windows[k.window as usize].name;
         WindowAggregate::new(&k.key, name, k.start, k.end, &st.acc, st.next_revision, is_final, wall_ms)
-    }
-}
-
-#[cfg(test)]
-mod interner_tests {
-    use super::*;
-
-    #[test]
-    fn interned_keys_are_shared_and_unused_ones_are_swept() {
-        let mut keys = KeyInterner::default();
-        let a = keys.get("acme", "api.requests", "requests");
-        let b = keys.get("acme", "api.requests", "requests");
-        assert!(Arc::ptr_eq(&a, &b), "a known group gets the same key");
-        assert_eq!(*a, GroupKey::new("acme", "api.requests", "requests"), "equal to a key made directly");
-        assert_ne!(*keys.get("acme", "api.requests", "GB"), *a);
-        // 5,000 groups nobody holds: sweeps keep the set near what is held.
-        for i in 0..5_000 {
-            keys.get(&format!("tenant-{i}"), "s", "u");
-        }
-        assert!(keys.len <= 1_024 + 3, "unused keys swept, {} left", keys.len);
-        assert!(keys.by_hash.values().flatten().any(|k| Arc::ptr_eq(k, &a)), "a held key survives sweeps");
     }
 }
