@@ -98,6 +98,27 @@ impl DeliveryTracker {
 
 impl ClientContext for DeliveryTracker {}
 
+/// Context of a consumer that reads assigned partitions to their end (changelog
+/// restore, replay, rating catch-up): the end of a partition is what it waits for, so
+/// librdkafka reporting it as a client error is logged at trace level, not as a
+/// problem. Other client errors are warnings naming `reader`.
+pub struct QuietEof {
+    pub reader: &'static str,
+}
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
+                tracing::trace!(reader = self.reader, "end of partition: {reason}")
+            }
+            other => tracing::warn!("{} consumer: {other}: {reason}", self.reader),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 impl ProducerContext for DeliveryTracker {
     type DeliveryOpaque = ();
 

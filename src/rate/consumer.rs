@@ -26,7 +26,7 @@ use super::price_book::PriceBook;
 use super::store::{RateStore, RateStoreError};
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, PendingOffsets};
-use crate::kafka::clients;
+use crate::kafka::clients::{self, QuietEof};
 use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
 use crate::window::WindowAggregate;
@@ -208,10 +208,10 @@ fn catch_up(cfg: &Config, settings: &RateSettings, group: &BaseConsumer, store: 
         return Ok(0);
     }
     tracing::warn!(?ranges, "state is behind the committed offsets; re-applying those records");
-    let reader: BaseConsumer = {
+    let reader: BaseConsumer<QuietEof> = {
         let mut c: ClientConfig = clients::consumer_config(cfg, &format!("{}.catch-up", rate_group_id(cfg)));
         c.set("enable.partition.eof", "true");
-        c.create()?
+        c.create_with_context(QuietEof { reader: "rating catch-up" })?
     };
     let mut assign = TopicPartitionList::new();
     for (p, (from, _)) in &ranges {

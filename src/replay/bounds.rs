@@ -7,7 +7,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{QuietEof, ReplayError};
+use super::ReplayError;
+use crate::kafka::clients::QuietEof;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -33,7 +33,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
-use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
+use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, QuietEof, TrackedProducer};
 use crate::pulse::time::now_ms;
 use crate::pulse::validate::{validate, RecordContext};
 use crate::state::{PartitionStore, StoreResources};
@@ -119,7 +119,7 @@ pub fn run(
         for (k, v) in &cfg.kafka {
             c.set(k, v);
         }
-        Ok(c.create_with_context(QuietEof)?)
+        Ok(c.create_with_context(QuietEof { reader: "replay" })?)
     };
     let consumer = reader()?;
     let partitions = bounds::partitions(&consumer, topic)?;
@@ -217,22 +217,6 @@ pub fn run(
     drop(tmp);
     Ok(sum)
 }
-
-/// Consumer context that logs end-of-partition (which a bounded replay waits for) at
-/// debug level instead of as an error.
-pub struct QuietEof;
-
-impl rdkafka::ClientContext for QuietEof {
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        match error {
-            rdkafka::error::KafkaError::PartitionEOF(_)
-            | rdkafka::error::KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => tracing::debug!("{reason}"),
-            e => tracing::error!("librdkafka: {e}: {reason}"),
-        }
-    }
-}
-
-impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 fn one(topic: &str, p: i32) -> Result<TopicPartitionList, ReplayError> {
     let mut tpl = TopicPartitionList::new();

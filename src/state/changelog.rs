@@ -19,13 +19,13 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::store::{PartitionStore, StoreError};
 use crate::config::Config;
-use crate::kafka::clients;
+use crate::kafka::clients::{self, QuietEof};
 
 /// Records applied between two intermediate commits during a long restore, so an
 /// interrupted restore resumes instead of starting over.
@@ -116,7 +116,7 @@ pub fn restore_with_progress(
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer<RestoreContext> = c.create_with_context(RestoreContext)?;
+    let consumer: BaseConsumer<QuietEof> = c.create_with_context(QuietEof { reader: "changelog restore" })?;
     let mut tpl = TopicPartitionList::with_capacity(1);
     tpl.add_partition_offset(&topic, partition, Offset::Offset(from_offset))?;
     consumer.assign(&tpl)?;
@@ -187,23 +187,6 @@ pub fn restore_with_progress(
         elapsed: started.elapsed(),
     })
 }
-
-/// The restore consumer's context: reaching the end of the changelog is the goal, not
-/// an error worth a log line (librdkafka also reports it as a client error).
-struct RestoreContext;
-
-impl ClientContext for RestoreContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        match error {
-            KafkaError::PartitionEOF(_) | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF) => {
-                tracing::trace!("changelog end reached: {reason}")
-            }
-            other => tracing::warn!("changelog restore consumer: {other}: {reason}"),
-        }
-    }
-}
-
-impl ConsumerContext for RestoreContext {}
 
 #[cfg(test)]
 mod tests {
