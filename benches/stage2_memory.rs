@@ -73,7 +73,7 @@ fn main() {
                 "stage2_memory: {:>3}M pulses, peak RSS {:.1} MiB (now {:.1}), {:.0} s; {}; {}",
                 (i + 1) / 1_000_000,
                 peak_rss_mib(),
-                proc_status_mib("VmRSS:"),
+                proc_status_mib("VmRSS"),
                 started.elapsed().as_secs_f64(),
                 store.memory_report(),
                 heap_report()

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each bench uses part of it
 
+use pulses::bench::stats::status_bytes;
 use pulses::pulse::validate::RecordContext;
 use pulses::pulse::{validate, GroupedPulse};
 use pulses::stub::{Generator, StubSpec};
@@ -33,15 +34,11 @@ pub fn grouped_pulses(n: usize, per_second: f64) -> Vec<GroupedPulse> {
 
 /// Peak resident set size of this process so far (VmHWM), in MiB.
 pub fn peak_rss_mib() -> f64 {
-    proc_status_mib("VmHWM:")
+    proc_status_mib("VmHWM")
 }
 
-/// A `kB` field of /proc/self/status, in MiB.
+/// A `kB` field of /proc/self/status (`VmHWM`, `VmRSS`), in MiB.
 pub fn proc_status_mib(field: &str) -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
+    status_bytes(&status, field).map_or(f64::NAN, |b| b as f64 / (1024.0 * 1024.0))
 }

@@ -66,8 +66,13 @@ pub fn proc_cpu_seconds(stat: &str, ticks_per_second: f64) -> Option<f64> {
 
 /// Peak resident set size in bytes: `VmHWM` of `/proc/<pid>/status`.
 pub fn peak_rss_bytes(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()?;
+    status_bytes(status, "VmHWM")
+}
+
+/// A `kB` field (`VmHWM`, `VmRSS`, ...) of a `/proc/<pid>/status` text, in bytes.
+pub fn status_bytes(status: &str, field: &str) -> Option<u64> {
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
 
@@ -177,6 +182,7 @@ mod tests {
         let status = "Name:\tpulses\nVmPeak:\t  900 kB\nVmHWM:\t  204800 kB\nVmRSS:\t 1000 kB\n";
         assert_eq!(peak_rss_bytes(status), Some(200 * 1024 * 1024));
         assert_eq!(peak_rss_bytes("Name: x\n"), None);
+        assert_eq!(status_bytes(status, "VmRSS"), Some(1000 * 1024));
     }
 
     #[test]
