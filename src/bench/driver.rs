@@ -92,11 +92,13 @@ fn delete_topics(cfg: &Config, names: &[String]) {
 }
 
 /// Commits offset 0 for `group` on every partition of `topic`, so the group starts
-/// there rather than where the broker says "earliest" is. Bench setup for a Nisshi
-/// 0.7.0-pre.2 bug (ListOffsets earliest can answer above existing records after
-/// concurrent transactional writes, `scripts/nisshi-earliest-check.py`); on Kafka it
-/// changes nothing, offset 0 is the earliest offset of a fresh topic.
-fn start_group_at_zero(cfg: &Config, group: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+/// there rather than where the broker says "earliest" is. Setup of the bench and of
+/// the tests for a Nisshi 0.7.0-pre.2 bug: when several transactional producers write
+/// the first batches of a partition at once, ListOffsets(earliest) can answer an offset
+/// above records that exist (e.g. 20 with offsets 0..19 readable), so a new group with
+/// `auto.offset.reset = earliest` skips them (`scripts/nisshi-earliest-check.py`). On
+/// Kafka it changes nothing: offset 0 is the earliest offset of a fresh topic.
+pub fn start_group_at_zero(cfg: &Config, group: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     let c: BaseConsumer = base(cfg).set("group.id", group).create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {

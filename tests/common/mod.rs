@@ -63,23 +63,11 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
-/// Commits offset 0 for `group` on every partition of `topic`, so the group's first
-/// consumer starts there instead of asking the broker for the earliest offset.
-///
-/// Test setup only, for a Nisshi 0.7.0-pre.2 bug: when several transactional producers
-/// write the first batches of a partition at once, ListOffsets(earliest) can answer an
-/// offset above records that exist (e.g. 20 with offsets 0..19 readable), so a new
-/// group with `auto.offset.reset = earliest` (and a reader from "beginning") skips them.
-/// `scripts/nisshi-earliest-check.py` reproduces it. On Kafka this commit changes
-/// nothing: offset 0 is the earliest offset of a new topic.
+/// Commits offset 0 for `group` on every partition of `topic` (a Nisshi workaround in
+/// test setup, see [`pulses::bench::driver::start_group_at_zero`]).
 pub fn start_group_at_zero(group: &str, topic: &str, partitions: i32) {
-    let c: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", group).create().expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Offset(0)).expect("tpl");
-    }
-    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).expect("commit offset 0");
+    let cfg = pulses::config::Config { bootstrap_servers: bootstrap(), ..Default::default() };
+    pulses::bench::driver::start_group_at_zero(&cfg, group, topic, partitions).expect("commit offset 0");
 }
 
 /// Topic names of one test, all unique.
