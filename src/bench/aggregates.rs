@@ -47,6 +47,12 @@ impl Seen {
         Ok(())
     }
 
+    /// Distinct aggregates of `window` seen final: each had one first (revision 0)
+    /// emission, which the processor's close-delay histogram counts once committed.
+    pub fn aggregates(&self, window: &str) -> u64 {
+        self.latest.values().filter(|(_, w, _)| w == window).count() as u64
+    }
+
     pub fn counted(&self, window: &str) -> u64 {
         self.counted.get(window).copied().unwrap_or(0)
     }

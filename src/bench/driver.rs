@@ -257,7 +257,23 @@ fn measure(plan: &Plan, t: &RunTopics, proc: &mut Processor) -> anyhow::Result<M
         proc.exited()?;
         std::thread::sleep(Duration::from_millis(50));
     };
-    let samples = proc.metrics()?;
+    // A reader can see a final record before the processor has timed it: under
+    // at_least_once outputs are visible once delivered, and the close delay is
+    // observed after the offset commit that follows. Scrape once every first emission
+    // the reader saw is in the histogram (bounded: then report what is there).
+    let timed = |samples: &[stats::Sample]| {
+        ["inflight", "postflight"].iter().all(|w| {
+            stats::histogram(samples, "pulses_window_close_delay_seconds", w).1 >= seen.aggregates(w)
+        })
+    };
+    let scrape_deadline = Instant::now() + Duration::from_secs(10);
+    let samples = loop {
+        let samples = proc.metrics()?;
+        if timed(&samples) || Instant::now() > scrape_deadline {
+            break samples;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let processing = (done_at - first_sent).as_secs_f64();
     let (inflight, postflight) = (seen.counted("inflight"), seen.counted("postflight"));
     Ok(ModeReport {
