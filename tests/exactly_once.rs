@@ -113,6 +113,48 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
     assert_exact(&t, &counted, closed_before);
 }
 
+/// A replica that was down for longer than `idle_timeout` has a backlog, not idle
+/// partitions: on restart it must read that backlog before its watermarks move with the
+/// wall clock. Here the backlog is two hours old (beyond the one-hour retention), so an
+/// early idle advance would send all of it to the late topic instead of counting it.
+#[test]
+fn a_restart_after_downtime_counts_the_backlog_before_idling() {
+    let t = Topics::create("downtime", 2);
+    let base = (now_ms() / 60_000 - 120) * 60_000;
+    let life = |idle_timeout: &str| format!("checkpoint_interval = \"1s\"\n{}", config("1h", idle_timeout));
+
+    // Life 1 never idles: its windows stay open.
+    let phase1 = pulses("a", 4, 30, base, 1_000);
+    produce_pulses(&t.source, &phase1);
+    let mut p = Proc::run(&t, &life("1h"), &[]);
+    wait_pipeline_done(&t);
+    assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0), "SIGTERM exits 0");
+    let down_since = now_ms();
+    let state = p.into_state();
+
+    // Downtime: the backlog arrives, and the restarted replica's idle timeout (2 s)
+    // passes. The scenario is wall time passing, so this waits for the clock.
+    let phase2 = pulses("b", 4, 60, base + 30_000, 1_000);
+    produce_pulses(&t.source, &phase2);
+    wait_for("the downtime to exceed the idle timeout", DEADLINE, || (now_ms() > down_since + 3_000).then_some(()));
+
+    let _p = Proc::run_in(&t, &life("2s"), &[], state);
+    wait_pipeline_done(&t);
+    let counted: Vec<P> = phase1.iter().chain(&phase2).cloned().collect();
+    // Once the backlog is read, the idle advance closes every window.
+    wait_for("every window closed", DEADLINE, || {
+        assert_eq!(read_all(&t.late).len(), 0, "no backlog pulse went to the late topic");
+        let (got, _) = latest_finals(&t.aggregated);
+        fold(&counted, WINDOWS, i64::MAX).keys().all(|k| got.contains_key(k)).then_some(())
+    });
+    assert_exact(&t, &counted, i64::MAX);
+    let (got, _) = latest_finals(&t.aggregated);
+    // Also under exactly_once with two source partitions read from a backlog: stage 1
+    // forwards them in event-time order, so no window closes before its pulses arrive.
+    let corrected: Vec<_> = got.iter().filter(|(_, (rev, _))| *rev > 0).collect();
+    assert!(corrected.is_empty(), "no window closed before its backlog was read: {corrected:?}");
+}
+
 /// Scale-out: replicas join and leave (gracefully) mid-stream; state moves with the
 /// partitions through the changelog, transactions commit before partitions are
 /// revoked, and every final aggregate is exact and emitted once per revision.

@@ -2,6 +2,7 @@
 //! Stages use these; nothing here knows what a pulse is.
 
 pub mod admin;
+pub mod backlog;
 pub mod batch;
 pub mod clients;
 pub mod dlq;

@@ -7,7 +7,7 @@
 //!   T0 up to the log end at start ([`bounds`]), or up to its first record with a
 //!   timestamp ≥ T1. Partitions are *assigned*, never subscribed, and no offset is
 //!   committed: the live consumer groups are not touched. Records are merged across
-//!   partitions in timestamp order ([`merge`]).
+//!   partitions in timestamp order ([`crate::window::merge`]).
 //! - State: a fresh RocksDB store in a temporary directory under the state dir,
 //!   deleted at exit.
 //! - Output: final aggregates of windows inside [T0, T1) only (a window starting
@@ -19,7 +19,6 @@
 //!   duplicates upsert.
 
 pub mod bounds;
-pub mod merge;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -38,7 +37,7 @@ use crate::pulse::time::now_ms;
 use crate::pulse::validate::{validate, RecordContext};
 use crate::state::{PartitionStore, StoreResources};
 use crate::window::{Output, WindowOperator};
-use merge::Merge;
+use crate::window::merge::Merge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -18,10 +18,11 @@ use std::time::Instant;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use rdkafka::{ClientContext, Message, TopicPartitionList};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use super::StageError;
 use crate::config::Config;
+use crate::kafka::backlog;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::txn::StageOutputs;
@@ -45,6 +46,9 @@ struct Task {
     op: WindowOperator,
     paths: StorePaths,
     last_checkpoint: Instant,
+    /// The committed offset consumption resumed from at assignment (none: nothing
+    /// committed, or opened without one), to tell a backlog from an idle partition.
+    resumed_at: Option<i64>,
 }
 
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
@@ -90,7 +94,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         };
         ctx.failure.take()?;
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "aggregate", records).entered());
-        ctx.on_time()?;
+        ctx.on_time(&consumer)?;
         ctx.commit(&consumer)?;
         ctx.checkpoint(false)?;
         trimmer.maybe_trim();
@@ -214,15 +218,18 @@ impl AggregateContext {
         Ok(())
     }
 
-    /// Lets time act on every task: idle watermarks advance, interim updates are due.
-    fn on_time(&self) -> Result<(), StageError> {
+    /// Lets time act on every task: idle watermarks advance (unless records of the
+    /// partition are still waiting to be read), interim updates are due.
+    fn on_time(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
         let mut due = Vec::new();
         {
             let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
+            let resumed_at = tasks.iter().filter_map(|(&p, t)| Some((p, t.resumed_at?))).collect();
+            let behind = backlog::partitions_behind(consumer, &self.cfg.topics.grouped, &resumed_at);
             let now = now_ms();
             for (&partition, task) in tasks.iter_mut() {
                 let mut outputs = Vec::new();
-                task.op.on_time(now, &mut task.store, &mut outputs);
+                task.op.on_time(now, behind.contains(&partition), &mut task.store, &mut outputs);
                 if !outputs.is_empty() {
                     due.push((partition, outputs));
                 }
@@ -239,11 +246,11 @@ impl AggregateContext {
     /// fence, so no zombie can commit behind it; see [`changelog::restore`]).
     fn open_task(&self, partition: i32, consumer: Option<&BaseConsumer<Self>>) -> Result<Task, StageError> {
         self.outputs.assign(partition)?;
-        let committed_end = consumer.and_then(|c| self.committed_changelog_end(c, partition));
+        let committed = consumer.map(|c| self.committed(c, partition)).unwrap_or_default();
         let paths = StorePaths::new(&self.cfg, partition);
         let (mut store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
         let ops = &self.metrics.ops;
-        let stats = changelog::restore_with_progress(&self.cfg, partition, &mut store, committed_end, &mut |p| {
+        let stats = changelog::restore_with_progress(&self.cfg, partition, &mut store, committed.changelog_end, &mut |p| {
             let progress = RestoreProgress { restored: p.read, to_restore: p.to_read.unwrap_or(p.read), done: p.done };
             ops.set_restore(partition, progress);
         })
@@ -257,7 +264,7 @@ impl AggregateContext {
             uncommitted_records = stats.uncommitted,
             restore_ms = stats.elapsed.as_millis() as u64, open_windows = op.open_windows(),
             watermark = op.watermark().current, "state store restored");
-        Ok(Task { store, op, paths, last_checkpoint: Instant::now() })
+        Ok(Task { store, op, paths, last_checkpoint: Instant::now(), resumed_at: committed.offset })
     }
 
     /// State changes to the changelog; then outputs, changelog and offsets commit
@@ -325,18 +332,32 @@ impl AggregateContext {
 }
 
 impl AggregateContext {
-    /// The changelog end that `partition`'s committed input offset names, if any.
-    fn committed_changelog_end(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Option<i64> {
+    /// `partition`'s committed input offset and the changelog end its metadata names.
+    fn committed(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Committed {
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition(&self.cfg.topics.grouped, partition);
         match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
-            Ok(committed) => committed.elements().first().and_then(|e| changelog::parse_commit_metadata(e.metadata())),
+            Ok(committed) => committed.elements().first().map_or_else(Committed::default, |e| Committed {
+                offset: match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                },
+                changelog_end: changelog::parse_commit_metadata(e.metadata()),
+            }),
             Err(e) => {
                 tracing::warn!(partition, "cannot read the committed offset ({e}); restoring to the changelog end");
-                None
+                Committed::default()
             }
         }
     }
+}
+
+/// What the group committed for one input partition.
+#[derive(Debug, Default)]
+struct Committed {
+    offset: Option<i64>,
+    /// The changelog end the commit metadata names (none: restore to the changelog end).
+    changelog_end: Option<i64>,
 }
 
 /// How long reading the committed offsets at assignment may take.

@@ -6,14 +6,20 @@
 //! its consumed offsets commit together ([`crate::kafka::txn`]: one transaction per
 //! input partition under exactly_once; flush, then offsets, under at_least_once), also
 //! before partitions are revoked, so a rebalance re-processes nothing.
+//!
+//! Outputs leave in event-time order across the assigned source partitions
+//! ([`super::order`]), so stage 2's watermarks do not run ahead of a lagging one.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message};
 
+use super::order::{self, InputOrder};
 use super::StageError;
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
@@ -24,7 +30,7 @@ use crate::ops::lag;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
-use crate::pulse::validate::RecordContext;
+use crate::pulse::validate::{RecordContext, RejectReason};
 use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
@@ -40,6 +46,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
         metrics: Arc::clone(&metrics),
+        order: Mutex::new(InputOrder::new(cfg, &cfg.topics.source)),
     };
     let consumer: BaseConsumer<GroupContext> =
         lag::with_statistics(clients::consumer_config(cfg, &cfg.group_stage_group_id())).create_with_context(context)?;
@@ -49,13 +56,15 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 
     let m = &metrics.group;
     let ctx = consumer.context();
+    let mut more_ready = false;
     while !shutdown.load(Ordering::Acquire) {
-        let polled = poll_batch(&consumer, cfg.group.max_batch, cfg.group.max_batch_wait, |msg| {
-            // Nothing stays in an open transaction while the registry is waited for.
-            let commit = || ctx.commit(&consumer).map_err(|e| e.to_string());
-            group_one(cfg, &io, &ctx.outputs, msg, m, Wait { stop: &stop, before: &commit })?;
-            ctx.pending.record(msg.partition(), msg.offset());
-            Ok::<_, StageError>(())
+        // Held records ready to go: take what librdkafka has, without waiting.
+        let wait = if more_ready { Duration::ZERO } else { cfg.group.max_batch_wait };
+        let polled = poll_batch(&consumer, cfg.group.max_batch, wait, |msg| {
+            // Nothing stays held or in an open transaction while the registry is waited for.
+            let commit = || ctx.release(cfg, &consumer).and_then(|_| ctx.commit(&consumer)).map_err(|e| e.to_string());
+            let (event_time, routed) = route(&io, msg, m, Wait { stop: &stop, before: &commit })?;
+            ctx.hold(msg.partition(), msg.offset(), event_time, routed)
         });
         let records = match polled {
             // Shutdown while waiting for the registry: that record stays uncommitted.
@@ -64,6 +73,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         };
         ctx.failure.take()?;
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "group", records).entered());
+        more_ready = ctx.release(cfg, &consumer)?;
         ctx.commit(&consumer)?;
     }
     ctx.commit(&consumer)?;
@@ -79,15 +89,15 @@ struct GroupIo {
     codec: OutputCodec,
 }
 
-/// Validates one record and enqueues its output: a grouped pulse or a DLQ record.
-fn group_one(
-    cfg: &Config,
-    io: &GroupIo,
-    outputs: &StageOutputs,
-    msg: &impl Message,
-    m: &GroupMetrics,
-    wait: Wait<'_>,
-) -> Result<(), StageError> {
+/// A validated record's output, held until its turn ([`InputOrder`]).
+enum Routed {
+    Grouped { tenant_id: String, value: Vec<u8> },
+    Dlq { reason: RejectReason, key: Option<Vec<u8>>, payload: Vec<u8>, headers: OwnedHeaders },
+}
+
+/// Validates one record and says what it becomes, with the event time that orders it
+/// (a DLQ record has none: it goes as soon as the records before it in its partition).
+fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> Result<(i64, Routed), StageError> {
     metrics::add(&m.consumed, 1);
     let payload = msg.payload().unwrap_or(&[]);
     let ctx = RecordContext {
@@ -96,22 +106,35 @@ fn group_one(
         offset: msg.offset(),
         record_time_ms: msg.timestamp().to_millis(),
     };
-    match io.input.decode(payload, &ctx, wait)? {
+    Ok(match io.input.decode(payload, &ctx, wait)? {
         Ok(pulse) => {
             let value = io.codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
-            outputs.send(ctx.partition, BaseRecord::to(&cfg.topics.grouped).key(&pulse.tenant_id).payload(&value))?;
-            metrics::add(&m.grouped, 1);
+            (pulse.event_time, Routed::Grouped { tenant_id: pulse.tenant_id, value })
         }
         Err(rejection) => {
             tracing::debug!(reason = %rejection.reason, detail = %rejection.detail, partition = ctx.partition,
                 offset = ctx.offset, "pulse rejected");
             let headers = dlq::headers(&rejection, ctx.topic, ctx.partition, ctx.offset);
-            let mut record = BaseRecord::to(&cfg.topics.dlq).payload(payload).headers(headers);
-            if let Some(key) = msg.key() {
+            let routed = Routed::Dlq { reason: rejection.reason, key: msg.key().map(<[u8]>::to_vec), payload: payload.to_vec(), headers };
+            (i64::MIN, routed)
+        }
+    })
+}
+
+/// Enqueues a routed record's output.
+fn send(cfg: &Config, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+    match routed {
+        Routed::Grouped { tenant_id, value } => {
+            outputs.send(partition, BaseRecord::to(&cfg.topics.grouped).key(&tenant_id).payload(&value))?;
+            metrics::add(&m.grouped, 1);
+        }
+        Routed::Dlq { reason, key, payload, headers } => {
+            let mut record = BaseRecord::to(&cfg.topics.dlq).payload(&payload).headers(headers);
+            if let Some(key) = &key {
                 record = record.key(key);
             }
-            outputs.send(ctx.partition, record)?;
-            metrics::add(m.dlq_for(rejection.reason), 1);
+            outputs.send(partition, record)?;
+            metrics::add(m.dlq_for(reason), 1);
         }
     }
     Ok(())
@@ -125,9 +148,27 @@ struct GroupContext {
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
     metrics: Arc<Metrics>,
+    order: Mutex<InputOrder<Routed>>,
 }
 
 impl GroupContext {
+    /// Holds a routed record until its turn.
+    fn hold(&self, partition: i32, offset: i64, event_time: i64, routed: Routed) -> Result<(), StageError> {
+        self.order.lock().map_err(|_| StageError::Poisoned)?.hold(partition, offset, event_time, routed);
+        Ok(())
+    }
+
+    /// Sends what may go now, in event-time order ([`InputOrder::release`]); returns
+    /// whether more could go at once.
+    fn release(&self, cfg: &Config, consumer: &BaseConsumer<Self>) -> Result<bool, StageError> {
+        let mut order = self.order.lock().map_err(|_| StageError::Poisoned)?;
+        order.release(consumer, |partition, offset, routed| {
+            send(cfg, &self.outputs, partition, routed, &self.metrics.group)?;
+            self.pending.record(partition, offset);
+            Ok::<_, StageError>(())
+        })
+    }
+
     /// Commits the enqueued outputs with the offsets behind them. A failure stops the
     /// stage before the offsets move: the records are consumed again.
     fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
@@ -156,6 +197,12 @@ impl ConsumerContext for GroupContext {
                 if let Err(e) = self.commit(consumer) {
                     self.failure.set(e);
                 }
+                let partitions = tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>();
+                let dropped = self.order.lock().map_or(0, |mut order| order.revoke(partitions));
+                if dropped > 0 {
+                    // Uncommitted: the partitions' next owner reads them again.
+                    tracing::info!(records = dropped, "held records of revoked partitions dropped");
+                }
                 for elem in tpl.elements() {
                     self.outputs.revoke(elem.partition());
                 }
@@ -166,6 +213,10 @@ impl ConsumerContext for GroupContext {
                     if let Err(e) = self.outputs.assign(elem.partition()) {
                         self.failure.set(e.into());
                     }
+                }
+                let resumed_at = order::committed_offsets(consumer, tpl);
+                if let Ok(mut order) = self.order.lock() {
+                    order.assign(tpl.elements().iter().map(|e| e.partition()), resumed_at);
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
                 self.metrics.ops.readiness.joined("group");

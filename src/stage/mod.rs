@@ -1,8 +1,10 @@
 //! The processing stages. Each wraps the pure core (`pulse`, `window`) with Kafka I/O:
-//! stage 1 ([`group`]) validates and re-keys, stage 2 ([`aggregate`]) counts.
+//! stage 1 ([`group`]) validates and re-keys, in event-time order ([`order`]), stage 2
+//! ([`aggregate`]) counts.
 
 pub mod aggregate;
 pub mod group;
+pub mod order;
 
 /// Why a stage stopped with an error. Bad *input* is never one of these: it goes to the
 /// DLQ. These are infrastructure failures after which committing could lose pulses.

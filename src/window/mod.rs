@@ -2,6 +2,8 @@
 //!
 //! - [`assign`]: which tumbling window an event time falls in;
 //! - [`watermark`]: per-partition stream time, and its idle advance;
+//! - [`merge`]: reading several partitions in event-time order, so watermarks never
+//!   run ahead of a partition that is behind;
 //! - [`aggregate`]: the exact accumulator and the emitted aggregate record;
 //! - [`operator`]: the window operator that ties them together over a [`WindowStore`].
 //!
@@ -13,6 +15,7 @@
 
 pub mod aggregate;
 pub mod assign;
+pub mod merge;
 pub mod operator;
 pub mod store;
 pub mod watermark;

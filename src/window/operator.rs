@@ -154,9 +154,14 @@ impl WindowOperator {
     }
 
     /// Time passes without input: advance an idle partition's watermark, emit due
-    /// interim updates, and close what is ready.
-    pub fn on_time<S: WindowStore>(&mut self, wall_ms: i64, store: &mut S, out: &mut Vec<Output>) {
-        if self.watermark.advance_idle(wall_ms, self.settings.idle_timeout_ms) {
+    /// interim updates, and close what is ready. `input_waiting`: the caller knows of
+    /// records of this partition not yet processed. Such a partition is behind, not
+    /// idle, whatever the wall clock says: advancing it would close windows its backlog
+    /// still belongs to (after downtime, beyond retention: the late topic).
+    pub fn on_time<S: WindowStore>(&mut self, wall_ms: i64, input_waiting: bool, store: &mut S, out: &mut Vec<Output>) {
+        if input_waiting {
+            self.watermark.hold(wall_ms);
+        } else if self.watermark.advance_idle(wall_ms, self.settings.idle_timeout_ms) {
             self.watermark_dirty = true;
             self.close_ready(wall_ms, store, out);
         }

@@ -135,10 +135,26 @@ fn duplicates_are_counted_once_until_the_horizon_expires() {
 fn idle_partition_closes_trailing_windows() {
     let mut h = Harness::new(settings());
     h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(1_029_000, &mut h.store, &mut h.out);
+    h.op.on_time(1_029_000, false, &mut h.store, &mut h.out);
     assert_eq!(h.aggregates(), vec![]);
-    h.op.on_time(1_030_000, &mut h.store, &mut h.out); // idle: watermark → 1_030_000
+    h.op.on_time(1_030_000, false, &mut h.store, &mut h.out); // idle: watermark → 1_030_000
     assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "1", 1), agg("postflight", 1_000_000, 0, "1", 1)]);
+}
+
+#[test]
+fn a_partition_with_a_backlog_does_not_idle_close() {
+    let mut h = Harness::new(settings());
+    h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
+    // Records wait (downtime, or a backlog behind other partitions) well past the idle timeout.
+    h.op.on_time(1_030_000, true, &mut h.store, &mut h.out);
+    h.op.on_time(5_000_000, true, &mut h.store, &mut h.out);
+    assert_eq!(h.aggregates(), vec![], "nothing closes while input waits");
+    // The backlog is read: its pulse counts in the window it belongs to, on time.
+    h.op.process(&pulse("b", "t1", "2", 1_000_500), 5_000_100, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(5_029_000, false, &mut h.store, &mut h.out);
+    assert_eq!(h.aggregates(), vec![], "idle only a full timeout after the last record");
+    h.op.on_time(5_030_100, false, &mut h.store, &mut h.out);
+    assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "3", 2), agg("postflight", 1_000_000, 0, "3", 2)]);
 }
 
 #[test]
@@ -147,11 +163,11 @@ fn updates_mode_emits_interim_records_then_one_final() {
     s.windows = vec![WindowSpec::new("postflight", 10_000, EmitMode::Updates)];
     let mut h = Harness::new(Arc::new(s));
     h.op.process(&pulse("a", "t1", "1", 100), 0, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(0, &mut h.store, &mut h.out);
-    h.op.on_time(500, &mut h.store, &mut h.out); // nothing changed: no update
+    h.op.on_time(0, false, &mut h.store, &mut h.out);
+    h.op.on_time(500, false, &mut h.store, &mut h.out); // nothing changed: no update
     h.op.process(&pulse("b", "t1", "2", 200), 600, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(700, &mut h.store, &mut h.out); // changed, but within update_interval
-    h.op.on_time(1_000, &mut h.store, &mut h.out);
+    h.op.on_time(700, false, &mut h.store, &mut h.out); // changed, but within update_interval
+    h.op.on_time(1_000, false, &mut h.store, &mut h.out);
     h.op.process(&pulse("c", "t1", "1", 15_000), 1_100, &mut h.store, &mut h.out).unwrap();
     let got = h.aggregates();
     assert_eq!(

@@ -32,6 +32,12 @@ impl Watermark {
         self.last_input_watermark = self.current;
     }
 
+    /// Records are known to be waiting for this partition (a backlog, or a restart after
+    /// downtime): it is behind, not idle, so the idle clock starts again at `wall_ms`.
+    pub fn hold(&mut self, wall_ms: i64) {
+        self.last_input_wall_ms = self.last_input_wall_ms.max(wall_ms);
+    }
+
     /// Idle advance: once no record arrived for `idle_timeout_ms`, stream time moves on
     /// with the wall clock, from where the last record left it (so producer clock skew
     /// does not matter) and at least to `now - idle_timeout` (so old, replayed data
@@ -78,5 +84,19 @@ mod tests {
         skewed.observe(5_000_000, 1_000_000); // producer clock ahead of ours
         assert!(skewed.advance_idle(1_040_000, 30_000));
         assert_eq!(skewed.current, 5_040_000);
+    }
+
+    #[test]
+    fn a_partition_with_records_waiting_is_not_idle() {
+        let mut w = Watermark::default();
+        w.observe(10_000, 1_000_000);
+        // Records are waiting from 1_000_000 to 1_050_000 (e.g. the replica was down).
+        w.hold(1_050_000);
+        assert!(!w.advance_idle(1_050_000, 30_000), "the idle clock restarted");
+        assert!(!w.advance_idle(1_079_999, 30_000));
+        assert_eq!(w.current, 10_000);
+        assert!(w.advance_idle(1_080_000, 30_000), "idle once nothing arrived for the timeout after the hold");
+        // max(last watermark + elapsed since the hold, now - idle) = max(40_000, 1_050_000)
+        assert_eq!(w.current, 1_050_000);
     }
 }
