@@ -6,6 +6,8 @@
 //!     cargo bench --bench stage2_memory            # 10M pulses
 //!     PULSES_BENCH_PULSES=2000000 cargo bench --bench stage2_memory
 //!     PULSES_BENCH_STATE_MIB=64 cargo bench --bench stage2_memory   # state budget
+//!     PULSES_BENCH_PULSES=2000000 PULSES_BENCH_TENANTS=250000 cargo bench --bench stage2_memory
+//!                                                 # 1M open keys (250k tenants × 4 SKUs)
 
 #[path = "common/mod.rs"]
 mod common;
@@ -23,7 +25,7 @@ use rust_decimal::Decimal;
 
 fn main() {
     let total: u64 = std::env::var("PULSES_BENCH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000_000);
-    let tenants = 500u64;
+    let tenants: u64 = std::env::var("PULSES_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
     let skus = ["storage.standard", "compute.vcpu", "api.requests", "network.egress"];
     let dir = tempfile::tempdir().expect("tempdir");
     // The state memory budget (`aggregate.state_memory_mib`, default 128).

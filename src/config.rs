@@ -125,7 +125,7 @@ impl Default for AggregateStage {
             idle_timeout: Duration::from_secs(30),
             dedupe_horizon: Duration::from_secs(86_400),
             update_interval: Duration::from_secs(1),
-            max_batch: 5_000,
+            max_batch: 20_000,
             max_batch_wait: Duration::from_millis(100),
             state_memory_mib: 128,
         }
@@ -198,7 +198,7 @@ impl Default for Topics {
 
 impl Default for GroupStage {
     fn default() -> Self {
-        Self { max_batch: 5_000, max_batch_wait: Duration::from_millis(100) }
+        Self { max_batch: 20_000, max_batch_wait: Duration::from_millis(100) }
     }
 }
 

@@ -21,7 +21,7 @@ use crate::kafka::backlog;
 use crate::window::merge::{Merge, Next};
 
 /// Records held per source partition before its fetching pauses.
-const HELD_PER_PARTITION: usize = 20_000;
+const HELD_PER_PARTITION: usize = 10_000;
 /// How long a partition that has records to read but delivers none (say, a source
 /// transaction held open) may hold the others back.
 const STARVE_MAX: Duration = Duration::from_secs(2);
