@@ -176,6 +176,7 @@ impl GroupContext {
         if pending.is_empty() {
             return Ok(());
         }
+        tracing::debug!(offsets = ?pending, "committing stage 1");
         if self.outputs.commit(consumer, &self.source_topic, &pending, |_| Ok::<_, StageError>(()))? {
             metrics::add(&self.metrics.group.commits, 1);
         }

@@ -106,7 +106,10 @@ impl<T> InputOrder<T> {
                     send(partition, offset, item)?;
                 }
                 Next::Wait(p) => {
-                    starved_since.entry(p).or_insert(now);
+                    starved_since.entry(p).or_insert_with(|| {
+                        tracing::debug!(partition = p, "holding records: this partition has records to read, none held");
+                        now
+                    });
                     break false;
                 }
                 Next::Later => break true,

@@ -440,8 +440,16 @@ pub fn data_ends(topic: &str) -> HashMap<i32, i64> {
 /// Waits until `group` has committed every record of `topic`.
 pub fn wait_all_committed(group: &str, topic: &str) {
     let ends = data_ends(topic);
-    wait_for(&format!("{group} to commit all of {topic}"), DEADLINE, || {
-        let c = committed(group, topic);
-        ends.iter().all(|(p, end)| *end == 0 || c.get(p).is_some_and(|o| o >= end)).then_some(())
-    });
+    let mut last = HashMap::new();
+    let start = Instant::now();
+    while start.elapsed() < DEADLINE {
+        last = committed(group, topic);
+        if ends.iter().all(|(p, end)| *end == 0 || last.get(p).is_some_and(|o| o >= end)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut ends: Vec<_> = ends.into_iter().collect();
+    ends.sort();
+    panic!("timed out after {DEADLINE:?} waiting for {group} to commit all of {topic}: data ends {ends:?}, committed {last:?}");
 }
