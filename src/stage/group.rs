@@ -58,8 +58,9 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let ctx = consumer.context();
     let mut more_ready = false;
     while !shutdown.load(Ordering::Acquire) {
-        // Held records ready to go: take what librdkafka has, without waiting.
-        let wait = if more_ready { Duration::ZERO } else { cfg.group.max_batch_wait };
+        // Held records ready to go: take what librdkafka has, barely waiting (but
+        // polling: that keeps the consumer in its group while a backlog is worked off).
+        let wait = if more_ready { Duration::from_millis(1) } else { cfg.group.max_batch_wait };
         let polled = poll_batch(&consumer, cfg.group.max_batch, wait, |msg| {
             // Nothing stays held or in an open transaction while the registry is waited for.
             let commit = || ctx.release(cfg, &consumer).and_then(|_| ctx.commit(&consumer)).map_err(|e| e.to_string());
