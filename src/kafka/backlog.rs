@@ -8,7 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::Offset;
+
+use super::batch::log_offset;
 
 /// The partitions of `topic` assigned to `consumer` that have records waiting.
 /// `resumed_at` maps a partition to the offset consumption resumed from (its committed
@@ -31,12 +32,8 @@ pub fn partitions_behind<C: ConsumerContext>(
         .into_iter()
         .filter(|e| {
             let p = e.partition();
-            let position = match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            };
             let (low, high) = cached_watermarks(consumer, &topic_c, p);
-            has_records_waiting(position, resumed_at.get(&p).copied(), low, high)
+            has_records_waiting(log_offset(e.offset()), resumed_at.get(&p).copied(), low, high)
         })
         .map(|e| e.partition())
         .collect()

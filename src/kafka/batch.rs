@@ -10,6 +10,18 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 
+/// How long reading a group's committed offsets (at assignment) may take.
+pub const COMMITTED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The offset if it names a position in the log; none for "beginning", "end",
+/// "invalid" (nothing committed, nothing consumed yet) and the like.
+pub fn log_offset(offset: Offset) -> Option<i64> {
+    match offset {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
 /// Polls until `max` records were handled or `max_wait` has passed, handing each
 /// record to `handle`. Consumer errors (broker hiccups) are logged, not fatal:
 /// librdkafka retries them itself.

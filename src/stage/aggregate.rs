@@ -18,12 +18,12 @@ use std::time::Instant;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Message, TopicPartitionList};
 
 use super::StageError;
 use crate::config::Config;
 use crate::kafka::backlog;
-use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
+use crate::kafka::batch::{log_offset, poll_batch, FailureSlot, PendingOffsets, COMMITTED_TIMEOUT};
 use crate::kafka::clients;
 use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
@@ -338,10 +338,7 @@ impl AggregateContext {
         tpl.add_partition(&self.cfg.topics.grouped, partition);
         match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
             Ok(committed) => committed.elements().first().map_or_else(Committed::default, |e| Committed {
-                offset: match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                },
+                offset: log_offset(e.offset()),
                 changelog_end: changelog::parse_commit_metadata(e.metadata()),
             }),
             Err(e) => {
@@ -359,9 +356,6 @@ struct Committed {
     /// The changelog end the commit metadata names (none: restore to the changelog end).
     changelog_end: Option<i64>,
 }
-
-/// How long reading the committed offsets at assignment may take.
-const COMMITTED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl ClientContext for AggregateContext {
     fn stats(&self, statistics: rdkafka::Statistics) {

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 
 use crate::config::{Config, Guarantee};
 use crate::kafka::backlog;
+use crate::kafka::batch::{log_offset, COMMITTED_TIMEOUT};
 use crate::window::merge::{Merge, Next};
 
 /// Records held per source partition before its fetching pauses.
@@ -25,8 +26,6 @@ const HELD_PER_PARTITION: usize = 10_000;
 /// How long a partition that has records to read but delivers none (say, a source
 /// transaction held open) may hold the others back.
 const STARVE_MAX: Duration = Duration::from_secs(2);
-/// How long reading the committed offsets at assignment may take.
-const COMMITTED_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Records read but not yet sent, per source partition, and what decides when they go.
 pub struct InputOrder<T> {
@@ -152,10 +151,7 @@ pub fn committed_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &T
         Ok(committed) => committed
             .elements()
             .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some((e.partition(), o)),
-                _ => None,
-            })
+            .filter_map(|e| Some((e.partition(), log_offset(e.offset())?)))
             .collect(),
         Err(e) => {
             tracing::warn!("cannot read the committed offsets ({e}); ordering may wait up to {STARVE_MAX:?} for a partition");

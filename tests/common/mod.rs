@@ -42,12 +42,18 @@ pub fn unique(prefix: &str) -> String {
 
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, deadline, || f().ok_or("not yet"))
+}
+
+/// Polls `f` until it returns Ok, or panics with `what` and the last Err (what was
+/// seen instead) at the deadline.
+pub fn wait_until<T, E: std::fmt::Display>(what: &str, deadline: Duration, mut f: impl FnMut() -> Result<T, E>) -> T {
     let start = Instant::now();
     loop {
-        if let Some(v) = f() {
-            return v;
+        match f() {
+            Ok(v) => return v,
+            Err(seen) => assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}: {seen}"),
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -439,17 +445,14 @@ pub fn data_ends(topic: &str) -> HashMap<i32, i64> {
 
 /// Waits until `group` has committed every record of `topic`.
 pub fn wait_all_committed(group: &str, topic: &str) {
-    let ends = data_ends(topic);
-    let mut last = HashMap::new();
-    let start = Instant::now();
-    while start.elapsed() < DEADLINE {
-        last = committed(group, topic);
-        if ends.iter().all(|(p, end)| *end == 0 || last.get(p).is_some_and(|o| o >= end)) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let mut ends: Vec<_> = ends.into_iter().collect();
+    let mut ends: Vec<(i32, i64)> = data_ends(topic).into_iter().collect();
     ends.sort();
-    panic!("timed out after {DEADLINE:?} waiting for {group} to commit all of {topic}: data ends {ends:?}, committed {last:?}");
+    wait_until(&format!("{group} to commit all of {topic} (data ends {ends:?})"), DEADLINE, || {
+        let c = committed(group, topic);
+        if ends.iter().all(|(p, end)| *end == 0 || c.get(p).is_some_and(|o| o >= end)) {
+            Ok(())
+        } else {
+            Err(format!("committed {c:?}"))
+        }
+    });
 }
