@@ -6,6 +6,7 @@
 //!     cargo bench --bench stage2_memory            # 10M pulses
 //!     PULSES_BENCH_PULSES=2000000 cargo bench --bench stage2_memory
 //!     PULSES_BENCH_STATE_MIB=64 cargo bench --bench stage2_memory   # state budget
+//!     PULSES_BENCH_WINDOW_CACHE=1000000 cargo bench --bench stage2_memory  # open windows in memory
 //!     PULSES_BENCH_PULSES=2000000 PULSES_BENCH_TENANTS=250000 cargo bench --bench stage2_memory
 //!                                                 # 1M open keys (250k tenants × 4 SKUs)
 
@@ -20,7 +21,8 @@ use common::{peak_rss_mib, proc_status_mib};
 use pulses::ops::memory::{heap_report, HeapTrimmer};
 use pulses::pulse::{GroupedPulse, SourceRef};
 use pulses::state::{PartitionStore, StoreResources};
-use pulses::window::{Output, WindowOperator, WindowSettings};
+use pulses::window::operator::DEFAULT_CACHE_WINDOWS;
+use pulses::window::{Output, WindowOperator, WindowSettings, WindowStore};
 use rust_decimal::Decimal;
 
 fn main() {
@@ -34,6 +36,9 @@ fn main() {
     let mut store = PartitionStore::open(dir.path(), &resources).expect("open store");
     let settings = Arc::new(WindowSettings { retention_ms: 60_000, ..WindowSettings::default() });
     let mut op = WindowOperator::restore(settings, &mut store).expect("restore");
+    // Open windows held in memory (`aggregate.open_window_cache`, default 250,000).
+    let cache: usize = std::env::var("PULSES_BENCH_WINDOW_CACHE").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_CACHE_WINDOWS);
+    op.set_cache_capacity(cache);
     // As stage 2 does after each commit.
     let mut trimmer = HeapTrimmer::default();
     let base = common::START_MS;
@@ -89,5 +94,6 @@ fn main() {
     println!("stage2_memory: {total} pulses in {secs:.1} s = {:.0} pulses/s (one core), {emitted} aggregates emitted", total as f64 / secs);
     println!("stage2_memory: state memory budget {budget_mib} MiB");
     println!("stage2_memory: peak RSS at 1M pulses {rss_1m:.1} MiB, at {total} pulses {rss_end:.1} MiB ({:+.1}%)", (rss_end / rss_1m - 1.0) * 100.0);
-    println!("stage2_memory: open windows at end {}", op.open_windows());
+    let open: usize = store.open_buckets().expect("buckets").into_iter().map(|b| store.open_in(b).expect("open windows").len()).sum();
+    println!("stage2_memory: open windows at end {open}, {} of them cached (capacity {cache})", op.cached_windows());
 }

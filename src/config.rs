@@ -115,6 +115,9 @@ pub struct AggregateStage {
     pub max_batch_wait: Duration,
     /// RocksDB memory (block cache + memtables) shared by all partition stores, MiB.
     pub state_memory_mib: usize,
+    /// Open windows kept in memory, shared by all partitions (about 300 bytes each);
+    /// the others live only in the state store.
+    pub open_window_cache: usize,
 }
 
 impl Default for AggregateStage {
@@ -128,6 +131,7 @@ impl Default for AggregateStage {
             max_batch: 20_000,
             max_batch_wait: Duration::from_millis(100),
             state_memory_mib: 128,
+            open_window_cache: crate::window::operator::DEFAULT_CACHE_WINDOWS,
         }
     }
 }
@@ -291,6 +295,9 @@ impl Config {
         }
         if self.aggregate.state_memory_mib < 8 {
             return invalid("aggregate.state_memory_mib must be at least 8".into());
+        }
+        if self.aggregate.open_window_cache == 0 {
+            return invalid("aggregate.open_window_cache must be at least 1".into());
         }
         let max_poll = self.kafka.get("max.poll.interval.ms").map(String::as_str);
         self.schema_registry.check(self.output_format, max_poll).map_err(ConfigError::Invalid)?;

@@ -138,6 +138,7 @@ pub fn run(
     let tmp = TempDir(cfg.state_dir.join(format!("replay-{}-{}", std::process::id(), now_ms())));
     let mut store = PartitionStore::open(&tmp.0, &StoreResources::new(cfg.aggregate.state_memory_mib << 20))?;
     let mut op = WindowOperator::restore(Arc::new(cfg.window_settings()), &mut store)?;
+    op.set_cache_capacity(cfg.aggregate.open_window_cache);
     let producer = clients::tracked_producer(cfg, DeliveryTracker::default())?;
     let mut sum = ReplaySummary { partitions: ranges.len(), ..Default::default() };
 
@@ -205,7 +206,7 @@ pub fn run(
     }
     // End of the bounded input: stream time jumps to T1.
     let mut outs = Vec::new();
-    op.close_all(s.to_ms.unwrap_or(i64::MAX), now_ms(), &mut store, &mut outs);
+    op.close_all(s.to_ms.unwrap_or(i64::MAX), now_ms(), &mut store, &mut outs)?;
     emit(s, outs, &producer, &mut sum)?;
     producer.flush(Duration::from_secs(120))?;
     let failed = producer.context().failed();

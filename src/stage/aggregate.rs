@@ -150,6 +150,7 @@ impl AggregateContext {
                 if !tasks.contains_key(&partition) {
                     // Normally opened on assignment; open here if a callback was missed.
                     tasks.insert(partition, self.open_task(partition, None)?);
+                    self.share_window_cache(&mut tasks);
                 }
                 if let Some(task) = tasks.get_mut(&partition) {
                     task.op.process(&pulse, now_ms(), &mut task.store, &mut outputs)?;
@@ -229,7 +230,7 @@ impl AggregateContext {
             let now = now_ms();
             for (&partition, task) in tasks.iter_mut() {
                 let mut outputs = Vec::new();
-                task.op.on_time(now, behind.contains(&partition), &mut task.store, &mut outputs);
+                task.op.on_time(now, behind.contains(&partition), &mut task.store, &mut outputs)?;
                 if !outputs.is_empty() {
                     due.push((partition, outputs));
                 }
@@ -262,9 +263,18 @@ impl AggregateContext {
         tracing::info!(partition, path = %paths.live.display(), from_checkpoint = seeded,
             changelog_from = stats.from_offset, changelog_to = stats.to_offset, restored_records = stats.records,
             uncommitted_records = stats.uncommitted,
-            restore_ms = stats.elapsed.as_millis() as u64, open_windows = op.open_windows(),
+            restore_ms = stats.elapsed.as_millis() as u64, open_buckets = op.open_buckets(),
             watermark = op.watermark().current, "state store restored");
         Ok(Task { store, op, paths, last_checkpoint: Instant::now(), resumed_at: committed.offset })
+    }
+
+    /// Divides `open_window_cache` evenly among the assigned partitions' operators, so
+    /// memory does not grow with the number of partitions a replica owns.
+    fn share_window_cache(&self, tasks: &mut BTreeMap<i32, Task>) {
+        let each = self.cfg.aggregate.open_window_cache / tasks.len().max(1);
+        for task in tasks.values_mut() {
+            task.op.set_cache_capacity(each);
+        }
     }
 
     /// State changes to the changelog; then outputs, changelog and offsets commit
@@ -377,6 +387,7 @@ impl ConsumerContext for AggregateContext {
                         self.outputs.revoke(elem.partition());
                         self.metrics.ops.readiness.restored(elem.partition());
                     }
+                    self.share_window_cache(&mut tasks);
                 }
             }
             Rebalance::Assign(tpl) => {
@@ -394,6 +405,7 @@ impl ConsumerContext for AggregateContext {
                         Ok(task) => {
                             if let Ok(mut tasks) = self.tasks.lock() {
                                 tasks.insert(partition, task);
+                                self.share_window_cache(&mut tasks);
                             }
                         }
                         Err(e) => self.failure.set(e),

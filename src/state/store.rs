@@ -17,14 +17,14 @@
 //!
 //! Identifiers never contain NUL (validation allows `[A-Za-z0-9._:-]` only).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 
 use crate::window::aggregate::GroupKey;
-use crate::window::store::{WindowKey, WindowState, WindowStore};
+use crate::window::store::{Bucket, WindowKey, WindowState, WindowStore};
 use crate::window::watermark::Watermark;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,8 @@ pub struct PartitionStore {
     batch: WriteBatch,
     /// Writes of the current batch: `None` is a delete.
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    /// The open-window keys among them, in order, for reading a bucket's range.
+    overlay_open: BTreeSet<Vec<u8>>,
     /// Closed windows and dedupe entries up to these bounds are already purged, so
     /// purging never rescans tombstones.
     purged_closed: Option<i64>,
@@ -112,6 +114,7 @@ impl PartitionStore {
             path: path.to_owned(),
             batch: WriteBatch::default(),
             overlay: HashMap::new(),
+            overlay_open: BTreeSet::new(),
             purged_closed: None,
             expired_seen: None,
             position,
@@ -149,6 +152,7 @@ impl PartitionStore {
         let batch = std::mem::take(&mut self.batch);
         self.db.write(batch).map_err(|e| self.rocks(e))?;
         self.overlay.clear();
+        self.overlay_open.clear();
         Ok(())
     }
 
@@ -235,12 +239,41 @@ impl PartitionStore {
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         self.batch.put(&key, &value);
+        self.note_open(&key);
         self.overlay.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
         self.batch.delete(&key);
+        self.note_open(&key);
         self.overlay.insert(key, None);
+    }
+
+    fn note_open(&mut self, key: &[u8]) {
+        if key.first() == Some(&b'o') && !self.overlay_open.contains(key) {
+            self.overlay_open.insert(key.to_vec());
+        }
+    }
+
+    /// Visits the keys in `[from, to)` with their values as the current batch has
+    /// them (committed keys it changed are skipped or replaced), in no particular order.
+    /// Only open-window keys are tracked that way, so the span must hold only those.
+    fn visit_open_span(&self, from: Vec<u8>, to: Vec<u8>, mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.clone());
+        ro.set_iterate_upper_bound(to.clone());
+        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            if !self.overlay_open.contains(&*k) {
+                visit(&k, &v)?;
+            }
+        }
+        for k in self.overlay_open.range(from..to) {
+            if let Some(Some(v)) = self.overlay.get(k) {
+                visit(k, v)?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes every key in `[from, to)`, on disk and in the current batch.
@@ -283,13 +316,39 @@ fn push_group(k: &mut Vec<u8>, g: &GroupKey) {
 }
 
 fn open_key(w: &WindowKey) -> Vec<u8> {
-    let mut k = Vec::with_capacity(64);
-    k.push(b'o');
-    k.extend_from_slice(&w.window.to_be_bytes());
-    k.extend_from_slice(&sortable(w.start));
-    k.extend_from_slice(&sortable(w.end));
+    let mut k = open_bucket_prefix(w.bucket());
     push_group(&mut k, &w.key);
     k
+}
+
+/// `o` window start end: the prefix every open-window key of `b` shares.
+fn open_bucket_prefix(b: Bucket) -> Vec<u8> {
+    let mut k = Vec::with_capacity(64);
+    k.push(b'o');
+    k.extend_from_slice(&b.window.to_be_bytes());
+    k.extend_from_slice(&sortable(b.start));
+    k.extend_from_slice(&sortable(b.end));
+    k
+}
+
+/// The bucket of an `o` key.
+fn parse_open_bucket(k: &[u8]) -> Option<Bucket> {
+    let window = u16::from_be_bytes(k.get(1..3)?.try_into().ok()?);
+    let start = unsortable(k.get(3..11)?)?;
+    let end = unsortable(k.get(11..19)?)?;
+    Some(Bucket { end, window, start })
+}
+
+/// The first key after every key starting with `prefix` (none: no such key).
+fn after_prefix(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut k = prefix.to_vec();
+    while let Some(last) = k.pop() {
+        if last < u8::MAX {
+            k.push(last + 1);
+            return Some(k);
+        }
+    }
+    None
 }
 
 fn closed_key(w: &WindowKey) -> Vec<u8> {
@@ -338,12 +397,10 @@ fn prefixed_time(prefix: u8, t: i64) -> Vec<u8> {
 
 /// Parses an `o` key back into its window key.
 fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
-    let window = u16::from_be_bytes(k.get(1..3)?.try_into().ok()?);
-    let start = unsortable(k.get(3..11)?)?;
-    let end = unsortable(k.get(11..19)?)?;
+    let bucket = parse_open_bucket(k)?;
     let mut parts = k.get(19..)?.split(|b| *b == 0).map(|p| String::from_utf8(p.to_vec()).ok());
     let key = GroupKey::new(parts.next()??, parts.next()??, parts.next()??);
-    Some(WindowKey { end, window, start, key: Arc::new(key) })
+    Some(WindowKey::new(bucket, Arc::new(key)))
 }
 
 const WATERMARK_KEY: &[u8] = b"m";
@@ -363,16 +420,45 @@ impl WindowStore for PartitionStore {
         self.put(WATERMARK_KEY.to_vec(), serde_json::to_vec(w).unwrap_or_default());
     }
 
-    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, StoreError> {
-        let mut out = Vec::new();
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(b"o".to_vec());
-        ro.set_iterate_upper_bound(b"p".to_vec());
-        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            let key = parse_open_key(&k).ok_or_else(|| self.corrupt("unreadable open-window key"))?;
-            out.push((key, self.decode_state(&v)?));
+    /// Visits one key per bucket: after reading a key's bucket it seeks past the
+    /// bucket, so the cost is the number of buckets, not of open windows.
+    fn open_buckets(&mut self) -> Result<Vec<Bucket>, StoreError> {
+        let mut buckets = BTreeSet::new();
+        let mut it = self.db.raw_iterator();
+        it.seek(b"o");
+        while let Some(k) = it.key().filter(|k| k.first() == Some(&b'o')) {
+            let bucket = parse_open_bucket(k).ok_or_else(|| self.corrupt("unreadable open-window key"))?;
+            buckets.insert(bucket);
+            match after_prefix(&open_bucket_prefix(bucket)) {
+                Some(next) => it.seek(next),
+                None => break,
+            }
         }
+        it.status().map_err(|e| self.rocks(e))?;
+        for (k, v) in self.overlay_open.iter().map(|k| (k, self.overlay.get(k))) {
+            if let Some(Some(_)) = v {
+                buckets.insert(parse_open_bucket(k).ok_or_else(|| self.corrupt("unreadable open-window key"))?);
+            }
+        }
+        Ok(buckets.into_iter().collect())
+    }
+
+    fn get_open(&mut self, k: &WindowKey) -> Result<Option<WindowState>, StoreError> {
+        match self.get(&open_key(k))? {
+            None => Ok(None),
+            Some(b) => self.decode_state(&b).map(Some),
+        }
+    }
+
+    fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, StoreError> {
+        let from = open_bucket_prefix(bucket);
+        let to = after_prefix(&from).ok_or_else(|| self.corrupt("open-window bucket at the end of the key space"))?;
+        let mut out = Vec::new();
+        self.visit_open_span(from, to, |k, v| {
+            let key = parse_open_key(k).ok_or_else(|| self.corrupt("unreadable open-window key"))?;
+            out.push((key, self.decode_state(v)?));
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -472,7 +558,10 @@ mod tests {
             s.commit(None).unwrap();
         }
         let mut s = PartitionStore::open(dir.path(), &res).unwrap();
-        assert_eq!(s.load_open().unwrap(), vec![(key(-5_000), st.clone())]);
+        assert_eq!(s.open_buckets().unwrap(), vec![key(-5_000).bucket()]);
+        assert_eq!(s.open_in(key(-5_000).bucket()).unwrap(), vec![(key(-5_000), st.clone())]);
+        assert_eq!(s.get_open(&key(-5_000)).unwrap(), Some(st.clone()));
+        assert_eq!(s.get_open(&key(-4_000)).unwrap(), None);
         assert_eq!(s.load_watermark().unwrap().map(|w| w.current), Some(42));
         assert!(s.seen("acme", "p1").unwrap());
         assert!(!s.seen("acme", "p2").unwrap());
@@ -482,6 +571,35 @@ mod tests {
         s.expire_seen(100).unwrap();
         assert!(!s.seen("acme", "p1").unwrap());
         s.commit(None).unwrap();
+    }
+
+    /// A bucket's open windows: the committed ones with the current batch's writes over
+    /// them; buckets are found one seek each.
+    #[test]
+    fn open_windows_by_bucket_see_the_current_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let res = StoreResources::new(16 << 20);
+        let mut s = PartitionStore::open(dir.path(), &res).unwrap();
+        let in_bucket = |tenant: &str, start: i64| {
+            WindowKey { end: start + 1000, window: 2, start, key: Arc::new(GroupKey::new(tenant, "s", "u")) }
+        };
+        let st = |n: i64| WindowState::new(Accumulator::first(Decimal::new(n, 0), n));
+        for (i, t) in ["a", "b", "c"].iter().enumerate() {
+            s.put_open(&in_bucket(t, 0), &st(i as i64));
+            s.put_open(&in_bucket(t, 1_000), &st(10));
+        }
+        s.put_open(&WindowKey { window: 3, ..in_bucket("a", 0) }, &st(20));
+        s.commit(None).unwrap();
+        s.delete_open(&in_bucket("b", 0));
+        s.put_open(&in_bucket("c", 0), &st(7));
+        s.put_open(&in_bucket("d", 0), &st(8));
+        let mut got: Vec<(String, WindowState)> =
+            s.open_in(in_bucket("a", 0).bucket()).unwrap().into_iter().map(|(k, v)| (k.key.tenant_id().to_owned(), v)).collect();
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, vec![("a".into(), st(0)), ("c".into(), st(7)), ("d".into(), st(8))]);
+        let buckets = s.open_buckets().unwrap();
+        let expected = vec![in_bucket("a", 0).bucket(), WindowKey { window: 3, ..in_bucket("a", 0) }.bucket(), in_bucket("a", 1_000).bucket()];
+        assert_eq!(buckets, expected);
     }
 
     /// Replaying a store's changes into an empty store rebuilds it, `x` index included.
@@ -514,7 +632,7 @@ mod tests {
         dst.expire_seen(250).unwrap(); // p2 expires; p1 (now at 300) stays
         assert!(dst.seen("acme", "p1").unwrap());
         assert!(!dst.seen("acme", "p2").unwrap());
-        assert_eq!(dst.load_open().unwrap(), vec![]);
+        assert_eq!(dst.open_buckets().unwrap(), vec![]);
         assert_eq!(dst.get_closed(&key(0)).unwrap(), Some(st));
         assert_eq!(dst.changelog_position(), Some(7));
         assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");

@@ -2,7 +2,7 @@
 //! with an in-memory implementation for tests and benchmarks. The RocksDB store
 //! ([`crate::state`]) implements the same trait.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,25 @@ pub struct WindowKey {
     pub window: u16,
     pub start: i64,
     pub key: Arc<GroupKey>,
+}
+
+impl WindowKey {
+    pub fn new(bucket: Bucket, key: Arc<GroupKey>) -> Self {
+        Self { end: bucket.end, window: bucket.window, start: bucket.start, key }
+    }
+
+    pub fn bucket(&self) -> Bucket {
+        Bucket { end: self.end, window: self.window, start: self.start }
+    }
+}
+
+/// One window size's `[start, end)`: the windows of every group in it close together.
+/// Orders by `end` first, like [`WindowKey`], so buckets sort in closing order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Bucket {
+    pub end: i64,
+    pub window: u16,
+    pub start: i64,
 }
 
 /// The state of one window.
@@ -45,8 +64,12 @@ pub trait WindowStore {
 
     fn load_watermark(&mut self) -> Result<Option<Watermark>, Self::Error>;
     fn put_watermark(&mut self, w: &Watermark);
-    /// Every open window, for restoring the operator.
-    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, Self::Error>;
+    /// The buckets holding at least one open window, for restoring the operator
+    /// (which keeps only some open windows in memory; the store has all of them).
+    fn open_buckets(&mut self) -> Result<Vec<Bucket>, Self::Error>;
+    fn get_open(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error>;
+    /// Every open window of `bucket` (in no particular order), for closing it.
+    fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, Self::Error>;
     fn put_open(&mut self, k: &WindowKey, s: &WindowState);
     fn delete_open(&mut self, k: &WindowKey);
     /// A closed window still within retention.
@@ -80,6 +103,10 @@ impl MemoryStore {
     pub fn seen_len(&self) -> usize {
         self.seen.len()
     }
+
+    pub fn open_len(&self) -> usize {
+        self.open.len()
+    }
 }
 
 impl WindowStore for MemoryStore {
@@ -91,8 +118,15 @@ impl WindowStore for MemoryStore {
     fn put_watermark(&mut self, w: &Watermark) {
         self.watermark = Some(*w);
     }
-    fn load_open(&mut self) -> Result<Vec<(WindowKey, WindowState)>, Self::Error> {
-        Ok(self.open.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    fn open_buckets(&mut self) -> Result<Vec<Bucket>, Self::Error> {
+        let buckets: BTreeSet<Bucket> = self.open.keys().map(WindowKey::bucket).collect();
+        Ok(buckets.into_iter().collect())
+    }
+    fn get_open(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error> {
+        Ok(self.open.get(k).cloned())
+    }
+    fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, Self::Error> {
+        Ok(self.open.iter().filter(|(k, _)| k.bucket() == bucket).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
     fn put_open(&mut self, k: &WindowKey, s: &WindowState) {
         self.open.insert(k.clone(), s.clone());

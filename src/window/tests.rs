@@ -135,9 +135,9 @@ fn duplicates_are_counted_once_until_the_horizon_expires() {
 fn idle_partition_closes_trailing_windows() {
     let mut h = Harness::new(settings());
     h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(1_029_000, false, &mut h.store, &mut h.out);
+    h.op.on_time(1_029_000, false, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![]);
-    h.op.on_time(1_030_000, false, &mut h.store, &mut h.out); // idle: watermark → 1_030_000
+    h.op.on_time(1_030_000, false, &mut h.store, &mut h.out).unwrap(); // idle: watermark → 1_030_000
     assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "1", 1), agg("postflight", 1_000_000, 0, "1", 1)]);
 }
 
@@ -146,14 +146,14 @@ fn a_partition_with_a_backlog_does_not_idle_close() {
     let mut h = Harness::new(settings());
     h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
     // Records wait (downtime, or a backlog behind other partitions) well past the idle timeout.
-    h.op.on_time(1_030_000, true, &mut h.store, &mut h.out);
-    h.op.on_time(5_000_000, true, &mut h.store, &mut h.out);
+    h.op.on_time(1_030_000, true, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(5_000_000, true, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![], "nothing closes while input waits");
     // The backlog is read: its pulse counts in the window it belongs to, on time.
     h.op.process(&pulse("b", "t1", "2", 1_000_500), 5_000_100, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(5_029_000, false, &mut h.store, &mut h.out);
+    h.op.on_time(5_029_000, false, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![], "idle only a full timeout after the last record");
-    h.op.on_time(5_030_100, false, &mut h.store, &mut h.out);
+    h.op.on_time(5_030_100, false, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "3", 2), agg("postflight", 1_000_000, 0, "3", 2)]);
 }
 
@@ -163,11 +163,11 @@ fn updates_mode_emits_interim_records_then_one_final() {
     s.windows = vec![WindowSpec::new("postflight", 10_000, EmitMode::Updates)];
     let mut h = Harness::new(Arc::new(s));
     h.op.process(&pulse("a", "t1", "1", 100), 0, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(0, false, &mut h.store, &mut h.out);
-    h.op.on_time(500, false, &mut h.store, &mut h.out); // nothing changed: no update
+    h.op.on_time(0, false, &mut h.store, &mut h.out).unwrap();
+    h.op.on_time(500, false, &mut h.store, &mut h.out).unwrap(); // nothing changed: no update
     h.op.process(&pulse("b", "t1", "2", 200), 600, &mut h.store, &mut h.out).unwrap();
-    h.op.on_time(700, false, &mut h.store, &mut h.out); // changed, but within update_interval
-    h.op.on_time(1_000, false, &mut h.store, &mut h.out);
+    h.op.on_time(700, false, &mut h.store, &mut h.out).unwrap(); // changed, but within update_interval
+    h.op.on_time(1_000, false, &mut h.store, &mut h.out).unwrap();
     h.op.process(&pulse("c", "t1", "1", 15_000), 1_100, &mut h.store, &mut h.out).unwrap();
     let got = h.aggregates();
     assert_eq!(
@@ -188,7 +188,7 @@ fn restored_operator_continues_where_it_stopped() {
     // A new operator over the same store (a restart) keeps open windows and dedupe.
     let mut op = WindowOperator::restore(settings(), &mut h.store).unwrap();
     assert_eq!(op.watermark().current, 800);
-    assert_eq!(op.open_windows(), 2);
+    assert_eq!((op.open_buckets(), op.cached_windows()), (2, 0), "open windows stay in the store until needed");
     op.process(&pulse("a", "t1", "1", 500), 0, &mut h.store, &mut h.out).unwrap();
     assert!(matches!(h.out.last(), Some(Output::Duplicate { .. })));
     op.process(&pulse("c", "t1", "1", 6_000), 0, &mut h.store, &mut h.out).unwrap();
@@ -207,4 +207,81 @@ fn inexact_sum_goes_to_late_in_no_window() {
         h.aggregates(),
         vec![agg("inflight", 0, 0, "1000000000000000000", 1), agg("postflight", 0, 0, "1000000000000000000", 1)]
     );
+}
+
+/// A stream with many groups, out-of-order and late pulses, duplicates and idle time,
+/// for comparing operators: (pulse, wall clock) in arrival order.
+fn busy_stream() -> Vec<(GroupedPulse, i64)> {
+    let mut v = Vec::new();
+    for i in 0..3_000i64 {
+        let tenant = format!("t{}", (i * 7) % 400);
+        // Mostly ascending event time with a jittered tail and a late pulse every 97th.
+        let event = if i % 97 == 0 { i * 20 - 9_000 } else { i * 20 - (i % 5) * 300 };
+        let id = if i % 89 == 0 { format!("p{}", i - 1) } else { format!("p{i}") };
+        v.push((pulse(&id, &tenant, &format!("0.{}", i % 10 + 1), event.max(0)), 1_000_000 + i * 3));
+    }
+    v
+}
+
+/// Runs `stream` through an operator whose cache holds `capacity` windows, flushing
+/// every `flush_every` pulses and letting time pass (idle closes) at the end.
+fn run_with_cache(settings: Arc<WindowSettings>, capacity: usize, flush_every: usize, stream: &[(GroupedPulse, i64)]) -> (Vec<Output>, usize) {
+    let mut store = MemoryStore::default();
+    let mut op = WindowOperator::restore(settings, &mut store).unwrap();
+    op.set_cache_capacity(capacity);
+    let mut out = Vec::new();
+    let mut most_cached = 0;
+    for (i, (p, wall)) in stream.iter().enumerate() {
+        op.process(p, *wall, &mut store, &mut out).unwrap();
+        if i % 50 == 49 {
+            op.on_time(*wall, false, &mut store, &mut out).unwrap();
+        }
+        if i % flush_every == flush_every - 1 {
+            op.flush(&mut store).unwrap();
+            most_cached = most_cached.max(op.cached_windows());
+        }
+    }
+    op.on_time(10_000_000, false, &mut store, &mut out).unwrap();
+    op.flush(&mut store).unwrap();
+    assert_eq!(store.open_len(), 0, "every window closed in the end");
+    (out, most_cached)
+}
+
+#[test]
+fn a_small_window_cache_changes_memory_not_results() {
+    let stream = busy_stream();
+    let (unbounded, most) = run_with_cache(settings(), usize::MAX, 100, &stream);
+    assert!(most > 100, "the stream keeps many windows open at once: {most}");
+    let finals = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { record, .. } if record.is_final)).count();
+    let corrections = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { correction: true, .. })).count();
+    assert!(finals > 500 && corrections > 10, "finals {finals}, corrections {corrections}");
+    for capacity in [1, 7, 60] {
+        let (bounded, most) = run_with_cache(settings(), capacity, 100, &stream);
+        // After a flush the cache is at most its capacity (eviction brings it to 3/4).
+        assert!(most <= capacity, "capacity {capacity}: {most} windows cached after a flush");
+        assert_eq!(bounded.len(), unbounded.len(), "capacity {capacity}");
+        let first_difference = bounded.iter().zip(&unbounded).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "capacity {capacity}: the same records in the same order");
+    }
+}
+
+#[test]
+fn evicting_keeps_windows_with_an_interim_update_due() {
+    let mut s = (*settings()).clone();
+    s.windows.push(WindowSpec::new("minute", 60_000, EmitMode::Updates));
+    let s = Arc::new(s);
+    let stream = busy_stream();
+    let (unbounded, _) = run_with_cache(Arc::clone(&s), usize::MAX, 70, &stream);
+    let interim = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { record, .. } if !record.is_final)).count();
+    assert!(interim > 100, "interim updates: {interim}");
+    let (bounded, _) = run_with_cache(s, 5, 70, &stream);
+    // Interim updates due at the same moment come in map order: compare as sets.
+    let sorted = |v: Vec<Output>| {
+        let mut v: Vec<String> = v.into_iter().map(|o| format!("{o:?}")).collect();
+        v.sort();
+        v
+    };
+    let (bounded, unbounded) = (sorted(bounded), sorted(unbounded));
+    assert_eq!(bounded.len(), unbounded.len());
+    assert!(bounded == unbounded, "first difference: {:?}", bounded.iter().zip(&unbounded).find(|(a, b)| a != b));
 }
