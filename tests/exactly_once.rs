@@ -56,7 +56,7 @@ fn assert_exact(t: &Topics, counted: &[P], closed_before: i64) {
 
 #[test]
 fn restarts_restore_the_changelog_tail_and_stay_exact() {
-    let t = Topics::create("restart", 3);
+    let t = Topics::create("restart", 2);
     let config = format!("checkpoint_interval = \"1s\"\n{}", config("1h", "1h"));
     let base = (now_ms() / 60_000 - 20) * 60_000;
 
@@ -83,7 +83,7 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
     wait_pipeline_done(&t);
     let log = p.log();
     let life = latest_life(&log);
-    assert!(life.matches("state store restored").count() >= 3, "the restarted replica restored all 3 stores");
+    assert!(life.matches("state store restored").count() >= 2, "the restarted replica restored both stores");
     let restored = restored_records(life);
     assert!(
         restored < changelog_written,

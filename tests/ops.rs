@@ -18,7 +18,8 @@ fn value(m: &BTreeMap<String, f64>, series: &str) -> f64 {
 fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
     // One source partition keeps event-time order into every grouped partition: no
     // pulse arrives after its window closed, so there are no corrections.
-    let t = Topics::create_with("ops", 1, 3);
+    const GROUPED_PARTITIONS: i32 = 2;
+    let t = Topics::create_with("ops", 1, GROUPED_PARTITIONS);
     // No wall-clock closing: every output comes from event time, so the counts are
     // final once the input is committed.
     let config = config("1h", "1h");
@@ -103,7 +104,7 @@ fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
         let lag = |stage: &str, n: i32| {
             (0..n).all(|p| m.keys().any(|k| k.starts_with(&format!("pulses_consumer_lag{{stage=\"{stage}\"")) && k.contains(&format!("partition=\"{p}\""))))
         };
-        (lag("group", 1) && lag("aggregate", 3)).then_some(())
+        (lag("group", 1) && lag("aggregate", GROUPED_PARTITIONS)).then_some(())
     });
 
     // Restart on fresh state: the new replica restores every store from the changelog,
@@ -131,7 +132,7 @@ fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
     assert!(not_ready.iter().any(|b| b.contains("restoring state of partitions")), "{not_ready:?}");
     // Scraped right after the first 200: the restore was complete by then.
     assert_eq!(value(&ready_metrics, "pulses_restored_records_total"), changelog_records);
-    for partition in 0..3 {
+    for partition in 0..GROUPED_PARTITIONS {
         assert_eq!(value(&ready_metrics, &format!("pulses_restore_done{{partition=\"{partition}\"}}")), 1.0);
     }
     eprintln!(

@@ -88,9 +88,15 @@ pub struct Topics {
 }
 
 impl Topics {
-    /// Creates all five topics: `source_partitions` for the source, 3 for the rest.
+    /// Creates all five topics: `source_partitions` for the source, 2 for the rest.
+    ///
+    /// Two, not more, because of a Nisshi 0.7.0-pre.2 transaction bug
+    /// (`scripts/nisshi-txn-offsets-check.py`): with three or more transactional
+    /// producers writing the same partitions (under exactly_once, one per input
+    /// partition of a stage), a committed transaction can stay pending for good, and a
+    /// test waiting for it times out. Tests that need more partitions say so.
     pub fn create(name: &str, source_partitions: i32) -> Self {
-        Self::create_with(name, source_partitions, 3)
+        Self::create_with(name, source_partitions, 2)
     }
 
     /// Creates all five topics: `source_partitions` for the source, `partitions` for
