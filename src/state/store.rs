@@ -259,15 +259,8 @@ impl PartitionStore {
     /// them (committed keys it changed are skipped or replaced), in no particular order.
     /// Only open-window keys are tracked that way, so the span must hold only those.
     fn visit_open_span(&self, from: Vec<u8>, to: Vec<u8>, mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.clone());
-        ro.set_iterate_upper_bound(to.clone());
-        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
-            let (k, v) = item.map_err(|e| self.rocks(e))?;
-            if !self.overlay_open.contains(&*k) {
-                visit(&k, &v)?;
-            }
-        }
+        // Committed keys the batch wrote are visited from the batch below.
+        self.for_each_committed(&from, &to, |k, v| if self.overlay_open.contains(k) { Ok(()) } else { visit(k, v) })?;
         for k in self.overlay_open.range(from..to) {
             if let Some(Some(v)) = self.overlay.get(k) {
                 visit(k, v)?;
@@ -276,18 +269,34 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Visits the committed keys in `[from, to)` with their values, in key order.
+    fn for_each_committed(&self, from: &[u8], to: &[u8], mut visit: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.to_vec());
+        ro.set_iterate_upper_bound(to.to_vec());
+        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, v) = item.map_err(|e| self.rocks(e))?;
+            visit(&k, &v)?;
+        }
+        Ok(())
+    }
+
+    /// The keys in `[from, to)`, committed or written by the current batch (a key may
+    /// appear twice; one the batch deleted may still appear): what to delete there.
+    fn keys_in_span(&self, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys = Vec::new();
+        self.for_each_committed(from, to, |k, _| {
+            keys.push(k.to_vec());
+            Ok(())
+        })?;
+        let in_span = |k: &[u8]| k >= from && k < to;
+        keys.extend(self.overlay.iter().filter(|(k, v)| v.is_some() && in_span(k)).map(|(k, _)| k.clone()));
+        Ok(keys)
+    }
+
     /// Deletes every key in `[from, to)`, on disk and in the current batch.
     fn delete_span(&mut self, from: Vec<u8>, to: Vec<u8>) -> Result<(), StoreError> {
-        let mut doomed: Vec<Vec<u8>> =
-            self.overlay.iter().filter(|(k, v)| v.is_some() && **k >= from && **k < to).map(|(k, _)| k.clone()).collect();
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.clone());
-        ro.set_iterate_upper_bound(to);
-        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
-            let (k, _) = item.map_err(|e| self.rocks(e))?;
-            doomed.push(k.to_vec());
-        }
-        for k in doomed {
+        for k in self.keys_in_span(&from, &to)? {
             self.delete(k);
         }
         Ok(())
@@ -507,16 +516,7 @@ impl WindowStore for PartitionStore {
         let from = self.expired_seen.map_or_else(|| b"x".to_vec(), |p| prefixed_time(b'x', p.saturating_add(1)));
         let to = prefixed_time(b'x', at_most.saturating_add(1));
         // Collect the expired index entries first, then delete them and their `d` keys.
-        let mut doomed = Vec::new();
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_lower_bound(from.clone());
-        ro.set_iterate_upper_bound(to.clone());
-        for item in self.db.iterator_opt(IteratorMode::Start, ro) {
-            let (k, _) = item.map_err(|e| self.rocks(e))?;
-            doomed.push(k.to_vec());
-        }
-        doomed.extend(self.overlay.iter().filter(|(k, v)| v.is_some() && **k >= from && **k < to).map(|(k, _)| k.clone()));
-        for x in doomed {
+        for x in self.keys_in_span(&from, &to)? {
             let mut d = Vec::with_capacity(x.len() - 8);
             d.push(b'd');
             d.extend_from_slice(&x[9..]);

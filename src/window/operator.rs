@@ -63,6 +63,15 @@ struct Cached {
     used: u32,
 }
 
+impl Cached {
+    /// Marks it used at flush count `flushes` and changed; true if it was clean until
+    /// now (so it must join the operator's list of windows to write).
+    fn touch(&mut self, flushes: u32) -> bool {
+        self.used = flushes;
+        !std::mem::replace(&mut self.dirty, true)
+    }
+}
+
 /// The open windows of one bucket that are held in memory, by group.
 #[derive(Default)]
 struct OpenBucket {
@@ -204,9 +213,7 @@ impl WindowOperator {
                 hash_map::Entry::Occupied(mut e) => {
                     let c = e.get_mut();
                     c.state = state;
-                    c.used = self.flushes;
-                    if !c.dirty {
-                        c.dirty = true;
+                    if c.touch(self.flushes) {
                         self.dirty.push(k);
                     }
                 }
@@ -405,9 +412,7 @@ impl WindowOperator {
                 st.next_revision += 1;
                 st.updated_since_emit = false;
                 st.last_emit_wall_ms = wall_ms;
-                c.used = self.flushes;
-                if !c.dirty {
-                    c.dirty = true;
+                if c.touch(self.flushes) {
                     self.dirty.push(WindowKey::new(*bucket, Arc::clone(key)));
                 }
             }
