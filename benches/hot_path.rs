@@ -4,6 +4,7 @@
 //! - `window_core`: the window operator over the in-memory store, on pre-decoded
 //!   pulses: dedupe, assignment to the 4 default windows, exact sums, closes;
 //! - `decode_validate`: source.pulses JSON bytes → validated grouped pulse;
+//! - `decode_aggregate`: both of the above in turn, JSON bytes to window totals;
 //! - `stage2_step`: the operator over a real RocksDB partition store, one WriteBatch
 //!   commit per 5,000 pulses, as stage 2 does per poll.
 //!
@@ -19,7 +20,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use pulses::pulse::validate;
 use pulses::state::{PartitionStore, StoreResources};
 use pulses::window::store::MemoryStore;
-use pulses::window::{WindowOperator, WindowSettings};
+use pulses::window::{Output, WindowOperator, WindowSettings};
 
 /// Pulses per measured iteration; 10,000 per second of event time, so the 1 s and 10 s
 /// windows close during an iteration.
@@ -28,6 +29,13 @@ const PER_SECOND: f64 = 10_000.0;
 /// Pulses per store commit in `stage2_step` (stage 2 commits once per poll batch).
 const COMMIT_EVERY: usize = 5_000;
 
+/// A fresh operator over the in-memory store, with an output buffer.
+fn in_memory(settings: &Arc<WindowSettings>) -> (WindowOperator, MemoryStore, Vec<Output>) {
+    let mut store = MemoryStore::default();
+    let op = WindowOperator::restore(Arc::clone(settings), &mut store).expect("restore");
+    (op, store, Vec::with_capacity(1024))
+}
+
 fn window_core(c: &mut Criterion) {
     let pulses = common::grouped_pulses(PULSES, PER_SECOND);
     let settings = Arc::new(WindowSettings::default());
@@ -35,11 +43,7 @@ fn window_core(c: &mut Criterion) {
     g.throughput(Throughput::Elements(PULSES as u64));
     g.bench_function("memory_store", |b| {
         b.iter_batched(
-            || {
-                let mut store = MemoryStore::default();
-                let op = WindowOperator::restore(Arc::clone(&settings), &mut store).expect("restore");
-                (op, store, Vec::with_capacity(1024))
-            },
+            || in_memory(&settings),
             |(mut op, mut store, mut out)| {
                 for p in &pulses {
                     op.process(p, 0, &mut store, &mut out).expect("process");
@@ -66,6 +70,29 @@ fn decode_validate(c: &mut Criterion) {
             }
             assert_eq!(valid, PULSES);
         })
+    });
+    g.finish();
+}
+
+fn decode_aggregate(c: &mut Criterion) {
+    let json = common::json_pulses(PULSES, PER_SECOND);
+    let settings = Arc::new(WindowSettings::default());
+    let mut g = c.benchmark_group("decode_aggregate");
+    g.throughput(Throughput::Elements(PULSES as u64));
+    g.bench_function("json_memory_store", |b| {
+        b.iter_batched(
+            || in_memory(&settings),
+            |(mut op, mut store, mut out)| {
+                for (i, bytes) in json.iter().enumerate() {
+                    let p = validate(bytes, &common::context(i as i64)).expect("stub pulses are valid");
+                    op.process(&p, 0, &mut store, &mut out).expect("process");
+                    out.clear();
+                }
+                op.flush(&mut store).expect("flush");
+                (op, store)
+            },
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
@@ -102,5 +129,5 @@ fn stage2_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, window_core, decode_validate, stage2_step);
+criterion_group!(benches, window_core, decode_validate, decode_aggregate, stage2_step);
 criterion_main!(benches);

@@ -17,7 +17,7 @@ use super::report::{BrokerBaseline, ModeReport, Quantiles};
 use super::stats;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, TopicSpec};
-use crate::kafka::clients::{base, send_with_backpressure, tracked_producer, DeliveryTracker};
+use crate::kafka::clients::{self, base, send_with_backpressure, tracked_producer, DeliveryTracker};
 use crate::pulse::time;
 use crate::stub::{Generator, StubSpec};
 
@@ -132,7 +132,7 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
         let record = BaseRecord::to(topic).key(&pulse.pulse_id).payload(&value).timestamp(now);
         send_with_backpressure(&producer, record)?;
     }
-    producer.flush(Duration::from_secs(120)).context("flushing the producer")?;
+    clients::flush(&producer, Duration::from_secs(120)).context("flushing the producer")?;
     let failed = producer.context().failed();
     if failed > 0 {
         bail!("{failed} pulses could not be delivered: {}", producer.context().last_error().unwrap_or_default());

@@ -9,7 +9,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 
 use super::CommonArgs;
 use crate::config::parse_duration;
-use crate::kafka::clients::{send_with_backpressure, tracked_producer, DeliveryTracker};
+use crate::kafka::clients::{self, send_with_backpressure, tracked_producer, DeliveryTracker};
 use crate::pulse::{avro, time, wire};
 use crate::registry::{OutputFormat, Registry, Wait};
 use crate::stub::{Generator, StubSpec};
@@ -113,7 +113,7 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
         send_with_backpressure(&producer, record)?;
         sent += 1;
     }
-    producer.flush(Duration::from_secs(120)).context("flushing the producer")?;
+    clients::flush(&producer, Duration::from_secs(120)).context("flushing the producer")?;
     let failed = producer.context().failed();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

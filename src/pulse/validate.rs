@@ -1,6 +1,7 @@
 //! Validation and normalisation of pulses (SPEC §3): the rules a record must pass to be
 //! counted, and the machine-readable reason it is sent to the DLQ when it does not.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -174,8 +175,7 @@ pub fn amount(raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
     let text = raw.get();
     let invalid = |why: &str| Rejection::new(RejectReason::InvalidAmount, format!("used_amount {text}: {why}"));
     let mut value = if text.starts_with('"') {
-        let s: std::borrow::Cow<'_, str> =
-            serde_json::from_str(text).map_err(|_| invalid("not a string"))?;
+        let s = json_string(text).ok_or_else(|| invalid("not a string"))?;
         Decimal::from_str_exact(s.trim()).map_err(|e| invalid(&e.to_string()))?
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         if text.contains(['e', 'E']) {
@@ -203,7 +203,7 @@ pub fn timestamp(raw: Option<&RawValue>, record_time_ms: Option<i64>) -> Result<
         Some(raw) => {
             let text = raw.get();
             if text.starts_with('"') {
-                let s: String = serde_json::from_str(text).map_err(|_| bad(format!("timestamp {text} is not a string")))?;
+                let s = json_string(text).ok_or_else(|| bad(format!("timestamp {text} is not a string")))?;
                 if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
                     i64::from_str(&s).map_err(|_| bad(format!("timestamp {s:?} is out of range")))?
                 } else {
@@ -219,6 +219,15 @@ pub fn timestamp(raw: Option<&RawValue>, record_time_ms: Option<i64>) -> Result<
         return Err(bad(format!("timestamp {ms} ms is outside 1970..9999")));
     }
     Ok(ms)
+}
+
+/// The content of a JSON string literal: borrowed unless it has escapes to resolve
+/// (serde's `Cow<str>` always copies).
+fn json_string(text: &str) -> Option<Cow<'_, str>> {
+    match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+        Some(inner) if !inner.contains(['\\', '"']) => Some(Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
+    }
 }
 
 /// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write with a 4-digit year.
@@ -264,6 +273,13 @@ mod tests {
         assert_eq!(p.used_amount, Decimal::from(1500));
         let p = ok(&format!(r#"{{{BASE},"used_amount":-0}}"#));
         assert!(p.used_amount.is_zero() && p.used_amount.is_sign_positive());
+    }
+
+    #[test]
+    fn string_fields_with_json_escapes_are_unescaped() {
+        let p = ok(&format!(r#"{{{BASE},"used_amount":"1\u002e5","timestamp":"2026-11-22T10:00:00\u002e123Z"}}"#));
+        assert_eq!((p.used_amount.to_string().as_str(), p.event_time), ("1.5", 1_795_341_600_123));
+        assert_eq!(reason(format!(r#"{{{BASE},"used_amount":"1\"5"}}"#).as_bytes()), RejectReason::InvalidAmount);
     }
 
     #[test]

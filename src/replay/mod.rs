@@ -208,7 +208,7 @@ pub fn run(
     let mut outs = Vec::new();
     op.close_all(s.to_ms.unwrap_or(i64::MAX), now_ms(), &mut store, &mut outs)?;
     emit(s, outs, &producer, &mut sum)?;
-    producer.flush(Duration::from_secs(120))?;
+    clients::flush(&producer, Duration::from_secs(120))?;
     let failed = producer.context().failed();
     if failed > 0 {
         return Err(ReplayError::Delivery(failed, producer.context().last_error().unwrap_or_default()));

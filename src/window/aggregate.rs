@@ -26,9 +26,8 @@ pub struct GroupKey {
 impl GroupKey {
     pub fn new(tenant_id: impl Into<String>, product_sku: impl Into<String>, use_unit: impl Into<String>) -> Self {
         let (tenant_id, product_sku, use_unit) = (tenant_id.into(), product_sku.into(), use_unit.into());
-        let mut h = std::hash::DefaultHasher::new();
-        (&tenant_id, &product_sku, &use_unit).hash(&mut h);
-        Self { tenant_id, product_sku, use_unit, hash: h.finish() }
+        let hash = group_hash(&tenant_id, &product_sku, &use_unit);
+        Self { tenant_id, product_sku, use_unit, hash }
     }
 
     pub fn tenant_id(&self) -> &str {
@@ -45,6 +44,46 @@ impl GroupKey {
 
     fn content(&self) -> (&str, &str, &str) {
         (&self.tenant_id, &self.product_sku, &self.use_unit)
+    }
+}
+
+/// The hash of a group key (SipHash with fixed keys: the same in every process).
+fn group_hash(tenant_id: &str, product_sku: &str, use_unit: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    (tenant_id, product_sku, use_unit).hash(&mut h);
+    h.finish()
+}
+
+/// A [`GroupKey`] borrowed from a pulse: finds the pulse's windows in maps keyed by
+/// `Arc<GroupKey>` without allocating a key, which only a window that opens needs.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupKeyRef<'a> {
+    tenant_id: &'a str,
+    product_sku: &'a str,
+    use_unit: &'a str,
+    hash: u64,
+}
+
+impl<'a> GroupKeyRef<'a> {
+    pub fn new(tenant_id: &'a str, product_sku: &'a str, use_unit: &'a str) -> Self {
+        Self { tenant_id, product_sku, use_unit, hash: group_hash(tenant_id, product_sku, use_unit) }
+    }
+
+    pub fn to_key(self) -> GroupKey {
+        let (tenant_id, product_sku, use_unit) = (self.tenant_id.to_owned(), self.product_sku.to_owned(), self.use_unit.to_owned());
+        GroupKey { tenant_id, product_sku, use_unit, hash: self.hash }
+    }
+}
+
+impl Hash for GroupKeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash); // as GroupKey hashes
+    }
+}
+
+impl hashbrown::Equivalent<std::sync::Arc<GroupKey>> for GroupKeyRef<'_> {
+    fn equivalent(&self, key: &std::sync::Arc<GroupKey>) -> bool {
+        self.hash == key.hash && (self.tenant_id, self.product_sku, self.use_unit) == key.content()
     }
 }
 
@@ -226,6 +265,20 @@ mod tests {
         assert_eq!(err.total, before.total);
         assert_eq!(acc, before);
         assert!(exact_add(Decimal::MAX, Decimal::ONE).is_none());
+    }
+
+    #[test]
+    fn a_borrowed_key_finds_its_owned_key() {
+        use hashbrown::Equivalent;
+        let owned = std::sync::Arc::new(GroupKey::new("acme", "storage.standard", "GB"));
+        let borrowed = GroupKeyRef::new("acme", "storage.standard", "GB");
+        assert!(borrowed.equivalent(&owned));
+        assert_eq!(borrowed.to_key(), *owned);
+        assert!(!GroupKeyRef::new("acme", "storage.standardGB", "").equivalent(&owned));
+        let mut map: hashbrown::HashMap<std::sync::Arc<GroupKey>, u32, foldhash::fast::RandomState> = Default::default();
+        map.insert(owned, 7);
+        assert_eq!(map.get(&borrowed), Some(&7));
+        assert_eq!(map.get(&GroupKeyRef::new("acme", "storage.standard", "TB")), None);
     }
 
     #[test]

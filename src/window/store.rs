@@ -2,7 +2,8 @@
 //! with an in-memory implementation for tests and benchmarks. The RocksDB store
 //! ([`crate::state`]) implements the same trait.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -85,14 +86,69 @@ pub trait WindowStore {
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error>;
 }
 
-/// A [`WindowStore`] in plain maps: for unit tests, benchmarks and bounded replays.
+/// A [`WindowStore`] in plain maps: for unit tests and benchmarks.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     watermark: Option<Watermark>,
     open: HashMap<WindowKey, WindowState>,
     closed: BTreeMap<WindowKey, WindowState>,
-    seen: HashMap<(String, String), i64>,
-    seen_by_time: BTreeMap<(i64, String, String), ()>,
+    seen: hashbrown::HashMap<SeenId, i64, foldhash::fast::RandomState>,
+    /// Every mark in marking order, for expiry. Marks are made at the watermark, which
+    /// never decreases, so this is also time order; a mark superseded by a later one
+    /// is skipped when it expires.
+    seen_order: VecDeque<(i64, SeenId)>,
+    scratch: String,
+}
+
+/// A counted pulse_id of a tenant, in one shared allocation (the map and the expiry
+/// queue hold the same one).
+#[derive(Debug, Clone)]
+struct SeenId {
+    text: Arc<str>,
+    tenant_len: usize,
+}
+
+impl SeenId {
+    /// Joins the parts in `scratch` first, so the id costs one allocation.
+    fn new(tenant: &str, pulse_id: &str, scratch: &mut String) -> Self {
+        scratch.clear();
+        scratch.push_str(tenant);
+        scratch.push_str(pulse_id);
+        Self { text: Arc::from(scratch.as_str()), tenant_len: tenant.len() }
+    }
+
+    fn parts(&self) -> (&str, &str) {
+        self.text.split_at(self.tenant_len)
+    }
+}
+
+impl PartialEq for SeenId {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for SeenId {}
+
+impl Hash for SeenId {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.parts().hash(state); // as SeenRef hashes
+    }
+}
+
+/// A [`SeenId`] borrowed from a pulse, for lookups that allocate nothing.
+struct SeenRef<'a>(&'a str, &'a str);
+
+impl Hash for SeenRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.0, self.1).hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<SeenId> for SeenRef<'_> {
+    fn equivalent(&self, id: &SeenId) -> bool {
+        (self.0, self.1) == id.parts()
+    }
 }
 
 impl MemoryStore {
@@ -146,24 +202,22 @@ impl WindowStore for MemoryStore {
         Ok(())
     }
     fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error> {
-        Ok(self.seen.contains_key(&(tenant.to_owned(), pulse_id.to_owned())))
+        Ok(self.seen.contains_key(&SeenRef(tenant, pulse_id)))
     }
     fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
-        let k = (tenant.to_owned(), pulse_id.to_owned());
-        if let Some(old) = self.seen.insert(k.clone(), at) {
-            self.seen_by_time.remove(&(old, k.0.clone(), k.1.clone()));
-        }
-        self.seen_by_time.insert((at, k.0, k.1), ());
+        let id = SeenId::new(tenant, pulse_id, &mut self.scratch);
+        self.seen.insert(id.clone(), at);
+        self.seen_order.push_back((at, id));
     }
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error> {
-        while let Some(((at, t, p), ())) = self.seen_by_time.first_key_value() {
+        while let Some((at, _)) = self.seen_order.front() {
             if *at > at_most {
                 break;
             }
-            let key = (t.clone(), p.clone());
-            let at = *at;
-            self.seen_by_time.remove(&(at, key.0.clone(), key.1.clone()));
-            self.seen.remove(&key);
+            let Some((at, id)) = self.seen_order.pop_front() else { break };
+            if self.seen.get(&id) == Some(&at) {
+                self.seen.remove(&id);
+            }
         }
         Ok(())
     }
