@@ -19,8 +19,9 @@ pub struct Seen {
     /// aggregate_id → (revision, window, pulse_count) of its latest final record.
     latest: HashMap<String, (u64, String, u64)>,
     counted: HashMap<String, u64>,
-    /// Seconds from last_event_time to receipt, per window, of every final record.
-    latency: HashMap<String, Vec<f64>>,
+    /// (window_end ms, seconds from last_event_time to receipt), per window, of every
+    /// final record.
+    latency: HashMap<String, Vec<(i64, f64)>>,
     pub finals: u64,
 }
 
@@ -32,11 +33,12 @@ impl Seen {
         let field = |k: &str| v[k].as_str().ok_or_else(|| anyhow!("aggregate without {k}: {v}"));
         let id = field("aggregate_id")?.to_owned();
         let window = field("window")?.to_owned();
-        let last = time::parse_rfc3339_ms(field("last_event_time")?).ok_or_else(|| anyhow!("bad last_event_time: {v}"))?;
+        let ms = |k: &str| field(k).and_then(|t| time::parse_rfc3339_ms(t).ok_or_else(|| anyhow!("bad {k}: {v}")));
+        let (last, end) = (ms("last_event_time")?, ms("window_end")?);
         let revision = v["revision"].as_u64().unwrap_or(0);
         let count = v["pulse_count"].as_u64().ok_or_else(|| anyhow!("aggregate without pulse_count: {v}"))?;
         self.finals += 1;
-        self.latency.entry(window.clone()).or_default().push((received_ms - last) as f64 / 1000.0);
+        self.latency.entry(window.clone()).or_default().push((end, (received_ms - last) as f64 / 1000.0));
         let previous = self.latest.get(&id).cloned();
         if previous.as_ref().is_some_and(|(r, _, _)| *r >= revision) {
             return Ok(());
@@ -57,10 +59,20 @@ impl Seen {
         self.counted.get(window).copied().unwrap_or(0)
     }
 
-    pub fn quantiles(&self, window: &str) -> Quantiles {
-        let s = self.latency.get(window).map(Vec::as_slice).unwrap_or_default();
-        let (p50, p99) = stats::p50_p99(s);
+    /// End-to-end latency of the final records of `window` whose window ended by
+    /// `ended_by` (ms). The bench passes the last pulse's event time minus the grace:
+    /// later windows cannot close on data (no pulse comes after them) and wait for the
+    /// idle timeout instead, which a continuous stream never does.
+    pub fn quantiles(&self, window: &str, ended_by: i64) -> Quantiles {
+        let all = self.latency.get(window).map(Vec::as_slice).unwrap_or_default();
+        let s: Vec<f64> = all.iter().filter(|(end, _)| *end <= ended_by).map(|(_, secs)| *secs).collect();
+        let (p50, p99) = stats::p50_p99(&s);
         Quantiles { p50, p99, count: s.len() as u64 }
+    }
+
+    /// Final records left out of [`Self::quantiles`] with the same `ended_by`.
+    pub fn trailing(&self, ended_by: i64) -> u64 {
+        self.latency.values().flatten().filter(|(end, _)| *end > ended_by).count() as u64
     }
 }
 
@@ -91,7 +103,7 @@ mod tests {
 
     fn agg(id: &str, window: &str, revision: u64, count: u64, last: &str) -> serde_json::Value {
         serde_json::json!({"aggregate_id": id, "window": window, "revision": revision, "pulse_count": count,
-                           "last_event_time": last, "final": true})
+                           "last_event_time": last, "window_end": "2026-11-22T10:00:01.000Z", "final": true})
     }
 
     #[test]
@@ -106,8 +118,12 @@ mod tests {
         assert_eq!(s.counted("inflight"), 6);
         assert_eq!(s.counted("postflight"), 0);
         assert_eq!(s.finals, 4);
-        let q = s.quantiles("inflight");
+        let end = time::parse_rfc3339_ms("2026-11-22T10:00:01.000Z").unwrap();
+        let q = s.quantiles("inflight", end);
         assert_eq!((q.p50, q.p99, q.count), (Some(1.5), Some(2.5), 4));
+        // A window that ended after the cut is trailing: left out, and counted as such.
+        let q = s.quantiles("inflight", end - 1);
+        assert_eq!((q.p50, q.p99, q.count, s.trailing(end - 1)), (None, None, 0, 4));
         assert!(s.add(&serde_json::json!({"final": true, "window": "inflight"}), t0).is_err());
     }
 

@@ -109,11 +109,12 @@ pub fn start_group_at_zero(cfg: &Config, group: &str, topic: &str, partitions: i
 
 /// Produces the plan's pulses to `topic`, paced at its rate or as fast as the broker
 /// takes them; event time = record timestamp = the moment each pulse is handed to
-/// the producer. Returns (first send, all acknowledged).
-fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Instant, Instant)> {
+/// the producer. Returns (first send, all acknowledged, event time of the last pulse).
+fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Instant, Instant, i64)> {
     let producer = tracked_producer(&plan.cfg, DeliveryTracker::default()).context("creating the producer")?;
     let mut gen = Generator::new(StubSpec { tenants: plan.tenants, skus: plan.skus, seed: 42, rate: None, start_time_ms: None });
     let first = Instant::now();
+    let mut last_ms = 0;
     for i in 0..plan.pulses {
         if stop.load(Ordering::Acquire) {
             bail!("stopped while producing");
@@ -126,6 +127,7 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
             }
         }
         let now = time::now_ms();
+        last_ms = now;
         let mut pulse = gen.next_pulse(now);
         pulse.timestamp = now; // no stub jitter: event time is the produce time
         let value = pulse.to_json();
@@ -137,7 +139,7 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
     if failed > 0 {
         bail!("{failed} pulses could not be delivered: {}", producer.context().last_error().unwrap_or_default());
     }
-    Ok((first, Instant::now()))
+    Ok((first, Instant::now(), last_ms))
 }
 
 /// A read_committed consumer of all partitions of `topic` from offset 0 (not from
@@ -161,7 +163,7 @@ fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseCons
 pub fn broker_baseline(plan: &Plan) -> anyhow::Result<BrokerBaseline> {
     let topic = format!("{}.source", run_id("broker"));
     create_topics(&plan.cfg, &[&topic], plan.partitions)?;
-    let (first, acked) = produce(plan, &topic, &AtomicBool::new(false))?;
+    let (first, acked, _) = produce(plan, &topic, &AtomicBool::new(false))?;
     let produce_rate = stats::rate(plan.pulses, (acked - first).as_secs_f64());
     let c = reader(&plan.cfg, &topic, plan.partitions)?;
     let started = Instant::now();
@@ -235,8 +237,8 @@ fn measure(plan: &Plan, t: &RunTopics, proc: &mut Processor) -> anyhow::Result<M
     let cpu_done = proc.cpu_seconds();
     let broker_done = broker_cpu(plan.broker_pid);
     let produced = producing.join().map_err(|_| anyhow!("the producer panicked"))?;
-    let (done_at, first_sent, acked) = match (outcome, produced) {
-        (Ok(done), Ok((first, acked))) => (done, first, acked),
+    let (done_at, first_sent, acked, last_event_ms) = match (outcome, produced) {
+        (Ok(done), Ok((first, acked, last))) => (done, first, acked, last),
         (Err(e), _) | (_, Err(e)) => {
             stop.store(true, Ordering::Release);
             let _ = reading.join();
@@ -275,6 +277,8 @@ fn measure(plan: &Plan, t: &RunTopics, proc: &mut Processor) -> anyhow::Result<M
         std::thread::sleep(Duration::from_millis(50));
     };
     let processing = (done_at - first_sent).as_secs_f64();
+    // Windows that can close on data: a later pulse is past their end + grace.
+    let ended_by = last_event_ms - plan.grace.as_millis() as i64;
     let (inflight, postflight) = (seen.counted("inflight"), seen.counted("postflight"));
     Ok(ModeReport {
         guarantee: String::new(),
@@ -283,8 +287,9 @@ fn measure(plan: &Plan, t: &RunTopics, proc: &mut Processor) -> anyhow::Result<M
         produce_pulses_per_s: stats::rate(n, (acked - first_sent).as_secs_f64()),
         processing_seconds: processing,
         throughput_pulses_per_s: stats::rate(n, processing),
-        end_to_end_inflight_s: seen.quantiles("inflight"),
-        end_to_end_postflight_s: seen.quantiles("postflight"),
+        end_to_end_inflight_s: seen.quantiles("inflight", ended_by),
+        end_to_end_postflight_s: seen.quantiles("postflight", ended_by),
+        trailing_finals: seen.trailing(ended_by),
         close_delay_inflight_s: histogram_quantiles(&samples, "inflight"),
         close_delay_postflight_s: histogram_quantiles(&samples, "postflight"),
         cpu_seconds: cpu,

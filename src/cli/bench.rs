@@ -21,7 +21,9 @@ read_committed consumer until both windows (inflight 1s, postflight 10s) count a
 
 Reported per guarantee: throughput (N / first pulse sent -> stage 2 has read all N and
 committed the batch holding the last one), end-to-end latency p50/p99 (a final
-aggregate seen by the reader minus its last_event_time), window-close delay p50/p99
+aggregate seen by the reader minus its last_event_time; only windows that close on
+data, i.e. that ended at least the grace before the last pulse: the trailing ones wait
+for the idle timeout and are counted apart), window-close delay p50/p99
 (the processor's pulses_window_close_delay_seconds histogram, interpolated), CPU
 seconds per million pulses (user+sys of the `pulses run` process from ready to the end
 of processing) and its peak RSS (VmHWM). Before the runs, the broker alone: the same
