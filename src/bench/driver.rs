@@ -17,7 +17,7 @@ use super::report::{BrokerBaseline, ModeReport, Quantiles};
 use super::stats;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, TopicSpec};
-use crate::kafka::clients::{self, base, send_with_backpressure, tracked_producer, DeliveryTracker};
+use crate::kafka::clients::{self, base, reader_base, send_with_backpressure, tracked_producer, DeliveryTracker};
 use crate::pulse::time;
 use crate::stub::{Generator, StubSpec};
 
@@ -146,7 +146,7 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
 /// "earliest": see [`start_group_at_zero`]). Readers stop on counts, not on partition
 /// ends, so no end-of-partition events.
 fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer> {
-    let c: BaseConsumer = base(cfg)
+    let c: BaseConsumer = reader_base(cfg)
         .set("group.id", format!("{topic}.bench-reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")

@@ -29,10 +29,22 @@ fn with_user_overrides(mut c: ClientConfig, cfg: &Config) -> ClientConfig {
     c
 }
 
+/// Base settings of every consumer that reads records: [`base`] plus a prefetch queue
+/// that is refilled as soon as it runs low. librdkafka postpones the next fetch of a
+/// partition by `fetch.queue.backoff.ms` (default 1 s) once its queue has passed the
+/// prefetch thresholds, so a stage working off a backlog drained its queue and then
+/// waited out the rest of that second: stage 1 sat in poll 75% of the time, and a 1M
+/// exactly_once burst ran at 70,000-77,000 pulses/s instead of 106,000.
+pub fn reader_base(cfg: &Config) -> ClientConfig {
+    let mut c = base(cfg);
+    c.set("fetch.queue.backoff.ms", "10");
+    with_user_overrides(c, cfg)
+}
+
 /// A consumer in `group_id` that commits offsets only when told to, after the outputs
 /// of the records are durably written (never auto-commit: that could lose pulses).
 pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
-    let mut c = base(cfg);
+    let mut c = reader_base(cfg);
     c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

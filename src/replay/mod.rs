@@ -108,7 +108,7 @@ pub fn run(
 ) -> Result<ReplaySummary, ReplayError> {
     let topic = cfg.topics.source.as_str();
     let reader = || -> Result<BaseConsumer<QuietEof>, ReplayError> {
-        let mut c = clients::base(cfg);
+        let mut c = clients::reader_base(cfg);
         // A group id librdkafka wants, never joined (assign) and never committed to.
         c.set("group.id", format!("{}.replay", cfg.application_id))
             .set("enable.auto.commit", "false")

@@ -107,7 +107,7 @@ pub fn restore_with_progress(
     let started = Instant::now();
     let topic = cfg.changelog_topic();
     let from_offset = store.changelog_position().unwrap_or(0);
-    let mut c = clients::base(cfg);
+    let mut c = clients::reader_base(cfg);
     // The restore consumer assigns the partition itself: it never joins this group
     // (librdkafka wants one named) and commits nothing.
     c.set("group.id", format!("{}.restore", cfg.application_id))
