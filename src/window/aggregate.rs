@@ -45,6 +45,12 @@ impl GroupKey {
     fn content(&self) -> (&str, &str, &str) {
         (&self.tenant_id, &self.product_sku, &self.use_unit)
     }
+
+    /// Whether this is the key of `content` hashed to `hash` (the hash first: it
+    /// spares string compares between different keys).
+    fn is(&self, hash: u64, content: (&str, &str, &str)) -> bool {
+        self.hash == hash && self.content() == content
+    }
 }
 
 /// The hash of a group key (SipHash with fixed keys: the same in every process).
@@ -83,13 +89,13 @@ impl Hash for GroupKeyRef<'_> {
 
 impl hashbrown::Equivalent<std::sync::Arc<GroupKey>> for GroupKeyRef<'_> {
     fn equivalent(&self, key: &std::sync::Arc<GroupKey>) -> bool {
-        self.hash == key.hash && (self.tenant_id, self.product_sku, self.use_unit) == key.content()
+        key.is(self.hash, (self.tenant_id, self.product_sku, self.use_unit))
     }
 }
 
 impl PartialEq for GroupKey {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.content() == other.content()
+        self.is(other.hash, other.content())
     }
 }
 

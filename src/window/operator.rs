@@ -4,9 +4,9 @@
 //! goes through a [`WindowStore`] and results come back as [`Output`]s.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use hashbrown::hash_map::{self, HashMap};
-use std::sync::Arc;
 
 use super::aggregate::{Accumulator, GroupKey, GroupKeyRef, WindowAggregate};
 use super::assign::window_bounds;
@@ -97,12 +97,7 @@ struct KeyInterner {
 
 impl KeyInterner {
     fn intern(&mut self, group: GroupKeyRef<'_>) -> Arc<GroupKey> {
-        if let Some(key) = self.keys.get(&group) {
-            return Arc::clone(key);
-        }
-        let key = Arc::new(group.to_key());
-        self.keys.insert(Arc::clone(&key));
-        key
+        Arc::clone(self.keys.get_or_insert_with(&group, |g| Arc::new(g.to_key())))
     }
 
     /// Forgets keys nothing else holds (their windows closed or were evicted).
@@ -213,9 +208,8 @@ impl WindowOperator {
         updates.clear();
         for (i, spec) in s.windows.iter().enumerate() {
             let (start, end) = window_bounds(pulse.event_time, spec.size_ms());
-            let bucket = Bucket { end, window: i as u16, start };
+            let k = WindowKey { end, window: i as u16, start, key: Arc::clone(&key) };
             let closed = started && end.saturating_add(s.grace_ms) <= w;
-            let k = WindowKey::new(bucket, Arc::clone(&key));
             let (state, stored) = if closed { (store.get_closed(&k)?, true) } else { self.lookup_open(&k, store)? };
             let state = match state {
                 None => WindowState::new(Accumulator::first(pulse.used_amount, pulse.event_time)),

@@ -210,10 +210,7 @@ impl WindowStore for MemoryStore {
         self.seen_order.push_back((at, id));
     }
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error> {
-        while let Some((at, _)) = self.seen_order.front() {
-            if *at > at_most {
-                break;
-            }
+        while self.seen_order.front().is_some_and(|(at, _)| *at <= at_most) {
             let Some((at, id)) = self.seen_order.pop_front() else { break };
             if self.seen.get(&id) == Some(&at) {
                 self.seen.remove(&id);
