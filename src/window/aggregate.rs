@@ -14,36 +14,52 @@ use crate::pulse::{ids, time};
 /// configured size, and each map lookup would otherwise hash the three strings again.
 /// Keys order by that hash first (then by content, so the order is total): only ties
 /// between windows with the same bounds reach it, and it spares them string compares.
-/// The hash is SipHash with fixed keys, so the order is the same in every process.
+/// The hash has a fixed seed, so the order is the same in every process.
+///
+/// The three parts live in one allocation: finding a pulse's key reads one string.
 #[derive(Debug, Clone)]
 pub struct GroupKey {
-    tenant_id: String,
-    product_sku: String,
-    use_unit: String,
+    /// tenant_id, product_sku and use_unit, joined.
+    text: Box<str>,
+    /// Where product_sku and use_unit start in `text`.
+    sku_at: usize,
+    unit_at: usize,
     hash: u64,
 }
 
 impl GroupKey {
-    pub fn new(tenant_id: impl Into<String>, product_sku: impl Into<String>, use_unit: impl Into<String>) -> Self {
-        let (tenant_id, product_sku, use_unit) = (tenant_id.into(), product_sku.into(), use_unit.into());
-        let hash = group_hash(&tenant_id, &product_sku, &use_unit);
-        Self { tenant_id, product_sku, use_unit, hash }
+    pub fn new(tenant_id: impl AsRef<str>, product_sku: impl AsRef<str>, use_unit: impl AsRef<str>) -> Self {
+        GroupKeyRef::new(tenant_id.as_ref(), product_sku.as_ref(), use_unit.as_ref()).to_key()
     }
 
     pub fn tenant_id(&self) -> &str {
-        &self.tenant_id
+        self.content().0
     }
 
     pub fn product_sku(&self) -> &str {
-        &self.product_sku
+        self.content().1
     }
 
     pub fn use_unit(&self) -> &str {
-        &self.use_unit
+        self.content().2
+    }
+
+    /// The hash computed when the key was made (equal keys, owned or borrowed, have
+    /// equal hashes).
+    pub fn hash_code(&self) -> u64 {
+        self.hash
+    }
+
+    /// This key, borrowed.
+    pub fn borrowed(&self) -> GroupKeyRef<'_> {
+        let (tenant_id, product_sku, use_unit) = self.content();
+        GroupKeyRef { tenant_id, product_sku, use_unit, hash: self.hash }
     }
 
     fn content(&self) -> (&str, &str, &str) {
-        (&self.tenant_id, &self.product_sku, &self.use_unit)
+        let (tenant, rest) = self.text.split_at(self.sku_at);
+        let (sku, unit) = rest.split_at(self.unit_at - self.sku_at);
+        (tenant, sku, unit)
     }
 
     /// Whether this is the key of `content` hashed to `hash` (the hash first: it
@@ -53,15 +69,16 @@ impl GroupKey {
     }
 }
 
-/// The hash of a group key (SipHash with fixed keys: the same in every process).
+/// The hash of a group key: foldhash with a fixed seed, so it is the same in every
+/// process (it orders keys) and costs a fraction of SipHash (which was 5% of counting).
 fn group_hash(tenant_id: &str, product_sku: &str, use_unit: &str) -> u64 {
-    let mut h = std::hash::DefaultHasher::new();
-    (tenant_id, product_sku, use_unit).hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    const SEED: foldhash::fast::FixedState = foldhash::fast::FixedState::with_seed(0x7075_6c73_6573_6b79);
+    SEED.hash_one((tenant_id, product_sku, use_unit))
 }
 
-/// A [`GroupKey`] borrowed from a pulse: finds the pulse's windows in maps keyed by
-/// `Arc<GroupKey>` without allocating a key, which only a window that opens needs.
+/// A [`GroupKey`] borrowed from a pulse: finds the pulse's key without allocating one,
+/// which only a group seen for the first time needs.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupKeyRef<'a> {
     tenant_id: &'a str,
@@ -75,21 +92,23 @@ impl<'a> GroupKeyRef<'a> {
         Self { tenant_id, product_sku, use_unit, hash: group_hash(tenant_id, product_sku, use_unit) }
     }
 
-    pub fn to_key(self) -> GroupKey {
-        let (tenant_id, product_sku, use_unit) = (self.tenant_id.to_owned(), self.product_sku.to_owned(), self.use_unit.to_owned());
-        GroupKey { tenant_id, product_sku, use_unit, hash: self.hash }
+    /// The hash [`GroupKey::hash_code`] of the owned key gives.
+    pub fn hash_code(&self) -> u64 {
+        self.hash
     }
-}
 
-impl Hash for GroupKeyRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash); // as GroupKey hashes
-    }
-}
-
-impl hashbrown::Equivalent<std::sync::Arc<GroupKey>> for GroupKeyRef<'_> {
-    fn equivalent(&self, key: &std::sync::Arc<GroupKey>) -> bool {
+    /// Whether `key` is this key.
+    pub fn matches(&self, key: &GroupKey) -> bool {
         key.is(self.hash, (self.tenant_id, self.product_sku, self.use_unit))
+    }
+
+    pub fn to_key(self) -> GroupKey {
+        let mut text = String::with_capacity(self.tenant_id.len() + self.product_sku.len() + self.use_unit.len());
+        text.push_str(self.tenant_id);
+        text.push_str(self.product_sku);
+        text.push_str(self.use_unit);
+        let sku_at = self.tenant_id.len();
+        GroupKey { text: text.into_boxed_str(), sku_at, unit_at: sku_at + self.product_sku.len(), hash: self.hash }
     }
 }
 
@@ -149,8 +168,14 @@ impl Accumulator {
         let total = exact_add(self.total, amount).ok_or(InexactSum { total: self.total, amount })?;
         self.total = total;
         self.count += 1;
-        self.min = self.min.min(amount);
-        self.max = self.max.max(amount);
+        // As `Ord::min` / `Ord::max` choose between equal values of different scales
+        // (1.0 and 1.00): the older minimum, the newer maximum.
+        if compare(amount, self.min).is_lt() {
+            self.min = amount;
+        }
+        if compare(amount, self.max).is_ge() {
+            self.max = amount;
+        }
         self.first_event_time = self.first_event_time.min(event_ms);
         self.last_event_time = self.last_event_time.max(event_ms);
         Ok(())
@@ -160,8 +185,23 @@ impl Accumulator {
 /// `a + b` if representable without rounding. rust_decimal rounds (drops scale) when
 /// the exact sum needs more than 96 bits; a smaller result scale betrays that.
 pub fn exact_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    // The amounts of one product mostly share a scale: then the sum of the mantissas (an
+    // i128 holds any two 96-bit ones) is exact, or does not fit. Twice as fast as
+    // rust_decimal's general addition, which the other cases take.
+    if a.scale() == b.scale() {
+        return Decimal::try_from_i128_with_scale(a.mantissa() + b.mantissa(), a.scale()).ok();
+    }
     let sum = a.checked_add(b)?;
     (sum.scale() >= a.scale().max(b.scale())).then_some(sum)
+}
+
+/// Orders two decimals, by their mantissas when they share a scale.
+fn compare(a: Decimal, b: Decimal) -> Ordering {
+    if a.scale() == b.scale() {
+        a.mantissa().cmp(&b.mantissa())
+    } else {
+        a.cmp(&b)
+    }
 }
 
 /// One emitted window aggregate: the value of `tenant.aggregated.pulses.amount`.
@@ -207,11 +247,11 @@ impl WindowAggregate {
         emitted_at: i64,
     ) -> Self {
         Self {
-            aggregate_id: ids::aggregate_id(&key.tenant_id, &key.product_sku, &key.use_unit, window, start),
+            aggregate_id: ids::aggregate_id(key.tenant_id(), key.product_sku(), key.use_unit(), window, start),
             revision,
-            tenant_id: key.tenant_id.clone(),
-            product_sku: key.product_sku.clone(),
-            use_unit: key.use_unit.clone(),
+            tenant_id: key.tenant_id().to_owned(),
+            product_sku: key.product_sku().to_owned(),
+            use_unit: key.use_unit().to_owned(),
             window: window.to_owned(),
             window_start: start,
             window_end: end,
@@ -256,6 +296,26 @@ mod tests {
     }
 
     #[test]
+    fn sums_and_comparisons_agree_with_rust_decimal() {
+        let amounts = ["0", "1", "0.1", "0.10", "12.50", "12.5", "79228162514264337593543950334", "7922816251426433759354395033.5", "0.0000000000000000000000000001"];
+        for a in amounts.map(d) {
+            for b in amounts.map(d) {
+                let general = a.checked_add(b).filter(|s| s.scale() >= a.scale().max(b.scale()));
+                let fast = exact_add(a, b);
+                assert_eq!(fast.map(|s| s.to_string()), general.map(|s| s.to_string()), "{a} + {b}");
+                assert_eq!(compare(a, b), a.cmp(&b), "{a} <=> {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn equal_extremes_keep_the_older_minimum_and_the_newer_maximum() {
+        let mut acc = Accumulator::first(d("1.0"), 0);
+        acc.add(d("1.00"), 1).unwrap();
+        assert_eq!((acc.min.to_string().as_str(), acc.max.to_string().as_str()), ("1.0", "1.00"));
+    }
+
+    #[test]
     fn min_max_and_span() {
         let mut acc = Accumulator::first(d("5"), 100);
         acc.add(d("0.5"), 50).unwrap();
@@ -274,17 +334,16 @@ mod tests {
     }
 
     #[test]
-    fn a_borrowed_key_finds_its_owned_key() {
-        use hashbrown::Equivalent;
-        let owned = std::sync::Arc::new(GroupKey::new("acme", "storage.standard", "GB"));
+    fn a_borrowed_key_matches_its_owned_key() {
+        let owned = GroupKey::new("acme", "storage.standard", "GB");
         let borrowed = GroupKeyRef::new("acme", "storage.standard", "GB");
-        assert!(borrowed.equivalent(&owned));
-        assert_eq!(borrowed.to_key(), *owned);
-        assert!(!GroupKeyRef::new("acme", "storage.standardGB", "").equivalent(&owned));
-        let mut map: hashbrown::HashMap<std::sync::Arc<GroupKey>, u32, foldhash::fast::RandomState> = Default::default();
-        map.insert(owned, 7);
-        assert_eq!(map.get(&borrowed), Some(&7));
-        assert_eq!(map.get(&GroupKeyRef::new("acme", "storage.standard", "TB")), None);
+        assert!(borrowed.matches(&owned));
+        assert_eq!(borrowed.hash_code(), owned.hash_code());
+        assert_eq!(borrowed.to_key(), owned);
+        assert!(owned.borrowed().matches(&owned));
+        assert_eq!((owned.tenant_id(), owned.product_sku(), owned.use_unit()), ("acme", "storage.standard", "GB"));
+        assert!(!GroupKeyRef::new("acme", "storage.standardGB", "").matches(&owned));
+        assert!(!GroupKeyRef::new("acme", "storage.standard", "TB").matches(&owned));
     }
 
     #[test]

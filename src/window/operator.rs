@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hashbrown::hash_map::{self, HashMap};
+use hashbrown::hash_table::{self, HashTable};
 
 use super::aggregate::{Accumulator, GroupKey, GroupKeyRef, WindowAggregate};
 use super::assign::window_bounds;
@@ -44,14 +45,23 @@ impl LateReason {
     }
 }
 
-/// The hasher of the operator's maps: their keys carry a precomputed hash
-/// ([`GroupKey`]), so a fast non-cryptographic mixer is enough (SipHash was the top
-/// hotspot of the operator).
+/// The hasher of the operator's maps: their keys are small numbers and bounds, so a
+/// fast non-cryptographic mixer is enough.
 type FastHash = foldhash::fast::RandomState;
 
 /// Open windows a fresh operator keeps in memory until told otherwise
 /// ([`WindowOperator::set_cache_capacity`]).
 pub const DEFAULT_CACHE_WINDOWS: usize = 250_000;
+
+/// A group key's index in the operator's [`KeyTable`].
+type GroupId = u32;
+
+/// One cached window: a group's window in a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct WindowRef {
+    bucket: Bucket,
+    group: GroupId,
+}
 
 /// An open window held in memory.
 #[derive(Debug)]
@@ -74,38 +84,112 @@ impl Cached {
     }
 }
 
-/// The open windows of one bucket that are held in memory, by group.
+/// A bucket with at least one open window.
 #[derive(Default)]
 struct OpenBucket {
-    cached: HashMap<Arc<GroupKey>, Cached, FastHash>,
+    /// The groups whose window of this bucket is cached, each once.
+    members: Vec<GroupId>,
     /// Every open window of the bucket is cached (it opened in this operator and lost
     /// none to eviction): lookups that miss and closing need not read the store.
     all_cached: bool,
 }
 
-/// The group keys in use, one shared key per group: a pulse finds its key with one
-/// string compare, and then its windows in the cache by pointer (an `Arc` equal to
-/// itself needs no string compare), instead of comparing strings once per window.
+/// The group keys in use, each under a small number: the cache is keyed by that
+/// number, so after one hash probe and string compare per pulse its windows are found
+/// without touching a string or an atomic reference count (`Arc` counts were a third
+/// of the operator's own time when the cache was keyed by `Arc<GroupKey>`).
 #[derive(Default)]
-struct KeyInterner {
-    keys: hashbrown::HashSet<Arc<GroupKey>, FastHash>,
-    /// Keys after the last sweep: the next sweep waits until the set has grown by a
-    /// quarter, so sweeping costs O(1) per key interned and dead keys stay few (every
-    /// pulse may bring a new group: with a million open keys, a doubling held 37 MiB).
+struct KeyTable {
+    /// Ids, hashed by their key's [`GroupKey::hash_code`].
+    index: HashTable<GroupId>,
+    slots: Vec<KeySlot>,
+    /// Ids of freed slots, for reuse.
+    free: Vec<GroupId>,
+    /// Keys in use after the last sweep: the next sweep waits until there are a quarter
+    /// more, so sweeping costs O(1) per key and dead keys stay few (every pulse may
+    /// bring a new group: with a million open keys, a doubling held 37 MiB).
     after_sweep: usize,
 }
 
-impl KeyInterner {
-    fn intern(&mut self, group: GroupKeyRef<'_>) -> Arc<GroupKey> {
-        Arc::clone(self.keys.get_or_insert_with(&group, |g| Arc::new(g.to_key())))
+#[derive(Default)]
+struct KeySlot {
+    /// None while the slot is free.
+    key: Option<Arc<GroupKey>>,
+    /// Cached windows of the group; a slot at zero is freed by the next sweep.
+    windows: u32,
+}
+
+impl KeyTable {
+    /// The id of `group`, giving it one if it has none.
+    fn intern(&mut self, group: GroupKeyRef<'_>) -> GroupId {
+        let slots = &mut self.slots;
+        let entry = self.index.entry(
+            group.hash_code(),
+            |&id| slots[id as usize].key.as_deref().is_some_and(|k| group.matches(k)),
+            |&id| slots[id as usize].key.as_deref().map_or(0, GroupKey::hash_code),
+        );
+        match entry {
+            hash_table::Entry::Occupied(e) => *e.get(),
+            hash_table::Entry::Vacant(e) => {
+                let key = Some(Arc::new(group.to_key()));
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        slots[id as usize] = KeySlot { key, windows: 0 };
+                        id
+                    }
+                    None => {
+                        slots.push(KeySlot { key, windows: 0 });
+                        (slots.len() - 1) as GroupId
+                    }
+                };
+                e.insert(id);
+                id
+            }
+        }
     }
 
-    /// Forgets keys nothing else holds (their windows closed or were evicted).
-    fn sweep_if_grown(&mut self) {
-        if self.keys.len() >= self.after_sweep + (self.after_sweep / 4).max(1024) {
-            self.keys.retain(|k| Arc::strong_count(k) > 1);
-            self.after_sweep = self.keys.len();
+    /// The id of `key` if it has one.
+    fn find(&self, key: &GroupKey) -> Option<GroupId> {
+        let group = key.borrowed();
+        self.index.find(group.hash_code(), |&id| self.slots[id as usize].key.as_deref().is_some_and(|k| group.matches(k))).copied()
+    }
+
+    /// The key of a live id (one with a cached window, or interned since the last sweep).
+    fn key(&self, id: GroupId) -> &Arc<GroupKey> {
+        match &self.slots[id as usize].key {
+            Some(key) => key,
+            None => unreachable!("group id {id} is free but still in use"),
         }
+    }
+
+    fn window_added(&mut self, id: GroupId) {
+        self.slots[id as usize].windows += 1;
+    }
+
+    fn window_removed(&mut self, id: GroupId) {
+        let slot = &mut self.slots[id as usize];
+        slot.windows = slot.windows.saturating_sub(1);
+    }
+
+    /// Frees the ids of groups without cached windows, once the table has grown enough.
+    /// Only between pulses, with no [`WindowRef`] held outside the cache.
+    fn sweep_if_grown(&mut self) {
+        let live = self.slots.len() - self.free.len();
+        if live < self.after_sweep + (self.after_sweep / 4).max(1024) {
+            return;
+        }
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            let Some(key) = slot.key.as_deref() else { continue };
+            if slot.windows == 0 {
+                let id = id as GroupId;
+                if let Ok(e) = self.index.find_entry(key.hash_code(), |&i| i == id) {
+                    e.remove();
+                }
+                slot.key = None;
+                self.free.push(id);
+            }
+        }
+        self.after_sweep = self.slots.len() - self.free.len();
     }
 }
 
@@ -120,27 +204,39 @@ impl KeyInterner {
 pub struct WindowOperator {
     settings: Arc<WindowSettings>,
     watermark: Watermark,
-    /// Every bucket with an open window (in closing order), with those of its windows
-    /// that are cached; the others are only in the store.
+    /// Every bucket with an open window (in closing order), with the groups whose
+    /// window of it is cached; the others are only in the store.
     open: BTreeMap<Bucket, OpenBucket>,
-    cached: usize,
+    /// The cached open windows.
+    windows: HashMap<WindowRef, Cached, FastHash>,
     capacity: usize,
     /// Cached windows whose `dirty` flag was set since the last flush.
-    dirty: Vec<WindowKey>,
+    dirty: Vec<WindowRef>,
     flushes: u32,
     watermark_dirty: bool,
-    /// The windows one pulse updates, reused from pulse to pulse.
-    updates: Vec<Update>,
-    keys: KeyInterner,
+    keys: KeyTable,
+    /// The bounds of one pulse's windows, and what counting it changed: reused from
+    /// pulse to pulse.
+    bounds: Vec<(i64, i64)>,
+    changes: Vec<Change>,
 }
 
-/// A window one pulse changes: its key, its new state, whether the window was closed
-/// (a correction) and whether the store already has it.
-struct Update {
-    key: WindowKey,
+/// One window a pulse changed, kept until all its windows took it (then the change is
+/// committed) or one refused it (then every change is undone).
+enum Change {
+    /// A cached window, updated in place; `prior` is what it was.
+    Updated { at: WindowRef, prior: Prior },
+    /// A window newly in the cache (new, or read from the store).
+    Cached { at: WindowRef },
+    /// A closed window: a correction, written when committed.
+    Corrected { key: WindowKey, state: WindowState },
+}
+
+/// A cached window as it was before a pulse changed it.
+struct Prior {
     state: WindowState,
-    closed: bool,
-    stored: bool,
+    dirty: bool,
+    used: u32,
 }
 
 impl WindowOperator {
@@ -153,13 +249,14 @@ impl WindowOperator {
             settings,
             watermark,
             open,
-            cached: 0,
+            windows: HashMap::default(),
             capacity: DEFAULT_CACHE_WINDOWS,
             dirty: Vec::new(),
             flushes: 0,
             watermark_dirty: false,
-            updates: Vec::new(),
-            keys: KeyInterner::default(),
+            keys: KeyTable::default(),
+            bounds: Vec::new(),
+            changes: Vec::new(),
         })
     }
 
@@ -175,7 +272,7 @@ impl WindowOperator {
 
     /// Open windows held in memory (all open windows are in the store after a flush).
     pub fn cached_windows(&self) -> usize {
-        self.cached
+        self.windows.len()
     }
 
     /// Buckets (window size and bounds) with at least one open window.
@@ -195,67 +292,137 @@ impl WindowOperator {
             out.push(Output::Duplicate { pulse: pulse.clone() });
             return Ok(());
         }
-        let w = self.watermark.current;
-        let started = self.watermark.is_started();
         let s = &self.settings;
+        self.bounds.clear();
+        self.bounds.extend(s.windows.iter().map(|spec| window_bounds(pulse.event_time, spec.size_ms())));
         // Counted in every window or in none, so all window sizes sum to the same total.
-        if started && s.windows.iter().any(|spec| window_bounds(pulse.event_time, spec.size_ms()).1.saturating_add(s.retention_ms) <= w) {
+        let w = self.watermark.current;
+        if self.watermark.is_started() && self.bounds.iter().any(|(_, end)| end.saturating_add(s.retention_ms) <= w) {
             out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::BeyondRetention });
             return Ok(());
         }
-        let key = self.keys.intern(GroupKeyRef::new(&pulse.tenant_id, &pulse.product_sku, &pulse.use_unit));
-        let mut updates = std::mem::take(&mut self.updates);
-        updates.clear();
-        for (i, spec) in s.windows.iter().enumerate() {
-            let (start, end) = window_bounds(pulse.event_time, spec.size_ms());
-            let k = WindowKey { end, window: i as u16, start, key: Arc::clone(&key) };
-            let closed = started && end.saturating_add(s.grace_ms) <= w;
-            let (state, stored) = if closed { (store.get_closed(&k)?, true) } else { self.lookup_open(&k, store)? };
-            let state = match state {
-                None => WindowState::new(Accumulator::first(pulse.used_amount, pulse.event_time)),
-                Some(mut st) => {
-                    // All windows or none: on a refusal the states changed so far are
-                    // copies in `updates`, dropped here.
-                    if st.acc.add(pulse.used_amount, pulse.event_time).is_err() {
-                        out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::InexactSum });
-                        self.updates = updates;
-                        return Ok(());
-                    }
-                    st.updated_since_emit = true;
-                    st
-                }
-            };
-            updates.push(Update { key: k, state, closed, stored });
+        let group = self.keys.intern(GroupKeyRef::new(&pulse.tenant_id, &pulse.product_sku, &pulse.use_unit));
+        let mut changes = std::mem::take(&mut self.changes);
+        let counted = self.count(pulse, group, store, &mut changes);
+        if !matches!(counted, Ok(true)) {
+            self.undo(&mut changes);
+            self.changes = changes;
+            counted?;
+            out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::InexactSum });
+            return Ok(());
         }
         self.watermark.observe(pulse.event_time, wall_ms);
         self.watermark_dirty = true;
         store.mark_seen(&pulse.tenant_id, &pulse.pulse_id, self.watermark.current);
-        for Update { key: k, mut state, closed, stored } in updates.drain(..) {
-            if closed {
-                // A correction: re-emit the closed window with the next revision.
-                out.push(Output::Aggregate { record: self.record(&k, &state, true, wall_ms), correction: true });
-                state.next_revision += 1;
-                store.put_closed(&k, &state);
-                continue;
-            }
-            let bucket = self.open.entry(k.bucket()).or_insert_with(|| OpenBucket { all_cached: true, ..Default::default() });
-            match bucket.cached.entry(Arc::clone(&k.key)) {
-                hash_map::Entry::Occupied(mut e) => {
-                    let c = e.get_mut();
-                    c.state = state;
-                    if c.touch(self.flushes) {
-                        self.dirty.push(k);
+        for change in changes.drain(..) {
+            match change {
+                Change::Updated { at, prior } => {
+                    if !prior.dirty {
+                        self.dirty.push(at);
                     }
                 }
-                hash_map::Entry::Vacant(e) => {
-                    e.insert(Cached { state, dirty: true, stored, used: self.flushes });
-                    self.cached += 1;
-                    self.dirty.push(k);
+                Change::Cached { at } => {
+                    self.dirty.push(at);
+                    self.keys.window_added(group);
+                    let bucket = self.open.entry(at.bucket).or_insert_with(|| OpenBucket { all_cached: true, ..Default::default() });
+                    bucket.members.push(group);
+                }
+                Change::Corrected { key, mut state } => {
+                    // Re-emit the closed window with the next revision.
+                    out.push(Output::Aggregate { record: record(&self.settings, &key, &state, true, wall_ms), correction: true });
+                    state.next_revision += 1;
+                    store.put_closed(&key, &state);
                 }
             }
         }
-        self.updates = updates;
+        self.changes = changes;
         self.close_ready(wall_ms, store, out)
+    }
+
+    /// Adds `pulse` to each of its windows (bounds in `self.bounds`): cached windows in
+    /// place, others into the cache, closed ones as corrections to write. Every change
+    /// goes into `changes`; false if a sum would be inexact (the caller then undoes
+    /// them, as it does on an error).
+    fn count<S: WindowStore>(
+        &mut self,
+        pulse: &GroupedPulse,
+        group: GroupId,
+        store: &mut S,
+        changes: &mut Vec<Change>,
+    ) -> Result<bool, S::Error> {
+        let (amount, event_ms) = (pulse.used_amount, pulse.event_time);
+        let w = self.watermark.current;
+        let started = self.watermark.is_started();
+        let grace = self.settings.grace_ms;
+        for (i, &(start, end)) in self.bounds.iter().enumerate() {
+            let bucket = Bucket { end, window: i as u16, start };
+            if started && end.saturating_add(grace) <= w {
+                let key = WindowKey::new(bucket, Arc::clone(self.keys.key(group)));
+                let state = match store.get_closed(&key)? {
+                    None => WindowState::new(Accumulator::first(amount, event_ms)),
+                    Some(mut st) => {
+                        if st.acc.add(amount, event_ms).is_err() {
+                            return Ok(false);
+                        }
+                        st.updated_since_emit = true;
+                        st
+                    }
+                };
+                changes.push(Change::Corrected { key, state });
+                continue;
+            }
+            let at = WindowRef { bucket, group };
+            match self.windows.entry(at) {
+                hash_map::Entry::Occupied(mut e) => {
+                    let c = e.get_mut();
+                    let prior = Prior { state: c.state.clone(), dirty: c.dirty, used: c.used };
+                    if c.state.acc.add(amount, event_ms).is_err() {
+                        return Ok(false);
+                    }
+                    c.state.updated_since_emit = true;
+                    c.touch(self.flushes);
+                    changes.push(Change::Updated { at, prior });
+                }
+                hash_map::Entry::Vacant(e) => {
+                    // Not cached: the store has it only if its bucket is not all cached.
+                    let stored = match self.open.get(&bucket) {
+                        Some(b) if !b.all_cached => store.get_open(&WindowKey::new(bucket, Arc::clone(self.keys.key(group))))?,
+                        _ => None,
+                    };
+                    let in_store = stored.is_some();
+                    let state = match stored {
+                        None => WindowState::new(Accumulator::first(amount, event_ms)),
+                        Some(mut st) => {
+                            if st.acc.add(amount, event_ms).is_err() {
+                                return Ok(false);
+                            }
+                            st.updated_since_emit = true;
+                            st
+                        }
+                    };
+                    e.insert(Cached { state, dirty: true, stored: in_store, used: self.flushes });
+                    changes.push(Change::Cached { at });
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Undoes the changes of a pulse that was not counted, newest first.
+    fn undo(&mut self, changes: &mut Vec<Change>) {
+        while let Some(change) = changes.pop() {
+            match change {
+                Change::Updated { at, prior } => {
+                    if let Some(c) = self.windows.get_mut(&at) {
+                        (c.state, c.dirty, c.used) = (prior.state, prior.dirty, prior.used);
+                    }
+                }
+                Change::Cached { at } => {
+                    self.windows.remove(&at);
+                }
+                Change::Corrected { .. } => {}
+            }
+        }
     }
 
     /// Time passes without input: advance an idle partition's watermark, emit due
@@ -301,11 +468,11 @@ impl WindowOperator {
     /// Writes changed open windows and the watermark into the store, and purges state
     /// that retention and the dedupe horizon no longer need. Call before committing.
     pub fn flush<S: WindowStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
-        for k in self.dirty.drain(..) {
+        for at in self.dirty.drain(..) {
             // Closed windows are gone from the cache (and were written when closed).
-            if let Some(c) = self.open.get_mut(&k.bucket()).and_then(|b| b.cached.get_mut(&k.key)) {
+            if let Some(c) = self.windows.get_mut(&at) {
                 if c.dirty {
-                    store.put_open(&k, &c.state);
+                    store.put_open(&WindowKey::new(at.bucket, Arc::clone(self.keys.key(at.group))), &c.state);
                     c.dirty = false;
                     c.stored = true;
                 }
@@ -319,27 +486,11 @@ impl WindowOperator {
             store.expire_seen(w.saturating_sub(self.settings.dedupe_horizon_ms))?;
         }
         self.flushes = self.flushes.wrapping_add(1);
-        if self.cached > self.capacity {
+        if self.windows.len() > self.capacity {
             self.evict();
         }
         self.keys.sweep_if_grown();
         Ok(())
-    }
-
-    /// An open window's state (from the cache, else the store) and whether the store
-    /// has it. A window missing from a bucket that is all cached, or from every bucket,
-    /// needs no store lookup: the common case of a pulse opening a new window.
-    fn lookup_open<S: WindowStore>(&self, k: &WindowKey, store: &mut S) -> Result<(Option<WindowState>, bool), S::Error> {
-        let Some(bucket) = self.open.get(&k.bucket()) else { return Ok((None, false)) };
-        if let Some(c) = bucket.cached.get(&k.key) {
-            return Ok((Some(c.state.clone()), c.stored));
-        }
-        if bucket.all_cached {
-            return Ok((None, false));
-        }
-        let state = store.get_open(k)?;
-        let stored = state.is_some();
-        Ok((state, stored))
     }
 
     /// Drops the least recently used clean windows down to three quarters of the
@@ -348,12 +499,11 @@ impl WindowOperator {
     fn evict(&mut self) {
         let target = self.capacity - self.capacity / 4;
         let s = &self.settings;
-        let evictable = |b: &Bucket, c: &Cached| {
-            !c.dirty && !(c.state.updated_since_emit && s.windows[b.window as usize].emit == EmitMode::Updates)
+        let evictable = |at: &WindowRef, c: &Cached| {
+            !c.dirty && !(c.state.updated_since_emit && s.windows[at.bucket.window as usize].emit == EmitMode::Updates)
         };
-        let mut used: Vec<u32> =
-            self.open.iter().flat_map(|(b, m)| m.cached.values().filter(move |c| evictable(b, c)).map(|c| c.used)).collect();
-        let excess = self.cached.saturating_sub(target).min(used.len());
+        let mut used: Vec<u32> = self.windows.iter().filter(|(at, c)| evictable(at, c)).map(|(_, c)| c.used).collect();
+        let excess = self.windows.len().saturating_sub(target).min(used.len());
         if excess == 0 {
             return;
         }
@@ -363,21 +513,25 @@ impl WindowOperator {
         used.sort_unstable_by_key(|u| std::cmp::Reverse(age(*u)));
         let youngest_evicted = age(used[excess - 1]);
         let mut evicted = 0;
-        for (b, m) in self.open.iter_mut() {
-            let before = evicted;
-            m.cached.retain(|_, c| {
-                let evict = evicted < excess && evictable(b, c) && age(c.used) >= youngest_evicted;
-                evicted += usize::from(evict);
-                !evict
-            });
-            if evicted > before {
-                m.all_cached = false;
-                if m.cached.capacity() > 2 * m.cached.len().max(8) {
-                    m.cached.shrink_to_fit();
+        let (open, keys) = (&mut self.open, &mut self.keys);
+        self.windows.retain(|at, c| {
+            let evict = evicted < excess && evictable(at, c) && age(c.used) >= youngest_evicted;
+            if evict {
+                evicted += 1;
+                keys.window_removed(at.group);
+                if let Some(b) = open.get_mut(&at.bucket) {
+                    b.all_cached = false;
                 }
             }
+            !evict
+        });
+        // Members are exactly the cached windows: drop the evicted ones.
+        for (bucket, b) in self.open.iter_mut().filter(|(_, b)| !b.all_cached) {
+            b.members.retain(|&group| self.windows.contains_key(&WindowRef { bucket: *bucket, group }));
+            if b.members.capacity() > 2 * b.members.len().max(8) {
+                b.members.shrink_to_fit();
+            }
         }
-        self.cached -= evicted;
     }
 
     fn close_ready<S: WindowStore>(&mut self, wall_ms: i64, store: &mut S, out: &mut Vec<Output>) -> Result<(), S::Error> {
@@ -396,22 +550,23 @@ impl WindowOperator {
         store: &mut S,
         out: &mut Vec<Output>,
     ) -> Result<(), S::Error> {
-        let OpenBucket { mut cached, all_cached } = open;
-        self.cached -= cached.len();
-        let mut windows: Vec<(Arc<GroupKey>, WindowState, bool)> = Vec::with_capacity(cached.len());
-        if !all_cached {
+        let mut windows: Vec<(Arc<GroupKey>, WindowState, bool)> = Vec::with_capacity(open.members.len());
+        if !open.all_cached {
             for (k, state) in store.open_in(bucket)? {
-                match cached.remove(&k.key) {
-                    Some(c) => windows.push((k.key, c.state, true)),
-                    None => windows.push((k.key, state, true)),
-                }
+                // The cache has the newer state of the windows it holds.
+                let cached = self.keys.find(&k.key).and_then(|group| self.take(WindowRef { bucket, group }));
+                windows.push((k.key, cached.map_or(state, |c| c.state), true));
             }
         }
-        windows.extend(cached.into_iter().map(|(key, c)| (key, c.state, c.stored)));
+        for group in open.members {
+            if let Some(c) = self.take(WindowRef { bucket, group }) {
+                windows.push((Arc::clone(self.keys.key(group)), c.state, c.stored));
+            }
+        }
         windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, mut state, stored) in windows {
             let k = WindowKey::new(bucket, key);
-            out.push(Output::Aggregate { record: self.record(&k, &state, true, wall_ms), correction: false });
+            out.push(Output::Aggregate { record: record(&self.settings, &k, &state, true, wall_ms), correction: false });
             state.next_revision += 1;
             state.updated_since_emit = false;
             if stored {
@@ -422,20 +577,33 @@ impl WindowOperator {
         Ok(())
     }
 
+    /// Removes a window from the cache.
+    fn take(&mut self, at: WindowRef) -> Option<Cached> {
+        let c = self.windows.remove(&at)?;
+        self.keys.window_removed(at.group);
+        Some(c)
+    }
+
     /// Interim records of `emit = "updates"` windows. Such a window is not evicted
     /// while an update is due, so the cache holds all of them.
     fn emit_updates(&mut self, wall_ms: i64, out: &mut Vec<Output>) {
-        let s = Arc::clone(&self.settings);
-        for (bucket, open) in self.open.iter_mut() {
+        let s = &self.settings;
+        if !s.windows.iter().any(|spec| spec.emit == EmitMode::Updates) {
+            return;
+        }
+        for (bucket, open) in &self.open {
             let spec = &s.windows[bucket.window as usize];
             if spec.emit != EmitMode::Updates {
                 continue;
             }
-            for (key, c) in open.cached.iter_mut() {
+            for &group in &open.members {
+                let at = WindowRef { bucket: *bucket, group };
+                let Some(c) = self.windows.get_mut(&at) else { continue };
                 let st = &mut c.state;
                 if !st.updated_since_emit || wall_ms.saturating_sub(st.last_emit_wall_ms) < s.update_interval_ms {
                     continue;
                 }
+                let key = self.keys.key(group);
                 out.push(Output::Aggregate {
                     record: WindowAggregate::new(key, &spec.name, bucket.start, bucket.end, &st.acc, st.next_revision, false, wall_ms),
                     correction: false,
@@ -444,14 +612,15 @@ impl WindowOperator {
                 st.updated_since_emit = false;
                 st.last_emit_wall_ms = wall_ms;
                 if c.touch(self.flushes) {
-                    self.dirty.push(WindowKey::new(*bucket, Arc::clone(key)));
+                    self.dirty.push(at);
                 }
             }
         }
     }
+}
 
-    fn record(&self, k: &WindowKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
-        let name = &self.settings.windows[k.window as usize].name;
-        WindowAggregate::new(&k.key, name, k.start, k.end, &st.acc, st.next_revision, is_final, wall_ms)
-    }
+/// The record of window `k` in state `st`.
+fn record(settings: &WindowSettings, k: &WindowKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
+    let name = &settings.windows[k.window as usize].name;
+    WindowAggregate::new(&k.key, name, k.start, k.end, &st.acc, st.next_revision, is_final, wall_ms)
 }

@@ -3,9 +3,10 @@
 //! ([`crate::state`]) implements the same trait.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use hashbrown::hash_table::{self, HashTable};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Accumulator, GroupKey};
@@ -92,62 +93,70 @@ pub struct MemoryStore {
     watermark: Option<Watermark>,
     open: HashMap<WindowKey, WindowState>,
     closed: BTreeMap<WindowKey, WindowState>,
-    seen: hashbrown::HashMap<SeenId, i64, foldhash::fast::RandomState>,
-    /// Every mark in marking order, for expiry. Marks are made at the watermark, which
-    /// never decreases, so this is also time order; a mark superseded by a later one
-    /// is skipped when it expires.
-    seen_order: VecDeque<(i64, SeenId)>,
-    scratch: String,
+    seen: SeenIds,
 }
 
-/// A counted pulse_id of a tenant, in one shared allocation (the map and the expiry
-/// queue hold the same one).
-#[derive(Debug, Clone)]
+/// Counted pulse_ids: a hash table whose entries keep their hash (a pulse's id is
+/// hashed once per lookup, never again on growth) and an expiry queue of marks.
+#[derive(Debug, Default)]
+struct SeenIds {
+    table: HashTable<SeenId>,
+    hasher: foldhash::fast::RandomState,
+    /// Every mark (time and hash) in marking order, for expiry. Marks are made at the
+    /// watermark, which never decreases, so this is also time order.
+    order: VecDeque<(i64, u64)>,
+}
+
+/// A counted pulse_id of a tenant and when it was marked.
+#[derive(Debug)]
 struct SeenId {
-    text: Arc<str>,
+    hash: u64,
+    at: i64,
+    /// Tenant and pulse_id joined, in one allocation.
+    text: Box<str>,
     tenant_len: usize,
 }
 
 impl SeenId {
-    /// Joins the parts in `scratch` first, so the id costs one allocation.
-    fn new(tenant: &str, pulse_id: &str, scratch: &mut String) -> Self {
-        scratch.clear();
-        scratch.push_str(tenant);
-        scratch.push_str(pulse_id);
-        Self { text: Arc::from(scratch.as_str()), tenant_len: tenant.len() }
-    }
-
-    fn parts(&self) -> (&str, &str) {
-        self.text.split_at(self.tenant_len)
+    fn is(&self, hash: u64, tenant: &str, pulse_id: &str) -> bool {
+        self.hash == hash && self.text.split_at(self.tenant_len) == (tenant, pulse_id)
     }
 }
 
-impl PartialEq for SeenId {
-    fn eq(&self, other: &Self) -> bool {
-        self.parts() == other.parts()
+impl SeenIds {
+    fn hash(&self, tenant: &str, pulse_id: &str) -> u64 {
+        self.hasher.hash_one((tenant, pulse_id))
     }
-}
 
-impl Eq for SeenId {}
-
-impl Hash for SeenId {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.parts().hash(state); // as SeenRef hashes
+    fn contains(&self, tenant: &str, pulse_id: &str) -> bool {
+        let hash = self.hash(tenant, pulse_id);
+        self.table.find(hash, |id| id.is(hash, tenant, pulse_id)).is_some()
     }
-}
 
-/// A [`SeenId`] borrowed from a pulse, for lookups that allocate nothing.
-struct SeenRef<'a>(&'a str, &'a str);
-
-impl Hash for SeenRef<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        (self.0, self.1).hash(state);
+    fn mark(&mut self, tenant: &str, pulse_id: &str, at: i64) {
+        let hash = self.hash(tenant, pulse_id);
+        match self.table.entry(hash, |id| id.is(hash, tenant, pulse_id), |id| id.hash) {
+            hash_table::Entry::Occupied(mut e) => e.get_mut().at = at,
+            hash_table::Entry::Vacant(e) => {
+                let mut text = String::with_capacity(tenant.len() + pulse_id.len());
+                text.push_str(tenant);
+                text.push_str(pulse_id);
+                e.insert(SeenId { hash, at, text: text.into_boxed_str(), tenant_len: tenant.len() });
+            }
+        }
+        self.order.push_back((at, hash));
     }
-}
 
-impl hashbrown::Equivalent<SeenId> for SeenRef<'_> {
-    fn equivalent(&self, id: &SeenId) -> bool {
-        (self.0, self.1) == id.parts()
+    fn expire(&mut self, at_most: i64) {
+        while let Some(&(at, hash)) = self.order.front().filter(|(at, _)| *at <= at_most) {
+            self.order.pop_front();
+            // A mark superseded by a later one of the same id finds nothing. Two ids with
+            // the same hash and mark time expire together, so which one goes first does
+            // not matter.
+            if let Ok(e) = self.table.find_entry(hash, |id| id.hash == hash && id.at == at) {
+                e.remove();
+            }
+        }
     }
 }
 
@@ -157,7 +166,7 @@ impl MemoryStore {
     }
 
     pub fn seen_len(&self) -> usize {
-        self.seen.len()
+        self.seen.table.len()
     }
 
     pub fn open_len(&self) -> usize {
@@ -202,20 +211,13 @@ impl WindowStore for MemoryStore {
         Ok(())
     }
     fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error> {
-        Ok(self.seen.contains_key(&SeenRef(tenant, pulse_id)))
+        Ok(self.seen.contains(tenant, pulse_id))
     }
     fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
-        let id = SeenId::new(tenant, pulse_id, &mut self.scratch);
-        self.seen.insert(id.clone(), at);
-        self.seen_order.push_back((at, id));
+        self.seen.mark(tenant, pulse_id, at);
     }
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error> {
-        while self.seen_order.front().is_some_and(|(at, _)| *at <= at_most) {
-            let Some((at, id)) = self.seen_order.pop_front() else { break };
-            if self.seen.get(&id) == Some(&at) {
-                self.seen.remove(&id);
-            }
-        }
+        self.seen.expire(at_most);
         Ok(())
     }
 }
