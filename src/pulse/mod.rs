@@ -10,8 +10,11 @@ pub mod time;
 pub mod validate;
 pub mod wire;
 
+use std::fmt;
+
 use rust_decimal::Decimal;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 
 pub use validate::{validate, Rejection, RejectReason};
 
@@ -40,6 +43,52 @@ pub struct GroupedPulse {
     #[serde(with = "time::rfc3339_ms")]
     pub event_time: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    pub attributes: Option<Attributes>,
     pub source: SourceRef,
+}
+
+/// A pulse's free-form `attributes`: a JSON object, kept as its JSON text. pulses only
+/// carries them through, so they are checked to be an object but not parsed into a
+/// map (which cost three allocations per pulse, a tenth of decoding).
+#[derive(Clone, Serialize)]
+#[serde(transparent)]
+pub struct Attributes(Box<RawValue>);
+
+impl Attributes {
+    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> Result<Self, serde_json::Error> {
+        serde_json::value::to_raw_value(map).map(Self)
+    }
+
+    pub fn to_map(&self) -> Result<serde_json::Map<String, serde_json::Value>, serde_json::Error> {
+        serde_json::from_str(self.0.get())
+    }
+
+    /// The JSON text, as the producer wrote it.
+    pub fn json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl<'de> Deserialize<'de> for Attributes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d)?;
+        if raw.get().starts_with('{') {
+            Ok(Self(raw))
+        } else {
+            Err(serde::de::Error::custom(format!("attributes must be a JSON object, not {}", raw.get())))
+        }
+    }
+}
+
+/// Equal when they hold the same object, however it is spaced.
+impl PartialEq for Attributes {
+    fn eq(&self, other: &Self) -> bool {
+        self.json() == other.json() || matches!((self.to_map(), other.to_map()), (Ok(a), Ok(b)) if a == b)
+    }
+}
+
+impl fmt::Debug for Attributes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.json())
+    }
 }

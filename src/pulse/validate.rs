@@ -160,7 +160,10 @@ fn identifier(field: &str, value: Option<&str>) -> Result<String, Rejection> {
             format!("{field} has {} characters, at most {MAX_ID_LEN} are allowed", v.chars().count()),
         ));
     }
-    if let Some(bad) = v.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
+    // Every allowed character is ASCII: bytes are checked, the offending char is named.
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+    if let Some(at) = v.bytes().position(|b| !allowed(b)) {
+        let bad = v.get(at..).and_then(|rest| rest.chars().next()).unwrap_or(char::REPLACEMENT_CHARACTER);
         return Err(Rejection::new(
             RejectReason::InvalidField,
             format!("{field} contains {bad:?}; allowed are A-Z a-z 0-9 . _ : -"),
@@ -257,6 +260,7 @@ mod tests {
             "attributes":{"region":"eu-west-1"}}"#);
         assert_eq!(p.used_amount.to_string(), "12.50");
         assert_eq!(p.event_time, 1_795_341_600_123);
+        assert_eq!(p.attributes.as_ref().map(|a| a.json()), Some(r#"{"region":"eu-west-1"}"#));
         assert_eq!(p.pulse_id, "p1");
         assert_eq!(p.source, SourceRef { topic: "source.pulses".into(), partition: 2, offset: 7 });
         assert_eq!(p.object_id, ids::object_id("source.pulses", 2, 7));
@@ -299,6 +303,13 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_identifier_names_its_first_bad_character() {
+        let err = validate(r#"{"tenant_id":"acmé-1 x","product_sku":"s","use_unit":"u","used_amount":1}"#.as_bytes(), &CTX).unwrap_err();
+        assert_eq!(err.reason, RejectReason::InvalidField);
+        assert!(err.detail.starts_with("tenant_id contains 'é';"), "{}", err.detail);
+    }
+
+    #[test]
     fn missing_pulse_id_is_deterministic_from_the_source_position() {
         let a = ok(&format!(r#"{{{BASE},"used_amount":1}}"#));
         assert_eq!(a.pulse_id, a.object_id);
@@ -320,6 +331,9 @@ mod tests {
             (br#"{"tenant_id":"a b","product_sku":"s","use_unit":"u","used_amount":1}"#.to_vec(), RejectReason::InvalidField),
             (br#"{"tenant_id":"","product_sku":"s","use_unit":"u","used_amount":1}"#.to_vec(), RejectReason::InvalidField),
             (format!(r#"{{"tenant_id":"{long}","product_sku":"s","use_unit":"u","used_amount":1}}"#).into_bytes(), RejectReason::FieldTooLong),
+            (format!(r#"{{{BASE},"used_amount":1,"attributes":["region"]}}"#).into_bytes(), RejectReason::InvalidField),
+            (format!(r#"{{{BASE},"used_amount":1,"attributes":"eu"}}"#).into_bytes(), RejectReason::InvalidField),
+            (format!(r#"{{{BASE},"used_amount":1,"attributes":{{"region":}}}}"#).into_bytes(), RejectReason::InvalidJson),
             (format!(r#"{{{BASE},"used_amount":"-1.5"}}"#).into_bytes(), RejectReason::NegativeAmount),
             (format!(r#"{{{BASE},"used_amount":-0.01}}"#).into_bytes(), RejectReason::NegativeAmount),
             (format!(r#"{{{BASE},"used_amount":"12,5"}}"#).into_bytes(), RejectReason::InvalidAmount),

@@ -11,7 +11,7 @@ use apache_avro::schema_compatibility::SchemaCompatibility;
 use rust_decimal::Decimal;
 
 use super::{aggregate_from_value, aggregate_to_value, grouped_from_value, grouped_to_value};
-use crate::pulse::{GroupedPulse, SourceRef};
+use crate::pulse::{Attributes, GroupedPulse, SourceRef};
 use crate::window::WindowAggregate;
 
 /// The schema files pulses uses, in `schemas/`.
@@ -140,7 +140,7 @@ fn sample_grouped() -> GroupedPulse {
         use_unit: "GB".into(),
         used_amount: Decimal::new(1250, 2),
         event_time: 1_795_341_600_123,
-        attributes: Some(attributes),
+        attributes: Attributes::from_map(&attributes).ok(),
         source: SourceRef { topic: "source.pulses".into(), partition: 2, offset: 7 },
     }
 }

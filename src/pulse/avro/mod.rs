@@ -19,7 +19,7 @@ use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
 use super::json::RawPulse;
-use super::{GroupedPulse, RejectReason, Rejection, SourceRef};
+use super::{Attributes, GroupedPulse, RejectReason, Rejection, SourceRef};
 use crate::window::WindowAggregate;
 
 /// `schemas/pulse.avsc`: what producers write to `source.pulses`.
@@ -64,7 +64,7 @@ pub struct AvroPulse {
     use_unit: Option<String>,
     used_amount: Option<Box<RawValue>>,
     timestamp: Option<Box<RawValue>>,
-    attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    attributes: Option<Attributes>,
 }
 
 impl AvroPulse {
@@ -198,7 +198,7 @@ fn timestamp_field(value: Value) -> Result<Option<Box<RawValue>>, Rejection> {
     Ok(Some(raw_json(ms.to_string())))
 }
 
-fn attributes_field(value: Value) -> Result<Option<serde_json::Map<String, serde_json::Value>>, Rejection> {
+fn attributes_field(value: Value) -> Result<Option<Attributes>, Rejection> {
     let bad = |why: String| Rejection::new(RejectReason::InvalidField, format!("attributes: {why}"));
     match value {
         Value::Null => Ok(None),
@@ -207,7 +207,7 @@ fn attributes_field(value: Value) -> Result<Option<serde_json::Map<String, serde
             for (k, v) in m {
                 out.insert(k, serde_json::Value::try_from(v).map_err(|e| bad(e.to_string()))?);
             }
-            Ok(Some(out))
+            Attributes::from_map(&out).map(Some).map_err(|e| bad(e.to_string()))
         }
         other => Err(bad(format!("must be a map, is Avro {}", kind(&other)))),
     }
@@ -222,10 +222,14 @@ fn kind(v: &Value) -> String {
 pub fn grouped_to_value(p: &GroupedPulse) -> Value {
     let attributes = match &p.attributes {
         None => Value::Union(0, Box::new(Value::Null)),
-        Some(map) => Value::Union(
+        // Attributes are a JSON object by construction: reading them cannot fail.
+        Some(attributes) => Value::Union(
             1,
             Box::new(Value::Map(
-                map.iter()
+                attributes
+                    .to_map()
+                    .unwrap_or_default()
+                    .iter()
                     .map(|(k, v)| {
                         let s = match v {
                             serde_json::Value::String(s) => s.clone(),
@@ -334,14 +338,16 @@ pub fn grouped_from_value(value: Value) -> Result<GroupedPulse, ReadError> {
     let mut f = Fields::of(value)?;
     let attributes = match f.take("attributes")? {
         Value::Null => None,
-        Value::Map(m) => Some(
-            m.into_iter()
+        Value::Map(m) => {
+            let map = m
+                .into_iter()
                 .map(|(k, v)| match v {
                     Value::String(s) => Ok((k, serde_json::Value::String(s))),
                     v => Err(ReadError(format!("attribute {k} is Avro {}, not a string", kind(&v)))),
                 })
-                .collect::<Result<_, _>>()?,
-        ),
+                .collect::<Result<_, _>>()?;
+            Some(Attributes::from_map(&map).map_err(|e| ReadError(format!("attributes: {e}")))?)
+        }
         v => return Err(ReadError(format!("attributes is Avro {}, not a map", kind(&v)))),
     };
     let mut source = Fields::of(f.take("source")?)?;
