@@ -45,8 +45,8 @@ impl LateReason {
     }
 }
 
-/// The hasher of the operator's maps: their keys are small numbers and bounds, so a
-/// fast non-cryptographic mixer is enough.
+/// The hasher of the operator's maps: their keys are small numbers, so a fast
+/// non-cryptographic mixer is enough.
 type FastHash = foldhash::fast::RandomState;
 
 /// Open windows a fresh operator keeps in memory until told otherwise
@@ -56,8 +56,8 @@ pub const DEFAULT_CACHE_WINDOWS: usize = 250_000;
 /// A group key's index in the operator's [`KeyTable`].
 type GroupId = u32;
 
-/// One cached window: a group's window in a bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// One window: a group's window in a bucket.
+#[derive(Debug, Clone, Copy)]
 struct WindowRef {
     bucket: Bucket,
     group: GroupId,
@@ -84,11 +84,12 @@ impl Cached {
     }
 }
 
-/// A bucket with at least one open window.
+/// The open windows of one bucket that are held in memory, by group. One map per
+/// bucket, not one for all: a bucket's map is freed when it closes, and many small
+/// maps waste less than one large one whose size doubles (30 MiB at a million keys).
 #[derive(Default)]
 struct OpenBucket {
-    /// The groups whose window of this bucket is cached, each once.
-    members: Vec<GroupId>,
+    cached: HashMap<GroupId, Cached, FastHash>,
     /// Every open window of the bucket is cached (it opened in this operator and lost
     /// none to eviction): lookups that miss and closing need not read the store.
     all_cached: bool,
@@ -204,11 +205,11 @@ impl KeyTable {
 pub struct WindowOperator {
     settings: Arc<WindowSettings>,
     watermark: Watermark,
-    /// Every bucket with an open window (in closing order), with the groups whose
-    /// window of it is cached; the others are only in the store.
+    /// Every bucket with an open window (in closing order), with those of its windows
+    /// that are cached; the others are only in the store.
     open: BTreeMap<Bucket, OpenBucket>,
-    /// The cached open windows.
-    windows: HashMap<WindowRef, Cached, FastHash>,
+    /// Windows cached in all buckets, and how many may be (beyond it, evict).
+    cached: usize,
     capacity: usize,
     /// Cached windows whose `dirty` flag was set since the last flush.
     dirty: Vec<WindowRef>,
@@ -226,8 +227,9 @@ pub struct WindowOperator {
 enum Change {
     /// A cached window, updated in place; `prior` is what it was.
     Updated { at: WindowRef, prior: Prior },
-    /// A window newly in the cache (new, or read from the store).
-    Cached { at: WindowRef },
+    /// A window newly in the cache (new, or read from the store), in a bucket that
+    /// opened for it if `new_bucket`.
+    Cached { at: WindowRef, new_bucket: bool },
     /// A closed window: a correction, written when committed.
     Corrected { key: WindowKey, state: WindowState },
 }
@@ -249,7 +251,7 @@ impl WindowOperator {
             settings,
             watermark,
             open,
-            windows: HashMap::default(),
+            cached: 0,
             capacity: DEFAULT_CACHE_WINDOWS,
             dirty: Vec::new(),
             flushes: 0,
@@ -272,7 +274,13 @@ impl WindowOperator {
 
     /// Open windows held in memory (all open windows are in the store after a flush).
     pub fn cached_windows(&self) -> usize {
-        self.windows.len()
+        self.cached
+    }
+
+    /// Group keys held in memory: those of cached windows, and those interned since
+    /// the last sweep.
+    pub fn group_keys(&self) -> usize {
+        self.keys.slots.len() - self.keys.free.len()
     }
 
     /// Buckets (window size and bounds) with at least one open window.
@@ -321,11 +329,10 @@ impl WindowOperator {
                         self.dirty.push(at);
                     }
                 }
-                Change::Cached { at } => {
+                Change::Cached { at, .. } => {
                     self.dirty.push(at);
-                    self.keys.window_added(group);
-                    let bucket = self.open.entry(at.bucket).or_insert_with(|| OpenBucket { all_cached: true, ..Default::default() });
-                    bucket.members.push(group);
+                    self.cached += 1;
+                    self.keys.window_added(at.group);
                 }
                 Change::Corrected { key, mut state } => {
                     // Re-emit the closed window with the next revision.
@@ -372,7 +379,9 @@ impl WindowOperator {
                 continue;
             }
             let at = WindowRef { bucket, group };
-            match self.windows.entry(at) {
+            let new_bucket = !self.open.contains_key(&bucket);
+            let open = self.open.entry(bucket).or_insert_with(|| OpenBucket { all_cached: true, ..Default::default() });
+            match open.cached.entry(group) {
                 hash_map::Entry::Occupied(mut e) => {
                     let c = e.get_mut();
                     let prior = Prior { state: c.state.clone(), dirty: c.dirty, used: c.used };
@@ -385,9 +394,10 @@ impl WindowOperator {
                 }
                 hash_map::Entry::Vacant(e) => {
                     // Not cached: the store has it only if its bucket is not all cached.
-                    let stored = match self.open.get(&bucket) {
-                        Some(b) if !b.all_cached => store.get_open(&WindowKey::new(bucket, Arc::clone(self.keys.key(group))))?,
-                        _ => None,
+                    let stored = if open.all_cached {
+                        None
+                    } else {
+                        store.get_open(&WindowKey::new(bucket, Arc::clone(self.keys.key(group))))?
                     };
                     let in_store = stored.is_some();
                     let state = match stored {
@@ -401,7 +411,7 @@ impl WindowOperator {
                         }
                     };
                     e.insert(Cached { state, dirty: true, stored: in_store, used: self.flushes });
-                    changes.push(Change::Cached { at });
+                    changes.push(Change::Cached { at, new_bucket });
                 }
             }
         }
@@ -413,12 +423,16 @@ impl WindowOperator {
         while let Some(change) = changes.pop() {
             match change {
                 Change::Updated { at, prior } => {
-                    if let Some(c) = self.windows.get_mut(&at) {
+                    if let Some(c) = self.window_mut(at) {
                         (c.state, c.dirty, c.used) = (prior.state, prior.dirty, prior.used);
                     }
                 }
-                Change::Cached { at } => {
-                    self.windows.remove(&at);
+                Change::Cached { at, new_bucket } => {
+                    if new_bucket {
+                        self.open.remove(&at.bucket);
+                    } else if let Some(open) = self.open.get_mut(&at.bucket) {
+                        open.cached.remove(&at.group);
+                    }
                 }
                 Change::Corrected { .. } => {}
             }
@@ -470,7 +484,7 @@ impl WindowOperator {
     pub fn flush<S: WindowStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
         for at in self.dirty.drain(..) {
             // Closed windows are gone from the cache (and were written when closed).
-            if let Some(c) = self.windows.get_mut(&at) {
+            if let Some(c) = self.open.get_mut(&at.bucket).and_then(|b| b.cached.get_mut(&at.group)) {
                 if c.dirty {
                     store.put_open(&WindowKey::new(at.bucket, Arc::clone(self.keys.key(at.group))), &c.state);
                     c.dirty = false;
@@ -486,7 +500,7 @@ impl WindowOperator {
             store.expire_seen(w.saturating_sub(self.settings.dedupe_horizon_ms))?;
         }
         self.flushes = self.flushes.wrapping_add(1);
-        if self.windows.len() > self.capacity {
+        if self.cached > self.capacity {
             self.evict();
         }
         self.keys.sweep_if_grown();
@@ -499,11 +513,12 @@ impl WindowOperator {
     fn evict(&mut self) {
         let target = self.capacity - self.capacity / 4;
         let s = &self.settings;
-        let evictable = |at: &WindowRef, c: &Cached| {
-            !c.dirty && !(c.state.updated_since_emit && s.windows[at.bucket.window as usize].emit == EmitMode::Updates)
+        let evictable = |b: &Bucket, c: &Cached| {
+            !c.dirty && !(c.state.updated_since_emit && s.windows[b.window as usize].emit == EmitMode::Updates)
         };
-        let mut used: Vec<u32> = self.windows.iter().filter(|(at, c)| evictable(at, c)).map(|(_, c)| c.used).collect();
-        let excess = self.windows.len().saturating_sub(target).min(used.len());
+        let mut used: Vec<u32> =
+            self.open.iter().flat_map(|(b, m)| m.cached.values().filter(move |c| evictable(b, c)).map(|c| c.used)).collect();
+        let excess = self.cached.saturating_sub(target).min(used.len());
         if excess == 0 {
             return;
         }
@@ -513,25 +528,25 @@ impl WindowOperator {
         used.sort_unstable_by_key(|u| std::cmp::Reverse(age(*u)));
         let youngest_evicted = age(used[excess - 1]);
         let mut evicted = 0;
-        let (open, keys) = (&mut self.open, &mut self.keys);
-        self.windows.retain(|at, c| {
-            let evict = evicted < excess && evictable(at, c) && age(c.used) >= youngest_evicted;
-            if evict {
-                evicted += 1;
-                keys.window_removed(at.group);
-                if let Some(b) = open.get_mut(&at.bucket) {
-                    b.all_cached = false;
+        let keys = &mut self.keys;
+        for (b, m) in self.open.iter_mut() {
+            let before = evicted;
+            m.cached.retain(|&group, c| {
+                let evict = evicted < excess && evictable(b, c) && age(c.used) >= youngest_evicted;
+                if evict {
+                    evicted += 1;
+                    keys.window_removed(group);
+                }
+                !evict
+            });
+            if evicted > before {
+                m.all_cached = false;
+                if m.cached.capacity() > 2 * m.cached.len().max(8) {
+                    m.cached.shrink_to_fit();
                 }
             }
-            !evict
-        });
-        // Members are exactly the cached windows: drop the evicted ones.
-        for (bucket, b) in self.open.iter_mut().filter(|(_, b)| !b.all_cached) {
-            b.members.retain(|&group| self.windows.contains_key(&WindowRef { bucket: *bucket, group }));
-            if b.members.capacity() > 2 * b.members.len().max(8) {
-                b.members.shrink_to_fit();
-            }
         }
+        self.cached -= evicted;
     }
 
     fn close_ready<S: WindowStore>(&mut self, wall_ms: i64, store: &mut S, out: &mut Vec<Output>) -> Result<(), S::Error> {
@@ -550,18 +565,19 @@ impl WindowOperator {
         store: &mut S,
         out: &mut Vec<Output>,
     ) -> Result<(), S::Error> {
-        let mut windows: Vec<(Arc<GroupKey>, WindowState, bool)> = Vec::with_capacity(open.members.len());
-        if !open.all_cached {
+        let OpenBucket { mut cached, all_cached } = open;
+        self.cached -= cached.len();
+        let mut windows: Vec<(Arc<GroupKey>, WindowState, bool)> = Vec::with_capacity(cached.len());
+        if !all_cached {
             for (k, state) in store.open_in(bucket)? {
                 // The cache has the newer state of the windows it holds.
-                let cached = self.keys.find(&k.key).and_then(|group| self.take(WindowRef { bucket, group }));
-                windows.push((k.key, cached.map_or(state, |c| c.state), true));
+                let newer = self.keys.find(&k.key).and_then(|group| cached.remove(&group).inspect(|_| self.keys.window_removed(group)));
+                windows.push((k.key, newer.map_or(state, |c| c.state), true));
             }
         }
-        for group in open.members {
-            if let Some(c) = self.take(WindowRef { bucket, group }) {
-                windows.push((Arc::clone(self.keys.key(group)), c.state, c.stored));
-            }
+        for (group, c) in cached {
+            self.keys.window_removed(group);
+            windows.push((Arc::clone(self.keys.key(group)), c.state, c.stored));
         }
         windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, mut state, stored) in windows {
@@ -577,11 +593,8 @@ impl WindowOperator {
         Ok(())
     }
 
-    /// Removes a window from the cache.
-    fn take(&mut self, at: WindowRef) -> Option<Cached> {
-        let c = self.windows.remove(&at)?;
-        self.keys.window_removed(at.group);
-        Some(c)
+    fn window_mut(&mut self, at: WindowRef) -> Option<&mut Cached> {
+        self.open.get_mut(&at.bucket)?.cached.get_mut(&at.group)
     }
 
     /// Interim records of `emit = "updates"` windows. Such a window is not evicted
@@ -591,14 +604,12 @@ impl WindowOperator {
         if !s.windows.iter().any(|spec| spec.emit == EmitMode::Updates) {
             return;
         }
-        for (bucket, open) in &self.open {
+        for (bucket, open) in self.open.iter_mut() {
             let spec = &s.windows[bucket.window as usize];
             if spec.emit != EmitMode::Updates {
                 continue;
             }
-            for &group in &open.members {
-                let at = WindowRef { bucket: *bucket, group };
-                let Some(c) = self.windows.get_mut(&at) else { continue };
+            for (&group, c) in open.cached.iter_mut() {
                 let st = &mut c.state;
                 if !st.updated_since_emit || wall_ms.saturating_sub(st.last_emit_wall_ms) < s.update_interval_ms {
                     continue;
@@ -612,7 +623,7 @@ impl WindowOperator {
                 st.updated_since_emit = false;
                 st.last_emit_wall_ms = wall_ms;
                 if c.touch(self.flushes) {
-                    self.dirty.push(at);
+                    self.dirty.push(WindowRef { bucket: *bucket, group });
                 }
             }
         }

@@ -285,3 +285,25 @@ fn evicting_keeps_windows_with_an_interim_update_due() {
     assert_eq!(bounded.len(), unbounded.len());
     assert!(bounded == unbounded, "first difference: {:?}", bounded.iter().zip(&unbounded).find(|(a, b)| a != b));
 }
+
+#[test]
+fn keys_of_closed_windows_are_forgotten() {
+    let mut h = Harness::new(settings());
+    h.op.set_cache_capacity(1);
+    // Each group's windows are evicted after its first pulse and read back from the
+    // store for its second (then kept), so they close from the store and the cache.
+    for round in 0..2 {
+        for g in 0..3_000 {
+            h.send(pulse(&format!("p{round}-{g}"), &format!("t{g}"), "1", 100 + round));
+        }
+        h.op.set_cache_capacity(usize::MAX);
+    }
+    assert_eq!(h.op.cached_windows(), 2 * 3_000);
+    // Past retention: every window closes; new groups make the table sweep.
+    for g in 0..3_000 {
+        h.send(pulse(&format!("q{g}"), &format!("u{g}"), "1", 100_000));
+    }
+    let finals = h.aggregates().iter().filter(|a| a.1 == 0 && a.5).count();
+    assert_eq!(finals, 2 * 3_000, "every group's inflight and postflight window closed");
+    assert!(h.op.group_keys() <= 3_000 + 1_024, "keys of closed windows stay: {}", h.op.group_keys());
+}
