@@ -2,7 +2,7 @@
 //! with an in-memory implementation for tests and benchmarks. The RocksDB store
 //! ([`crate::state`]) implements the same trait.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -91,7 +91,8 @@ pub trait WindowStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     watermark: Option<Watermark>,
-    open: HashMap<WindowKey, WindowState>,
+    /// Group keys carry their hash, so a fast mixer is enough (as in the operator).
+    open: hashbrown::HashMap<WindowKey, WindowState, foldhash::fast::RandomState>,
     closed: BTreeMap<WindowKey, WindowState>,
     seen: SeenIds,
 }
