@@ -10,9 +10,9 @@ use crate::pulse::{ids, time};
 
 /// What windows are grouped by.
 ///
-/// Its hash is computed once, when the key is made: a pulse touches one window per
-/// configured size, and each map lookup would otherwise hash the three strings again.
-/// Keys order by that hash first (then by content, so the order is total): only ties
+/// Its hash is computed once, when the key is made (the operator's key table and
+/// every store map use it instead of hashing the three strings again). Keys order by
+/// that hash first (then by content, so the order is total): only ties
 /// between windows with the same bounds reach it, and it spares them string compares.
 /// The hash has a fixed seed, so the order is the same in every process.
 ///

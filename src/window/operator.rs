@@ -216,8 +216,8 @@ pub struct WindowOperator {
     flushes: u32,
     watermark_dirty: bool,
     keys: KeyTable,
-    /// The bounds of one pulse's windows, and what counting it changed: reused from
-    /// pulse to pulse.
+    /// The bounds of the last pulse's windows, and what counting it changed: reused
+    /// from pulse to pulse.
     bounds: Vec<(i64, i64)>,
     changes: Vec<Change>,
 }
@@ -301,8 +301,15 @@ impl WindowOperator {
             return Ok(());
         }
         let s = &self.settings;
-        self.bounds.clear();
-        self.bounds.extend(s.windows.iter().map(|spec| window_bounds(pulse.event_time, spec.size_ms())));
+        // Consecutive pulses mostly fall in the same windows: the last bounds are kept
+        // while the event time is inside them (a compare instead of a division).
+        let t = pulse.event_time;
+        self.bounds.resize(s.windows.len(), (0, 0));
+        for ((start, end), spec) in self.bounds.iter_mut().zip(&s.windows) {
+            if !(*start <= t && t < *end) {
+                (*start, *end) = window_bounds(t, spec.size_ms());
+            }
+        }
         // Counted in every window or in none, so all window sizes sum to the same total.
         let w = self.watermark.current;
         if self.watermark.is_started() && self.bounds.iter().any(|(_, end)| end.saturating_add(s.retention_ms) <= w) {
