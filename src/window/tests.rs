@@ -209,6 +209,31 @@ fn inexact_sum_goes_to_late_in_no_window() {
     );
 }
 
+#[test]
+fn a_pulse_refused_by_a_later_window_is_undone_in_the_earlier_ones() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1000000000000000000", 500));
+    // Fits a new inflight window, not the postflight one: in no window, no new bucket.
+    h.send(pulse("b", "t1", "0.0000000000000000000000000001", 1_500));
+    assert!(matches!(h.out.last(), Some(Output::Late { reason: LateReason::InexactSum, .. })));
+    assert_eq!(h.op.open_buckets(), 2);
+    h.send(pulse("c", "t1", "1", 1_600));
+    h.send(pulse("d", "t1", "2", 1_700));
+    // Fits the cached inflight window, not the postflight one: that window is restored.
+    h.send(pulse("e", "t1", "0.0000000000000000000000000001", 1_800));
+    assert!(matches!(h.out.last(), Some(Output::Late { reason: LateReason::InexactSum, .. })));
+    h.out.clear();
+    h.send(pulse("f", "t1", "1", 16_000));
+    assert_eq!(
+        h.aggregates(),
+        vec![
+            agg("inflight", 0, 0, "1000000000000000000", 1),
+            agg("inflight", 1_000, 0, "3", 2),
+            agg("postflight", 0, 0, "1000000000000000003", 3)
+        ]
+    );
+}
+
 /// A stream with many groups, out-of-order and late pulses, duplicates and idle time,
 /// for comparing operators: (pulse, wall clock) in arrival order.
 fn busy_stream() -> Vec<(GroupedPulse, i64)> {
