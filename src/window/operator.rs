@@ -3,7 +3,7 @@
 //! (the idle advance and interim updates); unlike it, it has no I/O of its own: state
 //! goes through a [`WindowStore`] and results come back as [`Output`]s.
 
-use std::collections::BTreeMap;
+use std::collections::{btree_map, BTreeMap};
 use std::sync::Arc;
 
 use hashbrown::hash_map::{self, HashMap};
@@ -169,6 +169,7 @@ impl KeyTable {
 
     fn window_removed(&mut self, id: GroupId) {
         let slot = &mut self.slots[id as usize];
+        debug_assert!(slot.windows > 0, "group id {id} loses a window it does not have");
         slot.windows = slot.windows.saturating_sub(1);
     }
 
@@ -386,8 +387,10 @@ impl WindowOperator {
                 continue;
             }
             let at = WindowRef { bucket, group };
-            let new_bucket = !self.open.contains_key(&bucket);
-            let open = self.open.entry(bucket).or_insert_with(|| OpenBucket { all_cached: true, ..Default::default() });
+            let (open, new_bucket) = match self.open.entry(bucket) {
+                btree_map::Entry::Occupied(e) => (e.into_mut(), false),
+                btree_map::Entry::Vacant(e) => (e.insert(OpenBucket { all_cached: true, ..Default::default() }), true),
+            };
             match open.cached.entry(group) {
                 hash_map::Entry::Occupied(mut e) => {
                     let c = e.get_mut();
