@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use hashbrown::hash_map::{self, HashMap};
 use hashbrown::hash_table::{self, HashTable};
+use rust_decimal::Decimal;
 
 use super::aggregate::{Accumulator, GroupKey, GroupKeyRef, WindowAggregate};
 use super::assign::window_bounds;
@@ -126,7 +127,7 @@ impl KeyTable {
         let slots = &mut self.slots;
         let entry = self.index.entry(
             group.hash_code(),
-            |&id| slots[id as usize].key.as_deref().is_some_and(|k| group.matches(k)),
+            |&id| holds(slots, id, group),
             |&id| slots[id as usize].key.as_deref().map_or(0, GroupKey::hash_code),
         );
         match entry {
@@ -152,7 +153,7 @@ impl KeyTable {
     /// The id of `key` if it has one.
     fn find(&self, key: &GroupKey) -> Option<GroupId> {
         let group = key.borrowed();
-        self.index.find(group.hash_code(), |&id| self.slots[id as usize].key.as_deref().is_some_and(|k| group.matches(k))).copied()
+        self.index.find(group.hash_code(), |&id| holds(&self.slots, id, group)).copied()
     }
 
     /// The key of a live id (one with a cached window, or interned since the last sweep).
@@ -161,6 +162,11 @@ impl KeyTable {
             Some(key) => key,
             None => unreachable!("group id {id} is free but still in use"),
         }
+    }
+
+    /// The store's key of the window of group `id` in `bucket`.
+    fn window_key(&self, bucket: Bucket, id: GroupId) -> WindowKey {
+        WindowKey::new(bucket, Arc::clone(self.key(id)))
     }
 
     fn window_added(&mut self, id: GroupId) {
@@ -193,6 +199,11 @@ impl KeyTable {
         }
         self.after_sweep = self.slots.len() - self.free.len();
     }
+}
+
+/// Whether slot `id` holds the key `group`.
+fn holds(slots: &[KeySlot], id: GroupId, group: GroupKeyRef<'_>) -> bool {
+    slots[id as usize].key.as_deref().is_some_and(|k| group.matches(k))
 }
 
 /// Window state of one input partition.
@@ -344,7 +355,8 @@ impl WindowOperator {
                 }
                 Change::Corrected { key, mut state } => {
                     // Re-emit the closed window with the next revision.
-                    out.push(Output::Aggregate { record: record(&self.settings, &key, &state, true, wall_ms), correction: true });
+                    let record = record(&self.settings, key.bucket(), &key.key, &state, true, wall_ms);
+                    out.push(Output::Aggregate { record, correction: true });
                     state.next_revision += 1;
                     store.put_closed(&key, &state);
                 }
@@ -372,17 +384,8 @@ impl WindowOperator {
         for (i, &(start, end)) in self.bounds.iter().enumerate() {
             let bucket = Bucket { end, window: i as u16, start };
             if started && end.saturating_add(grace) <= w {
-                let key = WindowKey::new(bucket, Arc::clone(self.keys.key(group)));
-                let state = match store.get_closed(&key)? {
-                    None => WindowState::new(Accumulator::first(amount, event_ms)),
-                    Some(mut st) => {
-                        if st.acc.add(amount, event_ms).is_err() {
-                            return Ok(false);
-                        }
-                        st.updated_since_emit = true;
-                        st
-                    }
-                };
+                let key = self.keys.window_key(bucket, group);
+                let Some(state) = with_pulse(store.get_closed(&key)?, amount, event_ms) else { return Ok(false) };
                 changes.push(Change::Corrected { key, state });
                 continue;
             }
@@ -395,10 +398,9 @@ impl WindowOperator {
                 hash_map::Entry::Occupied(mut e) => {
                     let c = e.get_mut();
                     let prior = Prior { state: c.state.clone(), dirty: c.dirty, used: c.used };
-                    if c.state.acc.add(amount, event_ms).is_err() {
+                    if !add_pulse(&mut c.state, amount, event_ms) {
                         return Ok(false);
                     }
-                    c.state.updated_since_emit = true;
                     c.touch(self.flushes);
                     changes.push(Change::Updated { at, prior });
                 }
@@ -407,19 +409,10 @@ impl WindowOperator {
                     let stored = if open.all_cached {
                         None
                     } else {
-                        store.get_open(&WindowKey::new(bucket, Arc::clone(self.keys.key(group))))?
+                        store.get_open(&self.keys.window_key(bucket, group))?
                     };
                     let in_store = stored.is_some();
-                    let state = match stored {
-                        None => WindowState::new(Accumulator::first(amount, event_ms)),
-                        Some(mut st) => {
-                            if st.acc.add(amount, event_ms).is_err() {
-                                return Ok(false);
-                            }
-                            st.updated_since_emit = true;
-                            st
-                        }
-                    };
+                    let Some(state) = with_pulse(stored, amount, event_ms) else { return Ok(false) };
                     e.insert(Cached { state, dirty: true, stored: in_store, used: self.flushes });
                     changes.push(Change::Cached { at, new_bucket });
                 }
@@ -433,7 +426,7 @@ impl WindowOperator {
         while let Some(change) = changes.pop() {
             match change {
                 Change::Updated { at, prior } => {
-                    if let Some(c) = self.window_mut(at) {
+                    if let Some(c) = cached_mut(&mut self.open, at) {
                         (c.state, c.dirty, c.used) = (prior.state, prior.dirty, prior.used);
                     }
                 }
@@ -494,9 +487,9 @@ impl WindowOperator {
     pub fn flush<S: WindowStore>(&mut self, store: &mut S) -> Result<(), S::Error> {
         for at in self.dirty.drain(..) {
             // Closed windows are gone from the cache (and were written when closed).
-            if let Some(c) = self.open.get_mut(&at.bucket).and_then(|b| b.cached.get_mut(&at.group)) {
+            if let Some(c) = cached_mut(&mut self.open, at) {
                 if c.dirty {
-                    store.put_open(&WindowKey::new(at.bucket, Arc::clone(self.keys.key(at.group))), &c.state);
+                    store.put_open(&self.keys.window_key(at.bucket, at.group), &c.state);
                     c.dirty = false;
                     c.stored = true;
                 }
@@ -592,7 +585,7 @@ impl WindowOperator {
         windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, mut state, stored) in windows {
             let k = WindowKey::new(bucket, key);
-            out.push(Output::Aggregate { record: record(&self.settings, &k, &state, true, wall_ms), correction: false });
+            out.push(Output::Aggregate { record: record(&self.settings, bucket, &k.key, &state, true, wall_ms), correction: false });
             state.next_revision += 1;
             state.updated_since_emit = false;
             if stored {
@@ -601,10 +594,6 @@ impl WindowOperator {
             store.put_closed(&k, &state);
         }
         Ok(())
-    }
-
-    fn window_mut(&mut self, at: WindowRef) -> Option<&mut Cached> {
-        self.open.get_mut(&at.bucket)?.cached.get_mut(&at.group)
     }
 
     /// Interim records of `emit = "updates"` windows. Such a window is not evicted
@@ -624,11 +613,8 @@ impl WindowOperator {
                 if !st.updated_since_emit || wall_ms.saturating_sub(st.last_emit_wall_ms) < s.update_interval_ms {
                     continue;
                 }
-                let key = self.keys.key(group);
-                out.push(Output::Aggregate {
-                    record: WindowAggregate::new(key, &spec.name, bucket.start, bucket.end, &st.acc, st.next_revision, false, wall_ms),
-                    correction: false,
-                });
+                let record = record(s, *bucket, self.keys.key(group), st, false, wall_ms);
+                out.push(Output::Aggregate { record, correction: false });
                 st.next_revision += 1;
                 st.updated_since_emit = false;
                 st.last_emit_wall_ms = wall_ms;
@@ -640,8 +626,29 @@ impl WindowOperator {
     }
 }
 
-/// The record of window `k` in state `st`.
-fn record(settings: &WindowSettings, k: &WindowKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
-    let name = &settings.windows[k.window as usize].name;
-    WindowAggregate::new(&k.key, name, k.start, k.end, &st.acc, st.next_revision, is_final, wall_ms)
+/// The record of the window of `key` in `bucket`, in state `st`.
+fn record(settings: &WindowSettings, bucket: Bucket, key: &GroupKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
+    let name = &settings.windows[bucket.window as usize].name;
+    WindowAggregate::new(key, name, bucket.start, bucket.end, &st.acc, st.next_revision, is_final, wall_ms)
+}
+
+/// A cached window.
+fn cached_mut(open: &mut BTreeMap<Bucket, OpenBucket>, at: WindowRef) -> Option<&mut Cached> {
+    open.get_mut(&at.bucket)?.cached.get_mut(&at.group)
+}
+
+/// `state` with a pulse of `amount` at `event_ms` added (a new window's state if there
+/// is none), or None if the sum would be inexact.
+fn with_pulse(state: Option<WindowState>, amount: Decimal, event_ms: i64) -> Option<WindowState> {
+    let Some(mut st) = state else { return Some(WindowState::new(Accumulator::first(amount, event_ms))) };
+    add_pulse(&mut st, amount, event_ms).then_some(st)
+}
+
+/// Adds a pulse to `st`; false, with `st` unchanged, if the sum would be inexact.
+fn add_pulse(st: &mut WindowState, amount: Decimal, event_ms: i64) -> bool {
+    if st.acc.add(amount, event_ms).is_err() {
+        return false;
+    }
+    st.updated_since_emit = true;
+    true
 }
