@@ -8,7 +8,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 pub fn format_ms(ms: i64) -> String {
     // Every grouped pulse and aggregate carries such times: years 0..=9999 are written
     // by hand (chrono's formatter was several times slower), anything else by chrono.
-    if (0..=MAX_MS).contains(&ms) {
+    if (0..=MAX_RFC3339_MS).contains(&ms) {
         let (days, ms_of_day) = (ms.div_euclid(DAY_MS), ms.rem_euclid(DAY_MS));
         let (year, month, day) = civil_from_days(days);
         let (h, m, sec, milli) = (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1_000 % 60, ms_of_day % 1_000);
@@ -28,19 +28,25 @@ pub fn format_ms(ms: i64) -> String {
         put(20, 3, milli);
         return b.iter().map(|&c| char::from(c)).collect();
     }
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
+    chrono_format(ms)
+}
+
+fn chrono_format(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Parses RFC 3339 into epoch milliseconds (sub-millisecond digits are truncated).
 pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    parse_canonical(s.as_bytes()).or_else(|| DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()))
+    parse_canonical(s.as_bytes()).or_else(|| chrono_parse(s))
+}
+
+fn chrono_parse(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
 }
 
 const DAY_MS: i64 = 86_400_000;
-/// 9999-12-31T23:59:59.999Z.
-const MAX_MS: i64 = 253_402_300_799_999;
+/// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write with a 4-digit year.
+pub const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
 
 /// The form pulses write, `YYYY-MM-DDTHH:MM:SS.mmmZ` or `YYYY-MM-DDTHH:MM:SSZ`, parsed
 /// by hand; None for anything else (offsets, other precisions, leap seconds,
@@ -129,20 +135,12 @@ mod tests {
         assert_eq!(parse_rfc3339_ms("2026-11-22T11:00:00.123+01:00"), Some(ms));
     }
 
-    fn chrono_format(ms: i64) -> String {
-        DateTime::<Utc>::from_timestamp_millis(ms).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
-    }
-
-    fn chrono_parse(s: &str) -> Option<i64> {
-        DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis())
-    }
-
     #[test]
     fn hand_written_times_agree_with_chrono() {
         use rand::{Rng, SeedableRng};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let edges = [0, 1, 999, DAY_MS - 1, 951_782_400_000, 951_868_799_999, 4_107_542_400_000, MAX_MS, MAX_MS - 86_400_000];
-        let random = (0..20_000).map(|_| rng.gen_range(0..=MAX_MS));
+        let edges = [0, 1, 999, DAY_MS - 1, 951_782_400_000, 951_868_799_999, 4_107_542_400_000, MAX_RFC3339_MS, MAX_RFC3339_MS - 86_400_000];
+        let random = (0..20_000).map(|_| rng.gen_range(0..=MAX_RFC3339_MS));
         for ms in edges.into_iter().chain(random) {
             let text = format_ms(ms);
             assert_eq!(text, chrono_format(ms), "format {ms}");
@@ -152,7 +150,7 @@ mod tests {
         }
         // Out of range: chrono's fallback, as before.
         assert_eq!(format_ms(-1), chrono_format(-1));
-        assert_eq!(format_ms(MAX_MS + 1), chrono_format(MAX_MS + 1));
+        assert_eq!(format_ms(MAX_RFC3339_MS + 1), chrono_format(MAX_RFC3339_MS + 1));
     }
 
     #[test]

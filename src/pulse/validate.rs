@@ -218,7 +218,7 @@ pub fn timestamp(raw: Option<&RawValue>, record_time_ms: Option<i64>) -> Result<
             }
         }
     };
-    if !(0..=MAX_EVENT_TIME_MS).contains(&ms) {
+    if !(0..=time::MAX_RFC3339_MS).contains(&ms) {
         return Err(bad(format!("timestamp {ms} ms is outside 1970..9999")));
     }
     Ok(ms)
@@ -232,9 +232,6 @@ fn json_string(text: &str) -> Option<Cow<'_, str>> {
         _ => serde_json::from_str::<String>(text).ok().map(Cow::Owned),
     }
 }
-
-/// 9999-12-31T23:59:59.999Z, the last instant RFC 3339 can write with a 4-digit year.
-const MAX_EVENT_TIME_MS: i64 = 253_402_300_799_999;
 
 #[cfg(test)]
 mod tests {
