@@ -15,10 +15,16 @@ use crate::config::Config;
 
 /// Base settings: bootstrap servers and client id, with the user's `[kafka]` table.
 pub fn base(cfg: &Config) -> ClientConfig {
+    with_user_overrides(defaults(cfg), cfg)
+}
+
+/// Bootstrap servers and client id, without the user's table: the builders below add
+/// their own settings to these and then apply the table once, last.
+fn defaults(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
     c.set("client.id", &cfg.application_id);
-    with_user_overrides(c, cfg)
+    c
 }
 
 /// Applies the user's `[kafka]` table last, so it wins over pulses' own settings.
@@ -36,15 +42,19 @@ fn with_user_overrides(mut c: ClientConfig, cfg: &Config) -> ClientConfig {
 /// waited out the rest of that second: stage 1 sat in poll 75% of the time, and a 1M
 /// exactly_once burst ran at 70,000-77,000 pulses/s instead of 106,000.
 pub fn reader_base(cfg: &Config) -> ClientConfig {
-    let mut c = base(cfg);
+    with_user_overrides(reader_defaults(cfg), cfg)
+}
+
+fn reader_defaults(cfg: &Config) -> ClientConfig {
+    let mut c = defaults(cfg);
     c.set("fetch.queue.backoff.ms", "10");
-    with_user_overrides(c, cfg)
+    c
 }
 
 /// A consumer in `group_id` that commits offsets only when told to, after the outputs
 /// of the records are durably written (never auto-commit: that could lose pulses).
 pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
-    let mut c = reader_base(cfg);
+    let mut c = reader_defaults(cfg);
     c.set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -58,14 +68,18 @@ pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
 /// An idempotent producer (no duplicates from internal retries) partitioning keys like
 /// the Java client (murmur2), so Kafka Streams or Flink readers co-partition with us.
 pub fn producer_config(cfg: &Config) -> ClientConfig {
-    let mut c = base(cfg);
+    with_user_overrides(producer_defaults(cfg), cfg)
+}
+
+fn producer_defaults(cfg: &Config) -> ClientConfig {
+    let mut c = defaults(cfg);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000");
-    with_user_overrides(c, cfg)
+    c
 }
 
 /// How long one step of [`flush`] waits before looking again.
@@ -189,7 +203,7 @@ pub fn transactional_producer(
     transactional_id: &str,
     tracker: DeliveryTracker,
 ) -> Result<TrackedProducer, KafkaError> {
-    let mut c = producer_config(cfg);
+    let mut c = producer_defaults(cfg);
     c.set("transactional.id", transactional_id).set("transaction.timeout.ms", "60000");
     with_user_overrides(c, cfg).create_with_context(tracker)
 }
@@ -215,5 +229,31 @@ where
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// pulses' settings layer under the user's `[kafka]` table, which wins in every
+    /// builder (applied once, last).
+    #[test]
+    fn the_users_kafka_table_wins_over_pulses_settings() {
+        let mut cfg = Config::default();
+        let fetch_backoff = |c: &ClientConfig| c.get("fetch.queue.backoff.ms").map(str::to_owned);
+        assert_eq!(fetch_backoff(&consumer_config(&cfg, "g")), Some("10".into()));
+        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("5"));
+        for (k, v) in [("fetch.queue.backoff.ms", "250"), ("linger.ms", "20"), ("client.id", "mine")] {
+            cfg.kafka.insert(k.into(), v.into());
+        }
+        for c in [base(&cfg), reader_base(&cfg), consumer_config(&cfg, "g")] {
+            assert_eq!(c.get("client.id"), Some("mine"));
+        }
+        assert_eq!(fetch_backoff(&reader_base(&cfg)), Some("250".into()));
+        assert_eq!(fetch_backoff(&consumer_config(&cfg, "g")), Some("250".into()));
+        assert_eq!(consumer_config(&cfg, "g").get("isolation.level"), Some("read_committed"));
+        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("20"));
+        assert_eq!(producer_config(&cfg).get("acks"), Some("all"));
     }
 }
