@@ -22,11 +22,8 @@ use pulses::state::{PartitionStore, StoreResources};
 use pulses::window::store::MemoryStore;
 use pulses::window::{Output, WindowOperator, WindowSettings};
 
-/// Pulses per measured iteration; 5,000 per second of event time, so an iteration spans
-/// 10 s and the 1 s windows of its first 4 s close in it (with the default 5 s grace):
-/// about 6,400 final aggregates, one per 8 pulses.
-const PULSES: usize = 50_000;
-const PER_SECOND: f64 = 5_000.0;
+use common::{HOT_PATH_PER_SECOND as PER_SECOND, HOT_PATH_PULSES as PULSES};
+
 /// Pulses per store commit in `stage2_step` (stage 2 commits once per poll batch).
 const COMMIT_EVERY: usize = 5_000;
 

@@ -22,9 +22,7 @@ use pulses::pulse::GroupedPulse;
 use pulses::window::aggregate::Accumulator;
 use pulses::window::WindowSettings;
 
-/// The load of `window_core` (benches/hot_path.rs).
-const PULSES: usize = 50_000;
-const PER_SECOND: f64 = 5_000.0;
+use common::{HOT_PATH_PER_SECOND as PER_SECOND, HOT_PATH_PULSES as PULSES};
 
 type FastHash = foldhash::fast::RandomState;
 

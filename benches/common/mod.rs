@@ -11,6 +11,13 @@ use pulses::stub::{Generator, StubSpec};
 /// 2026-11-22T10:00:00Z, the event time of the first pulse.
 pub const START_MS: i64 = 1_795_341_600_000;
 
+/// The hot-path load (`hot_path`, `window_floor`): pulses per measured iteration, 5,000
+/// per second of event time, so an iteration spans 10 s and the 1 s windows of its
+/// first 4 s close in it (with the default 5 s grace): about 6,400 final aggregates,
+/// one per 8 pulses.
+pub const HOT_PATH_PULSES: usize = 50_000;
+pub const HOT_PATH_PER_SECOND: f64 = 5_000.0;
+
 /// `n` JSON pulses from 200 tenants and 8 products, `per_second` of event time apart
 /// (so windows keep closing), each with a distinct pulse_id.
 pub fn json_pulses(n: usize, per_second: f64) -> Vec<Vec<u8>> {
