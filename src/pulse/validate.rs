@@ -179,13 +179,9 @@ pub fn amount(raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
     let invalid = |why: &str| Rejection::new(RejectReason::InvalidAmount, format!("used_amount {text}: {why}"));
     let mut value = if text.starts_with('"') {
         let s = json_string(text).ok_or_else(|| invalid("not a string"))?;
-        Decimal::from_str_exact(s.trim()).map_err(|e| invalid(&e.to_string()))?
+        exact_decimal(s.trim()).map_err(|e| invalid(&e))?
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        if text.contains(['e', 'E']) {
-            Decimal::from_scientific(text).map_err(|e| invalid(&e.to_string()))?
-        } else {
-            Decimal::from_str_exact(text).map_err(|e| invalid(&e.to_string()))?
-        }
+        exact_decimal(text).map_err(|e| invalid(&e))?
     } else {
         return Err(invalid("must be a JSON number or a decimal string"));
     };
@@ -196,6 +192,32 @@ pub fn amount(raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
         value.set_sign_positive(true);
     }
     Ok(value)
+}
+
+/// A decimal in plain (`0.000000651`) or exponent notation (`6.51E-7`, `1E+3`,
+/// `6.51e-07`), exactly or not at all: Java's `BigDecimal.toString()` and Python's
+/// `str(Decimal)` write small amounts with an exponent, in strings as in numbers.
+/// `Decimal::from_scientific` would round a mantissa of more than 28 digits; here it
+/// is an error, like any value that does not fit in 28 digits of scale.
+pub fn exact_decimal(text: &str) -> Result<Decimal, String> {
+    let Some((mantissa, exponent)) = text.split_once(['e', 'E']) else {
+        return Decimal::from_str_exact(text).map_err(|e| e.to_string());
+    };
+    let mut value = Decimal::from_str_exact(mantissa).map_err(|e| e.to_string())?;
+    let exponent: i64 = exponent.parse().map_err(|_| format!("exponent {exponent:?} is not an integer"))?;
+    let too_small = || format!("more than {} decimal places", Decimal::MAX_SCALE);
+    let scale = i64::from(value.scale()) - exponent;
+    if scale > i64::from(Decimal::MAX_SCALE) {
+        return Err(too_small());
+    }
+    if scale >= 0 {
+        value.set_scale(scale as u32).map_err(|_| too_small())?;
+        return Ok(value);
+    }
+    // A positive exponent beyond the mantissa's decimals: multiply by 10^-scale.
+    value.set_scale(0).map_err(|_| too_small())?;
+    let power = u32::try_from(-scale).ok().filter(|p| *p <= 28).ok_or("too large")?;
+    value.checked_mul(Decimal::from_i128_with_scale(10i128.pow(power), 0)).ok_or_else(|| "too large".to_owned())
 }
 
 /// Parses `timestamp` (RFC 3339 or epoch ms), defaulting to the Kafka record time.
@@ -274,6 +296,62 @@ mod tests {
         assert_eq!(p.used_amount, Decimal::from(1500));
         let p = ok(&format!(r#"{{{BASE},"used_amount":-0}}"#));
         assert!(p.used_amount.is_zero() && p.used_amount.is_sign_positive());
+    }
+
+    #[test]
+    fn exponent_notation_is_exact_in_strings_and_numbers() {
+        // As Java's BigDecimal.toString(), Python's str(Decimal), Go's and JavaScript's
+        // JSON encoders write them.
+        for (written, exact) in [
+            (r#""6.51E-7""#, "0.000000651"),  // BigDecimal("0.000000651").toString(), str(Decimal(...))
+            (r#""1E+3""#, "1000"),            // BigDecimal("1E+3"), str(Decimal("1000").normalize())
+            (r#""1.2E+4""#, "12000"),
+            (r#""0E-8""#, "0.00000000"),      // str(Decimal("0.00000000"))
+            (r#""-0E-2""#, "0.00"),
+            (r#""12.5e0""#, "12.5"),
+            ("6.51e-7", "0.000000651"),       // JavaScript JSON.stringify(6.51e-7)
+            ("6.51e-07", "0.000000651"),      // Go encoding/json
+            ("1e21", "1000000000000000000000"), // JavaScript JSON.stringify(1e21)
+            (r#""1.0000000000000000000000000001E-0""#, "1.0000000000000000000000000001"),
+        ] {
+            let p = ok(&format!(r#"{{{BASE},"used_amount":{written}}}"#));
+            assert_eq!(p.used_amount.to_string(), exact, "{written}");
+        }
+        // Never rounded: more digits than fit are refused, not approximated.
+        for written in [r#""1E-29""#, r#""1.00000000000000000000000000001E-1""#, r#""1E+29""#, r#""1E""#, r#""E5""#, r#""1E+-2""#] {
+            assert_eq!(reason(format!(r#"{{{BASE},"used_amount":{written}}}"#).as_bytes()), RejectReason::InvalidAmount, "{written}");
+        }
+        assert_eq!(reason(format!(r#"{{{BASE},"used_amount":"-6.51E-7"}}"#).as_bytes()), RejectReason::NegativeAmount);
+    }
+
+    #[test]
+    fn exponent_notation_equals_the_plain_decimal_it_stands_for() {
+        // An independent spelling: shift the decimal point by hand in the digit string.
+        let mut n = 0u64;
+        for digits in ["7", "651", "100", "123456789", "5000"] {
+            for point in 0..=digits.len() {
+                for exp in -12i32..=12 {
+                    let mantissa = if point == digits.len() { digits.to_owned() } else { format!("{}.{}", &digits[..point], &digits[point..]) };
+                    let mantissa = if mantissa.starts_with('.') { format!("0{mantissa}") } else { mantissa };
+                    let frac = (digits.len() - point) as i32 - exp; // decimal places of the value
+                    let plain = if frac <= 0 {
+                        format!("{digits}{}", "0".repeat((-frac) as usize))
+                    } else {
+                        let f = frac as usize;
+                        let padded = format!("{}{digits}", "0".repeat(f.saturating_sub(digits.len()) + 1));
+                        format!("{}.{}", &padded[..padded.len() - f], &padded[padded.len() - f..])
+                    };
+                    let want = Decimal::from_str_exact(&plain).unwrap();
+                    for written in [format!("{mantissa}E{exp:+}"), format!("{mantissa}e{exp}")] {
+                        let got = exact_decimal(&written).unwrap_or_else(|e| panic!("{written}: {e}"));
+                        assert_eq!(got, want, "{written} is {plain}");
+                        assert_eq!(got.scale(), want.scale(), "{written} keeps the scale of {plain}");
+                        n += 1;
+                    }
+                }
+            }
+        }
+        assert!(n > 1_000);
     }
 
     #[test]
