@@ -72,8 +72,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let handle = std::thread::Builder::new()
             .name(format!("stage-{name}"))
             .spawn(move || {
-                let result = f(&cfg, &shutdown, metrics);
-                // A failed stage stops the others: better a restart than half a pipeline.
+                let result = stage::supervise(name, &shutdown, &metrics, || f(&cfg, &shutdown, Arc::clone(&metrics)));
+                // A stage failed beyond repair stops the others: better a restart than
+                // half a pipeline.
                 shutdown.store(true, Ordering::Release);
                 result
             })

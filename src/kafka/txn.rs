@@ -21,6 +21,7 @@
 //! since the last commit and may emit their outputs again.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub enum TxnError {
     NoGroupMetadata,
     #[error("a producer lock was poisoned by a panic")]
     Poisoned,
+    #[error("an earlier commit of this stage failed; what it processed since its last commit is discarded, not committed")]
+    AfterFailedCommit,
 }
 
 /// The producers of one stage of one replica.
@@ -66,6 +69,13 @@ pub struct StageOutputs {
     owned: Mutex<BTreeMap<i32, PartitionProducer>>,
     /// Where transaction outcomes are counted, if anywhere.
     metrics: Option<Arc<Metrics>>,
+    /// Set by the first failed commit. From then on nothing is sent or committed:
+    /// the stage's in-memory work since its last commit (window state, held records)
+    /// went with the aborted outputs, and committing it later, say from the revoke
+    /// callback that closing the consumer runs, would commit state without its
+    /// outputs. The stage is replaced and redoes that work from the last commit
+    /// (Kafka Streams closes its tasks dirty for the same reason).
+    failed: AtomicBool,
 }
 
 struct PartitionProducer {
@@ -81,7 +91,15 @@ impl StageOutputs {
             Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked_topic))?),
             Guarantee::ExactlyOnce => None,
         };
-        Ok(Self { cfg: cfg.clone(), stage, tracked_topic, shared, owned: Mutex::new(BTreeMap::new()), metrics: None })
+        Ok(Self {
+            cfg: cfg.clone(),
+            stage,
+            tracked_topic,
+            shared,
+            owned: Mutex::new(BTreeMap::new()),
+            metrics: None,
+            failed: AtomicBool::new(false),
+        })
     }
 
     /// Counts committed and aborted transactions in `metrics`.
@@ -158,6 +176,7 @@ impl StageOutputs {
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
+        self.check_not_failed()?;
         if let Some(shared) = &self.shared {
             return Ok(send_with_backpressure(shared, record)?);
         }
@@ -182,21 +201,41 @@ impl StageOutputs {
         offsets: &BTreeMap<i32, i64>,
         write_state: impl FnOnce(&dyn Fn(i32) -> Option<i64>) -> Result<(), E>,
     ) -> Result<bool, E> {
+        self.check_not_failed()?;
         if let Some(shared) = &self.shared {
-            clients::flush(shared, FLUSH_TIMEOUT).map_err(TxnError::from)?;
+            self.failing(clients::flush(shared, FLUSH_TIMEOUT).map_err(TxnError::from))?;
             let failed = shared.context().failed();
             if failed > 0 {
-                return Err(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default()).into());
+                return Err(self.fail(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default())).into());
             }
             write_state(&|p| shared.context().next_offset(p))?;
             let metadata = |p| self.commit_metadata(shared.context().next_offset(p));
-            return Ok(commit_offsets(consumer, topic, offsets, &metadata).map_err(TxnError::from)?);
+            return Ok(self.failing(commit_offsets(consumer, topic, offsets, &metadata).map_err(TxnError::from))?);
         }
-        self.commit_transactions(consumer, topic, offsets)?;
+        self.failing(self.commit_transactions(consumer, topic, offsets))?;
         let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
         let owned = &*owned;
         write_state(&|partition| owned.get(&partition).and_then(|p| p.producer.context().next_offset(partition)))?;
         Ok(!offsets.is_empty())
+    }
+
+    /// Refuses to send or commit after a failed commit (see the `failed` field).
+    fn check_not_failed(&self) -> Result<(), TxnError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(TxnError::AfterFailedCommit);
+        }
+        Ok(())
+    }
+
+    /// Remembers for good that a commit failed, and returns why.
+    fn fail(&self, e: TxnError) -> TxnError {
+        self.failed.store(true, Ordering::Release);
+        e
+    }
+
+    /// Passes `result` through, remembering a failure for good.
+    fn failing<T>(&self, result: Result<T, TxnError>) -> Result<T, TxnError> {
+        result.map_err(|e| self.fail(e))
     }
 
     /// Commits the open transaction of every owned partition, with its offsets.

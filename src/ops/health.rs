@@ -38,6 +38,17 @@ impl Readiness {
         }
     }
 
+    /// A stage left its group to be replaced after a failure: not ready until it joins
+    /// again. Stage 2's partitions restore again in the replacement.
+    pub fn left(&self, stage: &str) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.joined.remove(stage);
+            if stage == "aggregate" {
+                s.restoring.clear();
+            }
+        }
+    }
+
     /// Partitions about to be restored: not ready until each is [`Self::restored`].
     pub fn restoring(&self, partitions: impl IntoIterator<Item = i32>) {
         if let Ok(mut s) = self.inner.lock() {

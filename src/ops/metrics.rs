@@ -207,6 +207,8 @@ pub struct OpsMetrics {
     pub end_to_end: LabeledHistograms,
     pub checkpoint_duration: Histogram,
     pub transactions: Mutex<BTreeMap<(String, TxnOutcome), u64>>,
+    /// By stage: times a failed stage was replaced in-process (see `stage::supervise`).
+    pub stage_restarts: Mutex<BTreeMap<String, u64>>,
     pub lag: Mutex<BTreeMap<LagKey, i64>>,
     pub restore: Mutex<BTreeMap<i32, RestoreProgress>>,
     pub readiness: crate::ops::health::Readiness,
@@ -219,6 +221,7 @@ impl Default for OpsMetrics {
             end_to_end: LabeledHistograms::new(LATENCY_BUCKETS),
             checkpoint_duration: Histogram::new(CHECKPOINT_BUCKETS),
             transactions: Mutex::new(BTreeMap::new()),
+            stage_restarts: Mutex::new(BTreeMap::new()),
             lag: Mutex::new(BTreeMap::new()),
             restore: Mutex::new(BTreeMap::new()),
             readiness: Default::default(),
@@ -227,6 +230,12 @@ impl Default for OpsMetrics {
 }
 
 impl OpsMetrics {
+    pub fn count_stage_restart(&self, stage: &str) {
+        if let Ok(mut r) = self.stage_restarts.lock() {
+            *r.entry(stage.to_owned()).or_insert(0) += 1;
+        }
+    }
+
     pub fn count_transaction(&self, stage: &str, outcome: TxnOutcome) {
         if let Ok(mut t) = self.transactions.lock() {
             *t.entry((stage.to_owned(), outcome)).or_insert(0) += 1;

@@ -57,6 +57,14 @@ pub fn render(m: &Metrics, cfg: &Config) -> String {
         }
     }
 
+    out.family("pulses_stage_restarts_total", "counter",
+        "Times a stage failed on Kafka (broker outage, lost group membership, failed transaction) and was replaced in-process; its uncommitted work was redone from the last commit.");
+    if let Ok(restarts) = ops.stage_restarts.lock() {
+        for stage in ["group", "aggregate"] {
+            out.sample("pulses_stage_restarts_total", &[("stage", stage)], restarts.get(stage).copied().unwrap_or(0));
+        }
+    }
+
     out.family("pulses_consumer_lag", "gauge",
         "Records between a partition's committed offset and its end (librdkafka statistics, every 5 s; -1 unknown).");
     if let Ok(lag) = ops.lag.lock() {

@@ -1,6 +1,11 @@
 //! The processing stages. Each wraps the pure core (`pulse`, `window`) with Kafka I/O:
 //! stage 1 ([`group`]) validates and re-keys, in event-time order ([`order`]), stage 2
-//! ([`aggregate`]) counts.
+//! ([`aggregate`]) counts. [`supervise`] replaces a stage that failed on Kafka.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::ops::metrics::Metrics;
 
 pub mod aggregate;
 pub mod group;
@@ -28,4 +33,76 @@ pub enum StageError {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Encode(#[from] crate::registry::output::EncodeError),
+}
+
+impl StageError {
+    /// Whether replacing the stage can get past this: a Kafka-side failure (the broker
+    /// down or restarted, the group membership lost, a transaction that could not
+    /// commit, a delivery that timed out). Everything uncommitted is redone from the
+    /// last commit by the replacement, so nothing is lost or counted twice. Local
+    /// failures (the state store, a checkpoint, topic setup, the registry, encoding)
+    /// and bugs are not: the process stops.
+    pub fn is_recoverable(&self) -> bool {
+        use crate::kafka::txn::TxnError;
+        use crate::state::RestoreError;
+        match self {
+            Self::Kafka(_) => true,
+            Self::Output(e) => {
+                matches!(
+                    e,
+                    TxnError::Kafka(_)
+                        | TxnError::Delivery(..)
+                        | TxnError::Transaction { .. }
+                        | TxnError::NoGroupMetadata
+                        | TxnError::AfterFailedCommit
+                )
+            }
+            Self::Restore { source, .. } => matches!(source, RestoreError::Kafka(_) | RestoreError::Stalled { .. }),
+            Self::Store(_) | Self::Checkpoint(_) | Self::Poisoned | Self::Admin(_) | Self::Registry(_) | Self::Encode(_) => false,
+        }
+    }
+}
+
+/// Backoff before the first replacement of a failed stage; it doubles while the
+/// replacements keep failing soon, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A stage that ran this long before failing starts over from [`FIRST_BACKOFF`].
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs `stage` until it returns or shutdown, replacing it in-process after a failure
+/// it can recover from ([`StageError::is_recoverable`]), like Kafka Streams replacing
+/// a failed stream thread: a broker restart or a lost group membership should not
+/// need a process restart. The failed stage has dropped its consumer, producers and
+/// stores, so its replacement starts from the committed offsets, the committed state
+/// (local store and changelog) and fresh transactional producers that fence any
+/// leftover transaction. Any other error is returned, and the process stops.
+pub fn supervise<F>(name: &str, shutdown: &AtomicBool, metrics: &Metrics, mut stage: F) -> Result<(), StageError>
+where
+    F: FnMut() -> Result<(), StageError>,
+{
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let error = match stage() {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.load(Ordering::Acquire) || !e.is_recoverable() => return Err(e),
+            Err(e) => e,
+        };
+        if started.elapsed() >= HEALTHY_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        metrics.ops.readiness.left(name);
+        metrics.ops.count_stage_restart(name);
+        tracing::warn!(stage = name, error = %error, backoff_ms = backoff.as_millis() as u64,
+            "stage failed on Kafka; replacing it (uncommitted work is redone from the last commit)");
+        let resume = Instant::now() + backoff;
+        while Instant::now() < resume {
+            if shutdown.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
 }
