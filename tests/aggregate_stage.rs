@@ -121,7 +121,7 @@ fn seed_scenario_ten_per_second_for_thirty_seconds() {
 
 #[test]
 fn idle_partitions_close_trailing_windows_in_time() {
-    let t = Topics::create("idle", 2);
+    let t = Topics::create("idle", PARTITIONS);
     let _p = Proc::run(&t, &config("1h", "5s"), &[]);
     // Live pulses: event time = now, 8 tenants, for 3 s.
     let mut pulses = Vec::new();

@@ -72,7 +72,7 @@ fn grouped_totals(records: &[Record]) -> BTreeMap<String, (Decimal, usize)> {
 
 #[test]
 fn mixed_avro_and_json_stream_groups_exactly() {
-    let t = Topics::create("avro-mixed", 2);
+    let t = Topics::create("avro-mixed", PARTITIONS);
     let reg = RegistryDouble::start();
     let id = reg.register(&format!("{}-value", t.source), &avro::schema_text("pulse.avsc"));
     let input = pulses(10_000, "m", 1_795_341_600_000);
@@ -299,7 +299,7 @@ fn avro_output_round_trips_to_the_json_values() {
 
 #[test]
 fn stub_produces_avro_through_the_registry() {
-    let t = Topics::create("avro-stub", 2);
+    let t = Topics::create("avro-stub", PARTITIONS);
     let reg = RegistryDouble::start();
     let status = std::process::Command::new(pulses_bin())
         .arg("stub")

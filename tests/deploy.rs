@@ -147,6 +147,29 @@ fn compose_replicas_match_the_binary() {
     }
 }
 
+/// The Kafka version the tests, the demo and the benchmarks run (scripts/lib.sh pins it).
+fn local_kafka_version() -> String {
+    let lib = std::fs::read_to_string(root().join("scripts/lib.sh")).expect("scripts/lib.sh");
+    let line = lib.lines().find_map(|l| l.strip_prefix("KAFKA_VERSION=")).expect("KAFKA_VERSION= in scripts/lib.sh");
+    line.trim_matches('"').to_owned()
+}
+
+#[test]
+fn compose_runs_the_kafka_version_the_tests_run() {
+    let version = local_kafka_version();
+    assert!(version.starts_with("4."), "the local broker is Kafka 4.x, not {version}");
+    let compose = &documents(&root().join("docker-compose.yml"))[0];
+    let mut kafka_images = 0;
+    for (name, svc) in compose["services"].as_mapping().expect("services") {
+        let image = svc["image"].as_str().unwrap_or_default();
+        if let Some(tag) = image.strip_prefix("apache/kafka:") {
+            assert_eq!(tag, version, "{}: the same Kafka version as scripts/lib.sh", str_of(name));
+            kafka_images += 1;
+        }
+    }
+    assert_eq!(kafka_images, 2, "the broker and the topic job run apache/kafka");
+}
+
 /// All Kubernetes objects under deploy/kubernetes, by kind.
 fn kubernetes() -> BTreeMap<String, Vec<Value>> {
     let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();

@@ -56,7 +56,7 @@ fn assert_exact(t: &Topics, counted: &[P], closed_before: i64) {
 
 #[test]
 fn restarts_restore_the_changelog_tail_and_stay_exact() {
-    let t = Topics::create("restart", 2);
+    let t = Topics::create("restart", PARTITIONS);
     let config = format!("checkpoint_interval = \"1s\"\n{}", config("1h", "1h"));
     let base = (now_ms() / 60_000 - 20) * 60_000;
 
@@ -119,7 +119,7 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
 /// early idle advance would send all of it to the late topic instead of counting it.
 #[test]
 fn a_restart_after_downtime_counts_the_backlog_before_idling() {
-    let t = Topics::create("downtime", 2);
+    let t = Topics::create("downtime", PARTITIONS);
     let base = (now_ms() / 60_000 - 120) * 60_000;
     let life = |idle_timeout: &str| format!("checkpoint_interval = \"1s\"\n{}", config("1h", idle_timeout));
 
@@ -159,11 +159,8 @@ fn a_restart_after_downtime_counts_the_backlog_before_idling() {
 /// partitions through the changelog, transactions commit before partitions are
 /// revoked, and every final aggregate is exact and emitted once per revision.
 #[test]
-#[ignore = "unfinished (issue 4): passes with exact totals in 34 s, but 2 of 5 runs on Nisshi (2026-11-23) \
-            timed out: after the second rebalance one stage-1 partition's last record (offset 3332 of 3333, \
-            readable by any consumer) stayed unconsumed for 180 s; not diagnosed"]
 fn rebalances_move_state_and_stay_exact() {
-    let t = Topics::create_with("scale", 6, 6);
+    let t = Topics::create("scale", PARTITIONS);
     let config = format!("checkpoint_interval = \"2s\"\n{}", config("1h", "1h"));
     let base = (now_ms() / 60_000 - 30) * 60_000;
     let all = pulses("r", 40, 750, base, 240); // 30,000 pulses over 3 minutes of event time
@@ -201,17 +198,20 @@ struct CrashRun {
     duplicate_revisions: usize,
     /// Committed grouped pulses beyond the number of distinct valid pulses.
     duplicate_grouped: usize,
-    /// Records of aborted transactions in the output topics (exactly_once only).
+    /// Records in the output topics that a `read_committed` reader does not get: those
+    /// of transactions the kills left open, which Kafka aborted (exactly_once only).
     aborted_records: usize,
 }
 
-/// 3 replicas on 6-partition topics; pulses stream in; one replica is killed with
-/// SIGKILL mid-stream and a fresh replica (empty state dir) joins later. The latest
-/// revision of every committed aggregate must match an independent fold exactly, and
-/// the final 10 s aggregates must count every distinct pulse once.
+/// 3 replicas on 6-partition topics; pulses stream in while replicas are killed with
+/// SIGKILL three times, each kill while stage 2 is committing transactions (so in the
+/// middle of one): a killed replica comes back on its own state dir, and a fresh
+/// replica (empty state dir) joins. The latest revision of every committed aggregate
+/// must match an independent fold exactly, and the final 10 s aggregates must count
+/// every distinct pulse once.
 fn crash_run(guarantee: &str) -> CrashRun {
     let total: usize = std::env::var("PULSES_TEST_CRASH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let t = Topics::create_with(&format!("crash-{guarantee}"), 6, 6);
+    let t = Topics::create(&format!("crash-{guarantee}"), PARTITIONS);
     let config = format!(
         "processing_guarantee = \"{guarantee}\"\ncheckpoint_interval = \"2s\"\n{}",
         config("1h", "1h")
@@ -224,24 +224,39 @@ fn crash_run(guarantee: &str) -> CrashRun {
     let resent: Vec<P> = all.iter().step_by(100).cloned().collect(); // duplicates: counted once
     let chunks: Vec<&[P]> = all.chunks(all.len() / 20 + 1).collect();
 
-    let a = Proc::run(&t, &config, &[]);
-    let mut b = Proc::run(&t, &config, &[]);
-    let c = Proc::run(&t, &config, &[]);
     let aggregate_group = format!("{}.aggregate", t.app);
-    let mut d = None;
+    let stage2_committed = || committed(&aggregate_group, &t.grouped).values().sum::<i64>();
+    // Waits until stage 2 commits more input than `since`: transactions are flowing.
+    let busy = |since: i64| {
+        wait_for("stage 2 progress", DEADLINE, || (stage2_committed() > since).then_some(()));
+    };
+    let mut replicas: Vec<Proc> = (0..3).map(|_| Proc::run(&t, &config, &[])).collect();
+    let mut kills = 0;
+    let mut lives: Vec<String> = Vec::new(); // logs of killed lives, for the restore count
     for (i, chunk) in chunks.iter().enumerate() {
+        let before = stage2_committed();
         produce_pulses(&t.source, chunk);
-        if i == 6 {
-            // Mid-stream, while stage 2 is busy: kill one replica without warning.
-            wait_for("stage 2 progress", DEADLINE, || {
-                (committed(&aggregate_group, &t.grouped).values().sum::<i64>() > 0).then_some(())
-            });
-            b.kill9();
-        }
-        if i == 12 {
-            d = Some(Proc::run(&t, &config, &[])); // a fresh replica, no local state
+        match i {
+            // Kill the first replica mid-stream; it comes back on its own state dir.
+            4 | 9 | 15 => {
+                busy(before);
+                let mut victim = replicas.remove(0);
+                victim.kill9();
+                kills += 1;
+                if i == 4 {
+                    // Its log file lives in the state dir and goes on with the next life.
+                    let state = victim.into_state();
+                    replicas.push(Proc::run_in(&t, &config, &[], state));
+                } else {
+                    lives.push(victim.log());
+                }
+            }
+            // A fresh replica, no local state: everything it owns comes from the changelog.
+            12 => replicas.push(Proc::run(&t, &config, &[])),
+            _ => {}
         }
     }
+    assert_eq!(kills, 3, "three SIGKILLs during the run");
     produce_pulses(&t.source, &resent);
     wait_all_committed(&format!("{}.group", t.app), &t.source);
     let push = pulses("push", tenants, 1, base + (per_tenant + 1) * 100 + 600_000, 1);
@@ -251,28 +266,32 @@ fn crash_run(guarantee: &str) -> CrashRun {
     let counted: Vec<P> = all.iter().chain(&push).cloned().collect();
     let closed_before = push[0].at - 5_000;
     let expected = fold(&counted, WINDOWS, closed_before);
-    let (latest, duplicate_revisions, aborted_aggregates) = wait_for("every window emitted", DEADLINE, || {
-        let log = committed::read_log(&t.aggregated);
-        let (latest, dups) = latest_committed_finals(&log.committed);
-        expected.keys().all(|k| latest.contains_key(k)).then_some((latest, dups, log.aborted))
+    let (latest, duplicate_revisions, committed_aggregates) = wait_for("every window emitted", DEADLINE, || {
+        let records = read_all(&t.aggregated);
+        let (latest, dups) = latest_committed_finals(&records);
+        expected.keys().all(|k| latest.contains_key(k)).then_some((latest, dups, records.len()))
     });
     for (k, e) in &expected {
         assert_eq!(latest.get(k), Some(e), "{guarantee}: aggregate {k:?}");
     }
     assert_eq!(latest.len(), expected.len(), "{guarantee}: no unexpected final aggregates");
     let postflight: u64 = latest.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, e)| e.count).sum();
-    assert_eq!(postflight, counted.len() as u64, "{guarantee}: every distinct pulse counted once in the 10 s windows");
+    // The push pulses only move stream time; their own windows stay open.
+    assert_eq!(postflight, all.len() as u64, "{guarantee}: every distinct pulse counted once in the closed 10 s windows");
 
-    let grouped = committed::read_log(&t.grouped);
+    let grouped = read_all(&t.grouped);
+    let aborted = |topic: &str, committed: usize| read_uncommitted(topic).len() - committed;
     let run = CrashRun {
         duplicate_revisions,
-        duplicate_grouped: grouped.committed.len() - (counted.len() + resent.len()),
-        aborted_records: aborted_aggregates + grouped.aborted,
+        duplicate_grouped: grouped.len() - (counted.len() + resent.len()),
+        aborted_records: aborted(&t.aggregated, committed_aggregates) + aborted(&t.grouped, grouped.len()),
     };
-    let restored: u64 = [Some(&a), Some(&c), d.as_ref()].into_iter().flatten().map(|p| restored_records(&p.log())).sum();
+    let logs: Vec<String> = lives.into_iter().chain(replicas.iter().map(Proc::log)).collect();
+    let restored: u64 = logs.iter().map(|l| restored_records(l)).sum();
     eprintln!(
-        "{guarantee}: {} pulses (+{} resent); duplicate (aggregate_id, revision): {}; duplicate grouped: {}; \
-         aborted records in the log: {}; changelog records restored: {restored}",
+        "{guarantee}: {} pulses (+{} resent), {kills} SIGKILLs; postflight total count {postflight}; \
+         duplicate (aggregate_id, revision): {}; duplicate grouped: {}; aborted records in the log: {}; \
+         changelog records restored: {restored}",
         all.len(), resent.len(), run.duplicate_revisions, run.duplicate_grouped, run.aborted_records
     );
     run
@@ -280,7 +299,7 @@ fn crash_run(guarantee: &str) -> CrashRun {
 
 /// Latest revision of every final aggregate among `records`, and how many
 /// (aggregate_id, revision) pairs occur more than once.
-fn latest_committed_finals(records: &[committed::CommittedRecord]) -> (BTreeMap<AggKey, Expect>, usize) {
+fn latest_committed_finals(records: &[Record]) -> (BTreeMap<AggKey, Expect>, usize) {
     let mut seen = std::collections::HashSet::new();
     let mut duplicates = 0;
     let mut latest: BTreeMap<AggKey, (u64, Expect)> = BTreeMap::new();
@@ -301,20 +320,18 @@ fn latest_committed_finals(records: &[committed::CommittedRecord]) -> (BTreeMap<
     (latest.into_iter().map(|(k, (_, e))| (k, e)).collect(), duplicates)
 }
 
-/// The same crash under both guarantees: exactly_once commits nothing twice;
-/// at_least_once loses nothing either, but re-emits what the dead replica had sent.
+/// The same crashes under both guarantees: exactly_once commits nothing twice;
+/// at_least_once loses nothing either, but re-emits what the dead replicas had sent.
 #[test]
-#[ignore = "needs a broker that hides aborted transactions from read_committed readers (Apache Kafka: \
-            PULSES_TEST_BOOTSTRAP=host:port cargo test -- --ignored); Nisshi 0.7.0-pre.2 does not, see \
-            scripts/nisshi-txn-check.py"]
 fn kill_9_doubles_nothing_under_exactly_once_and_may_under_at_least_once() {
     let run = crash_run("exactly_once");
     assert_eq!(run.duplicate_revisions, 0, "no (aggregate_id, revision) committed twice");
     assert_eq!(run.duplicate_grouped, 0, "no pulse grouped twice among committed records");
+    assert!(run.aborted_records > 0, "a kill landed in the middle of a transaction, which Kafka aborted");
 
     let run = crash_run("at_least_once");
     assert_eq!(run.aborted_records, 0, "at_least_once writes no transactions");
-    // The replica died with outputs sent but offsets not committed: its successor
-    // processes those records again and emits their outputs a second time.
-    assert!(run.duplicate_grouped + run.duplicate_revisions > 0, "the crash re-emitted records");
+    // The replicas died with outputs sent but offsets not committed: their successors
+    // process those records again and emit their outputs a second time.
+    assert!(run.duplicate_grouped + run.duplicate_revisions > 0, "the crashes re-emitted records");
 }

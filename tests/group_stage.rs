@@ -18,7 +18,7 @@ fn stub(topics: &Topics, args: &[&str]) {
 
 #[test]
 fn ten_thousand_stub_pulses_are_grouped_by_tenant() {
-    let t = Topics::create("group10k", 2);
+    let t = Topics::create("group10k", PARTITIONS);
     stub(&t, &["--count", "10000", "--tenants", "25", "--skus", "6", "--seed", "7"]);
     // The input, read back as the producer wrote it: the independent expectation.
     let input = read_all(&t.source);
@@ -54,7 +54,7 @@ fn ten_thousand_stub_pulses_are_grouped_by_tenant() {
 
 #[test]
 fn invalid_records_go_to_the_dlq_with_their_reason() {
-    let t = Topics::create("dlq", 2);
+    let t = Topics::create("dlq", PARTITIONS);
     let long = "x".repeat(129);
     let kinds: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
         ("invalid_json", Box::new(|i| format!("{{not json {i}"))),
@@ -105,10 +105,9 @@ fn invalid_records_go_to_the_dlq_with_their_reason() {
 #[test]
 fn a_pulse_produced_with_kcat_arrives_grouped() {
     let t = Topics::create("kcat", 1);
-    let kcat = std::env::var("PULSES_KCAT").map(Into::into).unwrap_or_else(|_| repo_root().join("scripts/kcat"));
-    // The README's example, verbatim but for the topic.
+    // The README's example, verbatim but for the topic, with Debian's kcat.
     let pulse = r#"{"pulse_id":"kcat-1","tenant_id":"acme","product_sku":"storage.standard","used_amount":"12.5","use_unit":"GB","timestamp":"2026-11-22T10:00:00.123Z"}"#;
-    let mut child = Command::new(&kcat)
+    let mut child = Command::new("kcat")
         .args(["-P", "-b", &bootstrap(), "-t", &t.source])
         .stdin(std::process::Stdio::piped())
         .spawn()
@@ -130,7 +129,7 @@ fn a_pulse_produced_with_kcat_arrives_grouped() {
 
 #[test]
 fn sigterm_commits_and_restart_does_not_re_emit() {
-    let t = Topics::create("restart", 2);
+    let t = Topics::create("restart", PARTITIONS);
     let batch = |from: usize, n: usize| -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
         (from..from + n)
             .map(|i| (None, format!(r#"{{"pulse_id":"r{i}","tenant_id":"t{}","product_sku":"s","use_unit":"u","used_amount":"0.1"}}"#, i % 5).into_bytes()))

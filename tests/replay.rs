@@ -38,16 +38,9 @@ fn offset_for_time(topic: &str, ts: i64) -> Offset {
 }
 
 /// The broker finds the first offset whose record timestamp is at or after T, inside
-/// multi-record batches and across them, and says "end" past the last record.
-///
-/// Ignored on the local broker: Nisshi 0.7.0-pre.2 (dynostore) answers ListOffsets by
-/// timestamp from the time each batch was *stored* (object last-modified), at batch
-/// granularity, and with offset 0 instead of "end" when nothing matches; here every
-/// query answers 0. A replay then starts earlier than needed, which costs time but not
-/// correctness (windows starting before T0 are not written). Run against Kafka with
-/// `PULSES_TEST_BOOTSTRAP=host:port cargo test --test replay -- --ignored`.
+/// multi-record batches and across them, and says "end" past the last record: what
+/// `pulses replay` relies on to start each partition at T0.
 #[test]
-#[ignore = "Nisshi 0.7.0-pre.2 answers offsets-for-time by batch store time (always 0 here)"]
 fn broker_answers_offsets_for_times() {
     let topic = unique("oft");
     create_topics(&[(&topic, 1)]);
@@ -82,7 +75,7 @@ fn finals_by_id(topic: &str) -> BTreeMap<String, (Decimal, u64, i64, i64)> {
 
 #[test]
 fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_alone() {
-    let t = Topics::create("replay", 2);
+    let t = Topics::create("replay", PARTITIONS);
     // Six minutes of event time, 30 minutes ago: 1800 pulses 200 ms apart over two
     // source partitions, 3 tenants × 2 products, with duplicates and invalid records.
     let base = (now_ms() / 60_000 - 30) * 60_000;

@@ -91,22 +91,6 @@ fn delete_topics(cfg: &Config, names: &[String]) {
     }
 }
 
-/// Commits offset 0 for `group` on every partition of `topic`, so the group starts
-/// there rather than where the broker says "earliest" is. Setup of the bench and of
-/// the tests for a Nisshi 0.7.0-pre.2 bug: when several transactional producers write
-/// the first batches of a partition at once, ListOffsets(earliest) can answer an offset
-/// above records that exist (e.g. 20 with offsets 0..19 readable), so a new group with
-/// `auto.offset.reset = earliest` skips them (`scripts/nisshi-earliest-check.py`). On
-/// Kafka it changes nothing: offset 0 is the earliest offset of a fresh topic.
-pub fn start_group_at_zero(cfg: &Config, group: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let c: BaseConsumer = base(cfg).set("group.id", group).create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Offset(0))?;
-    }
-    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).with_context(|| format!("committing offset 0 for {group}"))
-}
-
 /// Produces the plan's pulses to `topic`, paced at its rate or as fast as the broker
 /// takes them; event time = record timestamp = the moment each pulse is handed to
 /// the producer. Returns (first send, all acknowledged, event time of the last pulse).
@@ -142,9 +126,8 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
     Ok((first, Instant::now(), last_ms))
 }
 
-/// A read_committed consumer of all partitions of `topic` from offset 0 (not from
-/// "earliest": see [`start_group_at_zero`]). Readers stop on counts, not on partition
-/// ends, so no end-of-partition events.
+/// A read_committed consumer of all partitions of `topic` from their beginning.
+/// Readers stop on counts, not on partition ends, so no end-of-partition events.
 fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer> {
     let c: BaseConsumer = reader_base(cfg)
         .set("group.id", format!("{topic}.bench-reader"))
@@ -153,7 +136,7 @@ fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseCons
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Offset(0))?;
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
     Ok(c)
@@ -202,8 +185,6 @@ pub fn run_mode(plan: &Plan, guarantee: Guarantee) -> anyhow::Result<ModeReport>
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = [&t.source, &t.grouped, &t.aggregated, &t.dlq, &t.late].map(String::as_str);
     create_topics(&plan.cfg, &names, plan.partitions)?;
-    start_group_at_zero(&plan.cfg, &format!("{}.group", t.id), &t.source, plan.partitions)?;
-    start_group_at_zero(&plan.cfg, &format!("{}.aggregate", t.id), &t.grouped, plan.partitions)?;
     let mut proc = Processor::start(plan, &t, guarantee, &dir)?;
     proc.wait_ready(plan.timeout)?;
     let result = measure(plan, &t, &mut proc);

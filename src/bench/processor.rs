@@ -115,12 +115,10 @@ impl Drop for Processor {
     }
 }
 
-/// The child's configuration: the user's `[kafka]` table plus a 6 s session timeout
-/// (group joins are slow on Nisshi), the bench's grace and idle timeout, and the
-/// 1 s and 10 s windows.
+/// The child's configuration: the user's `[kafka]` table, the bench's grace and idle
+/// timeout, and the 1 s and 10 s windows.
 fn child_config(plan: &Plan) -> anyhow::Result<String> {
     let mut kafka = toml::Table::new();
-    kafka.insert("session.timeout.ms".into(), "6000".into());
     for (k, v) in &plan.cfg.kafka {
         kafka.insert(k.clone(), v.clone().into());
     }
@@ -181,7 +179,6 @@ mod tests {
         };
         let text = child_config(&plan).unwrap();
         let parsed = Config::from_toml(&text).unwrap();
-        assert_eq!(parsed.kafka["session.timeout.ms"], "6000");
         assert_eq!(parsed.kafka["security.protocol"], "SASL_SSL");
         assert_eq!(parsed.aggregate.grace, Duration::from_secs(1));
         assert_eq!(parsed.windows.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["inflight", "postflight"]);

@@ -1,10 +1,9 @@
 //! Where a bounded replay starts and ends in each source partition.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::ReplayError;
@@ -42,43 +41,13 @@ pub fn start_offsets(consumer: &BaseConsumer<QuietEof>, topic: &str, partitions:
     Ok(out)
 }
 
-/// Per partition, the log end now: where the replay stops at the latest. Read as the
-/// position at end-of-partition from the reported high watermark minus one, so a
-/// broker that under-reports the high watermark (Nisshi 0.7.0-pre.2 with multi-record
-/// batches) is corrected by the fetch path; on Kafka this reads at most one record.
-pub fn end_offsets(reader: &BaseConsumer<QuietEof>, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, ReplayError> {
-    let mut tpl = TopicPartitionList::new();
+/// Per partition, the log end now (the high watermark): where the replay stops at the
+/// latest, so records produced while it runs are not chased.
+pub fn end_offsets(consumer: &BaseConsumer<QuietEof>, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, ReplayError> {
     let mut ends = BTreeMap::new();
     for p in partitions {
-        let (low, high) = reader.fetch_watermarks(topic, *p, TIMEOUT)?;
-        tpl.add_partition_offset(topic, *p, Offset::Offset((high - 1).max(low).max(0)))?;
+        let (_, high) = consumer.fetch_watermarks(topic, *p, TIMEOUT)?;
         ends.insert(*p, high.max(0));
     }
-    reader.assign(&tpl)?;
-    let mut open: Vec<i32> = partitions.to_vec();
-    let started = Instant::now();
-    while !open.is_empty() {
-        if started.elapsed() > Duration::from_secs(120) {
-            return Err(ReplayError::Setup(format!("no end-of-partition from partitions {open:?} within 2 minutes")));
-        }
-        match reader.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                use rdkafka::Message;
-                let e = ends.entry(m.partition()).or_insert(0);
-                *e = (*e).max(m.offset() + 1);
-            }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                let pos = reader.position()?;
-                if let Some(Offset::Offset(o)) = pos.find_partition(topic, p).map(|e| e.offset()) {
-                    let e = ends.entry(p).or_insert(0);
-                    *e = (*e).max(o);
-                }
-                open.retain(|x| *x != p);
-            }
-            Some(Err(e)) => tracing::warn!("reading partition ends: {e}"),
-            None => {}
-        }
-    }
-    reader.unassign()?;
     Ok(ends)
 }

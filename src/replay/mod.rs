@@ -123,7 +123,7 @@ pub fn run(
     let consumer = reader()?;
     let partitions = bounds::partitions(&consumer, topic)?;
     let starts = bounds::start_offsets(&consumer, topic, &partitions, s.from_ms)?;
-    let ends = bounds::end_offsets(&reader()?, topic, &partitions)?;
+    let ends = bounds::end_offsets(&consumer, topic, &partitions)?;
     let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
     for (p, start) in &starts {
         if let (Some(start), Some(end)) = (start, ends.get(p)) {

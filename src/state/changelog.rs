@@ -12,10 +12,12 @@
 //! (metadata `changelog=<offset>`). Records after the last committed end belong to
 //! transactions that never committed (the previous owner died or was fenced): the
 //! restore does not apply them, and re-writes the current value of every key they
-//! touched into the next transaction. On Kafka, `read_committed` already hides them
-//! and nothing is re-written; on a broker that fails to hide aborted records (Nisshi
-//! 0.7.0-pre.2), this keeps the state exactly the committed one, and a later restore
-//! that reads the aborted records sees them overwritten.
+//! touched into the next commit. Under exactly_once, `read_committed` already hides
+//! them and nothing is re-written. Under at_least_once nothing is transactional: a
+//! replica that dies between writing changelog records and committing its offsets
+//! leaves records its successor must not apply, since it processes their input again;
+//! this keeps the state exactly the one behind the committed offsets, and a later
+//! restore that reads those records sees them overwritten.
 
 use std::time::{Duration, Instant};
 

@@ -1,10 +1,9 @@
-//! Test harness: a real Kafka-protocol broker (Nisshi, started by `scripts/broker`),
-//! the real `pulses` binary as a child process, and polling helpers with deadlines.
+//! Test harness: a real Apache Kafka broker (started by `scripts/broker`), the real
+//! `pulses` binary as a child process, and polling helpers with deadlines.
 #![allow(dead_code)]
 
 pub mod agg;
 pub mod collector;
-pub mod committed;
 pub mod http;
 pub mod registry;
 
@@ -21,7 +20,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
-/// Generous: a consumer-group join on Nisshi can take over 20 s.
+/// Generous: bounds a whole pipeline catching up, several replicas and rebalances
+/// included, on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(180);
 
 pub fn bootstrap() -> String {
@@ -69,12 +69,9 @@ pub fn create_topics(topics: &[(&str, i32)]) {
     }
 }
 
-/// Commits offset 0 for `group` on every partition of `topic` (a Nisshi workaround in
-/// test setup, see [`pulses::bench::driver::start_group_at_zero`]).
-pub fn start_group_at_zero(group: &str, topic: &str, partitions: i32) {
-    let cfg = pulses::config::Config { bootstrap_servers: bootstrap(), ..Default::default() };
-    pulses::bench::driver::start_group_at_zero(&cfg, group, topic, partitions).expect("commit offset 0");
-}
+/// Partitions of each topic a test creates, unless it needs fewer: 6 per stage input,
+/// as users run it.
+pub const PARTITIONS: i32 = 6;
 
 /// Topic names of one test, all unique.
 #[derive(Clone, Debug)]
@@ -88,15 +85,10 @@ pub struct Topics {
 }
 
 impl Topics {
-    /// Creates all five topics: `source_partitions` for the source, 2 for the rest.
-    ///
-    /// Two, not more, because of a Nisshi 0.7.0-pre.2 transaction bug
-    /// (`scripts/nisshi-txn-offsets-check.py`): with three or more transactional
-    /// producers writing the same partitions (under exactly_once, one per input
-    /// partition of a stage), a committed transaction can stay pending for good, and a
-    /// test waiting for it times out. Tests that need more partitions say so.
+    /// Creates all five topics: `source_partitions` for the source (a test that needs
+    /// the source's order kept uses one), [`PARTITIONS`] for the rest, as users run it.
     pub fn create(name: &str, source_partitions: i32) -> Self {
-        Self::create_with(name, source_partitions, 2)
+        Self::create_with(name, source_partitions, PARTITIONS)
     }
 
     /// Creates all five topics: `source_partitions` for the source, `partitions` for
@@ -113,10 +105,6 @@ impl Topics {
         };
         let n = partitions;
         create_topics(&[(&t.source, source_partitions), (&t.grouped, n), (&t.aggregated, n), (&t.dlq, n), (&t.late, n)]);
-        // The consumer groups that read topics pulses writes start at offset 0, not at
-        // "earliest": see `start_group_at_zero`.
-        start_group_at_zero(&format!("{}.aggregate", t.app), &t.grouped, n);
-        start_group_at_zero(&format!("{}.rate", t.app), &t.aggregated, n);
         t
     }
 
@@ -161,8 +149,9 @@ impl Proc {
     /// Starts `pulses <command>` (run, rate, ...) like [`Proc::run_in`].
     pub fn start(command: &str, topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
         let config = state_dir.path().join("pulses.toml");
-        // Test setup only: Nisshi holds a group join for about half the session
-        // timeout, so a short one keeps joins and rebalances quick.
+        // Test setup only: a killed replica's partitions move once the broker's group
+        // coordinator misses its heartbeats for the session timeout; 6 s (the broker's
+        // minimum) instead of pulses' 30 s keeps the crash tests short.
         let config_toml = format!("{config_toml}\n[kafka]\n\"session.timeout.ms\" = \"6000\"\n");
         std::fs::write(&config, config_toml).expect("write config");
         // Appends, so a restarted replica's log follows its first life's.
@@ -229,8 +218,12 @@ impl Drop for Proc {
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log = self.log();
+            // The state dir goes with the test: keep the whole log for a post-mortem.
+            let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("{}.log", self.state_dir.path().file_name().unwrap_or_default().to_string_lossy()));
+            let _ = std::fs::write(&kept, &log);
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("---- last lines of pulses log ({}) ----", self.state_dir.path().display());
+            eprintln!("---- last lines of pulses log (whole log: {}) ----", kept.display());
             for line in tail.iter().rev() {
                 eprintln!("{line}");
             }
@@ -333,12 +326,12 @@ impl Record {
     }
 }
 
-fn reader() -> BaseConsumer {
+fn reader(isolation: &str) -> BaseConsumer {
     ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
+        .set("isolation.level", isolation)
         // End of partition as the fetch path sees it (see `read_to_end`).
         .set("enable.partition.eof", "true")
         .create()
@@ -346,25 +339,31 @@ fn reader() -> BaseConsumer {
 }
 
 pub fn partitions(topic: &str) -> Vec<i32> {
-    let c = reader();
+    let c = reader("read_committed");
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
     md.topics()[0].partitions().iter().map(|p| p.id()).collect()
 }
 
-/// Reads every record of `topic` (assign, no group) until each partition reports its
-/// end, and returns them with the end offset of each partition.
-///
-/// Nisshi 0.7.0-pre.2 answers ListOffsets (high watermark) with the base offset of the
-/// last batch + 1 instead of the log end when that batch holds several records, so the
-/// end is taken from the fetch path (partition EOF), which is right. It can also answer
-/// "earliest" above existing records (see `start_group_at_zero`), so reading starts
-/// at offset 0, not at the beginning the broker reports.
+/// Reads every record of `topic` (assign, no group, `read_committed`) until each
+/// partition reports its end, and returns them with the end offset of each partition.
 pub fn read_to_end(topic: &str) -> (Vec<Record>, HashMap<i32, i64>) {
+    read_to_end_as(topic, "read_committed")
+}
+
+/// Every record of `topic` a `read_uncommitted` reader gets: committed ones plus those
+/// of aborted and still open transactions.
+pub fn read_uncommitted(topic: &str) -> Vec<Record> {
+    read_to_end_as(topic, "read_uncommitted").0
+}
+
+/// [`read_to_end`] with the given `isolation.level`. The end of a partition is where
+/// the fetch path reports it (for `read_committed`, the last stable offset).
+fn read_to_end_as(topic: &str, isolation: &str) -> (Vec<Record>, HashMap<i32, i64>) {
     let parts = partitions(topic);
-    let c = reader();
+    let c = reader(isolation);
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(0)).expect("tpl");
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("tpl");
     }
     c.assign(&tpl).expect("assign");
     let mut ends: HashMap<i32, i64> = HashMap::new();

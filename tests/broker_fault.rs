@@ -1,0 +1,124 @@
+//! The fault users meet more often than a crashed replica: the broker itself dies
+//! (SIGKILL) mid-stream and comes back 10 s later on the same data directory. pulses
+//! keeps running, reconnects, and the totals stay exact under exactly_once.
+//!
+//! This test kills a broker, so it runs its own: `scripts/broker` on a port of its own
+//! (`PULSES_TEST_FAULT_BROKER_PORT`, default 19092, controller on the next port), never
+//! the shared broker the other tests use. It is the only test of this binary, so it
+//! points the harness at that broker through the environment before any client exists.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::agg::*;
+use common::*;
+use rust_decimal::Decimal;
+
+/// A broker of this test's own, stopped (and its data removed) when dropped.
+struct OwnBroker {
+    port: String,
+}
+
+impl OwnBroker {
+    fn script(&self, args: &[&str]) {
+        let status = Command::new(repo_root().join("scripts/broker"))
+            .args(args)
+            .env("PULSES_BROKER_PORT", &self.port)
+            .env("PULSES_BROKER_HEAP", "512m")
+            .status()
+            .expect("run scripts/broker");
+        assert!(status.success(), "scripts/broker {args:?} failed on port {}", self.port);
+    }
+
+    fn start(port: &str) -> OwnBroker {
+        let b = OwnBroker { port: port.to_owned() };
+        b.script(&["start"]);
+        b
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        // For a post-mortem with kcat: PULSES_TEST_KEEP_BROKER=1 leaves it running.
+        if std::thread::panicking() && std::env::var_os("PULSES_TEST_KEEP_BROKER").is_some() {
+            eprintln!("broker left running on 127.0.0.1:{} (scripts/broker stop with PULSES_BROKER_PORT)", self.port);
+            return;
+        }
+        let _ = Command::new(repo_root().join("scripts/broker")).arg("stop").env("PULSES_BROKER_PORT", &self.port).status();
+    }
+}
+
+fn pulses(prefix: &str, tenants: usize, per_tenant: i64, base: i64, step_ms: i64) -> Vec<P> {
+    (0..per_tenant)
+        .flat_map(|i| {
+            (0..tenants).map(move |t| P {
+                id: format!("{prefix}-{t}-{i}"),
+                tenant: format!("tenant-{t}"),
+                sku: "compute.vcpu".into(),
+                unit: "vcpu-s".into(),
+                amount: Decimal::new(i % 89 + t as i64 + 1, 3),
+                at: base + i * step_ms + t as i64,
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn a_broker_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
+    let port = std::env::var("PULSES_TEST_FAULT_BROKER_PORT").unwrap_or_else(|_| "19092".into());
+    let broker = OwnBroker::start(&port);
+    // SAFETY of the process environment: this binary's only test, before any client.
+    std::env::set_var("PULSES_TEST_BOOTSTRAP", format!("127.0.0.1:{port}"));
+
+    let t = Topics::create("broker-fault", PARTITIONS);
+    let config = format!("checkpoint_interval = \"2s\"\n{}", config("1h", "1h"));
+    let base = (now_ms() / 60_000 - 30) * 60_000;
+    let tenants = 20;
+    let first = pulses("a", tenants, 2_500, base, 50); // 50,000 pulses over 125 s of event time
+    let second = pulses("b", tenants, 1_000, base + 125_000, 50);
+    let push = pulses("push", tenants, 1, base + 600_000, 1);
+
+    let mut replica = Proc::run(&t, &config, &[]);
+    produce_pulses(&t.source, &first);
+    let aggregate_group = format!("{}.aggregate", t.app);
+    wait_for("stage 2 progress", DEADLINE, || (committed(&aggregate_group, &t.grouped).values().sum::<i64>() > 0).then_some(()));
+
+    // The broker dies while stage 2 is committing, and is down for 10 s: wall time
+    // passing is the scenario here, not a wait for a condition.
+    broker.script(&["kill"]);
+    let killed = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    broker.script(&["start", "--keep-data"]);
+    eprintln!("broker down for {:?}", killed.elapsed());
+    assert!(replica.child.try_wait().expect("try_wait").is_none(), "pulses kept running through the outage");
+
+    produce_pulses(&t.source, &second);
+    produce_pulses(&t.source, &push);
+    wait_pipeline_done(&t);
+    eprintln!("grouped pulses after the outage: {}", read_all(&t.grouped).len());
+    let counted: Vec<P> = first.iter().chain(&second).chain(&push).cloned().collect();
+    let closed_before = base + 600_000 - 5_000;
+    let expected = fold(&counted, WINDOWS, closed_before);
+    let (latest, records) = wait_until("every window emitted", DEADLINE, || {
+        let (latest, records) = latest_finals(&t.aggregated); // also: no (aggregate_id, revision) twice
+        let missing: Vec<_> = expected.keys().filter(|k| !latest.contains_key(*k)).collect();
+        match missing.first() {
+            None => Ok((latest, records)),
+            Some(_) => Err(format!("{} of {} final windows missing: {:?}", missing.len(), expected.len(), &missing[..missing.len().min(25)])),
+        }
+    });
+    for (k, e) in &expected {
+        assert_eq!(latest.get(k).map(|(_, e)| e), Some(e), "aggregate {k:?}");
+    }
+    assert_eq!(latest.len(), expected.len(), "no unexpected final aggregates");
+    let grouped = read_all(&t.grouped).len();
+    assert_eq!(grouped, counted.len(), "every pulse grouped exactly once");
+    let postflight: u64 = latest.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, (_, e))| e.count).sum();
+    // The push pulses only move stream time; their own windows stay open.
+    assert_eq!(postflight, (first.len() + second.len()) as u64, "every pulse counted once in the closed 10 s windows");
+    assert!(replica.child.try_wait().expect("try_wait").is_none(), "the same pulses process did all of it");
+    eprintln!("broker fault: {} pulses, {records} aggregate records, {} final windows exact", counted.len(), expected.len());
+    assert_eq!(replica.terminate(Duration::from_secs(30)).code(), Some(0), "SIGTERM exits 0 after the outage");
+}
