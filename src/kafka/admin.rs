@@ -47,7 +47,35 @@ pub async fn ensure_topics(cfg: &Config, topics: &[TopicSpec<'_>]) -> Result<(),
             Err((topic, code)) => return Err(AdminError::Create { topic, code }),
         }
     }
-    Ok(())
+    let names: Vec<&str> = topics.iter().map(|t| t.name).collect();
+    wait_until_visible(cfg, &names, VISIBLE_WITHIN).await
+}
+
+/// How long a topic just created (here or by another replica) may take to show up in
+/// metadata with its partitions.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until every topic of `names` has partitions in the metadata this client sees.
+/// Kafka answers CreateTopics before every broker's metadata has the topic, so a
+/// replica that lost the race to create it (N replicas started at once) read
+/// "does not exist" right after and stopped.
+async fn wait_until_visible(cfg: &Config, names: &[&str], within: Duration) -> Result<(), AdminError> {
+    let started = std::time::Instant::now();
+    let mut missing: Vec<&str> = names.to_vec();
+    loop {
+        let mut still = Vec::new();
+        for name in missing {
+            if partition_count(cfg, name).is_err() {
+                still.push(name);
+            }
+        }
+        missing = still;
+        match missing.first() {
+            None => return Ok(()),
+            Some(name) if started.elapsed() >= within => return Err(AdminError::Missing((*name).to_owned())),
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 /// The number of partitions of an existing `topic`.
