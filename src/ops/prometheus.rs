@@ -66,7 +66,7 @@ pub fn render(m: &Metrics, cfg: &Config) -> String {
     }
 
     out.family("pulses_consumer_lag", "gauge",
-        "Records between a partition's committed offset and its end (librdkafka statistics, every 5 s; -1 unknown).");
+        "Records the stage still has to read in a partition: its last stable offset minus the stage's position (librdkafka statistics, every 5 s; -1 unknown).");
     if let Ok(lag) = ops.lag.lock() {
         for ((stage, topic, partition), n) in lag.iter() {
             out.sample_i("pulses_consumer_lag", &[("stage", stage), ("topic", topic), ("partition", &partition.to_string())], *n);
