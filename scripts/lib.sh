@@ -80,8 +80,10 @@ _install_kafka_locked() {
     local started=$SECONDS tmp
     mkdir -p "$PULSES_CACHE"
     tmp="$(mktemp -d "$PULSES_CACHE/kafka.tmp.XXXXXX")"
+    # Maven's output goes to a file, shown only if it fails (even -q -B prints escapes).
     if ! mvn -q -B -f "$KAFKA_POM" -Dmaven.repo.local="$MAVEN_REPO" -Dkafka.version="$KAFKA_VERSION" \
-            dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp/libs" >&2; then
+            dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp/libs" >"$tmp/mvn.log" 2>&1; then
+        cat "$tmp/mvn.log" >&2
         rm -rf "$tmp"
         die "fetching kafka_2.13 $KAFKA_VERSION with Maven failed"
     fi
