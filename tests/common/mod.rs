@@ -338,9 +338,17 @@ fn reader(isolation: &str) -> BaseConsumer {
         .expect("consumer")
 }
 
+/// Retries a broker request that timed out, up to [`DEADLINE`]: on a 2-core machine
+/// writing back gigabytes (right after a cold build) the broker's KRaft controller
+/// stalled for 8 s on an fsync, and a test that gave up after one 10 s request failed
+/// for that alone.
+fn retrying<T>(what: &str, mut request: impl FnMut() -> rdkafka::error::KafkaResult<T>) -> T {
+    wait_until(what, DEADLINE, || request().map_err(|e| e.to_string()))
+}
+
 pub fn partitions(topic: &str) -> Vec<i32> {
     let c = reader("read_committed");
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let md = retrying(&format!("metadata of {topic}"), || c.fetch_metadata(Some(topic), Duration::from_secs(30)));
     md.topics()[0].partitions().iter().map(|p| p.id()).collect()
 }
 
@@ -424,7 +432,7 @@ pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
     for p in partitions(topic) {
         tpl.add_partition(topic, p);
     }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+    let got = retrying(&format!("committed offsets of {group}"), || c.committed_offsets(tpl.clone(), Duration::from_secs(30)));
     got.elements()
         .iter()
         .filter_map(|e| match e.offset() {
