@@ -321,7 +321,7 @@ fn latest_committed_finals(records: &[Record]) -> (BTreeMap<AggKey, Expect>, usi
 }
 
 /// The same crashes under both guarantees: exactly_once commits nothing twice;
-/// at_least_once loses nothing either, but re-emits what the dead replicas had sent.
+/// at_least_once loses nothing either, but may re-emit what the dead replicas had sent.
 #[test]
 fn kill_9_doubles_nothing_under_exactly_once_and_may_under_at_least_once() {
     let run = crash_run("exactly_once");
@@ -329,9 +329,10 @@ fn kill_9_doubles_nothing_under_exactly_once_and_may_under_at_least_once() {
     assert_eq!(run.duplicate_grouped, 0, "no pulse grouped twice among committed records");
     assert!(run.aborted_records > 0, "a kill landed in the middle of a transaction, which Kafka aborted");
 
+    // at_least_once loses nothing either (crash_run checks every total), and writes no
+    // transactions. It *may* re-emit what a killed replica had sent but not committed:
+    // that happened in 7 of 8 runs here (111 to 4,361 records), not in all, since a kill
+    // can land between two commits; so it is reported, not asserted.
     let run = crash_run("at_least_once");
     assert_eq!(run.aborted_records, 0, "at_least_once writes no transactions");
-    // The replicas died with outputs sent but offsets not committed: their successors
-    // process those records again and emit their outputs a second time.
-    assert!(run.duplicate_grouped + run.duplicate_revisions > 0, "the crashes re-emitted records");
 }
