@@ -107,7 +107,7 @@ pub fn run(
     mut progress: impl FnMut(u64, u64, u64),
 ) -> Result<ReplaySummary, ReplayError> {
     let topic = cfg.topics.source.as_str();
-    let reader = || -> Result<BaseConsumer<QuietEof>, ReplayError> {
+    let consumer: BaseConsumer<QuietEof> = {
         let mut c = clients::reader_base(cfg);
         // A group id librdkafka wants, never joined (assign) and never committed to.
         c.set("group.id", format!("{}.replay", cfg.application_id))
@@ -118,9 +118,8 @@ pub fn run(
         for (k, v) in &cfg.kafka {
             c.set(k, v);
         }
-        Ok(c.create_with_context(QuietEof { reader: "replay" })?)
+        c.create_with_context(QuietEof { reader: "replay" })?
     };
-    let consumer = reader()?;
     let partitions = bounds::partitions(&consumer, topic)?;
     let starts = bounds::start_offsets(&consumer, topic, &partitions, s.from_ms)?;
     let ends = bounds::end_offsets(&consumer, topic, &partitions)?;
