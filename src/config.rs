@@ -299,11 +299,30 @@ impl Config {
         if self.aggregate.open_window_cache == 0 {
             return invalid("aggregate.open_window_cache must be at least 1".into());
         }
+        for (key, why) in RESERVED_KAFKA_KEYS {
+            if self.kafka.contains_key(*key) {
+                return invalid(format!("[kafka] may not set {key:?}: {why}"));
+            }
+        }
         let max_poll = self.kafka.get("max.poll.interval.ms").map(String::as_str);
         self.schema_registry.check(self.output_format, max_poll).map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }
+
+/// librdkafka properties the user's `[kafka]` table may not hold, because pulses'
+/// guarantees rest on the value each client is given; with why, for the error.
+pub const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
+    ("group.id", "pulses names its consumer groups from application_id and group_id"),
+    ("transactional.id", "pulses names one transactional id per input partition to fence zombies"),
+    ("enable.auto.commit", "offsets move only when the outputs of their records are committed"),
+    ("enable.auto.offset.store", "offsets move only when the outputs of their records are committed"),
+    ("isolation.level", "only committed records may count (read_committed)"),
+    ("auto.offset.reset", "a new consumer group must start at the earliest record, or pulses are skipped"),
+    ("enable.idempotence", "producer retries must not duplicate records"),
+    ("acks", "a record counts as written only once every in-sync replica has it (acks=all)"),
+    ("enable.partition.eof", "readers of a partition to its end depend on the end-of-partition event"),
+];
 
 fn valid_kafka_name(s: &str) -> bool {
     (1..=200).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
@@ -359,5 +378,19 @@ mod tests {
     fn unknown_keys_are_errors() {
         assert!(Config::from_toml("bootstrap = 'x'").is_err());
         assert!(Config::from_toml("[topics]\nsorce = 'x'").is_err());
+    }
+}
+
+#[cfg(test)]
+mod reserved_keys {
+    use super::*;
+
+    #[test]
+    fn kafka_keys_the_guarantees_rest_on_are_refused_with_why() {
+        let cfg = Config::from_toml("[kafka]\n\"enable.auto.commit\" = \"true\"").unwrap();
+        let err = cfg.check().unwrap_err().to_string();
+        assert!(err.contains("\"enable.auto.commit\"") && err.contains("offsets move only"), "{err}");
+        let ok = Config::from_toml("[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = \"20\"").unwrap();
+        assert!(ok.check().is_ok());
     }
 }

@@ -148,3 +148,76 @@ fn idle_partitions_close_trailing_windows_in_time() {
     let total: u64 = got.iter().filter(|(k, _)| k.3 == "postflight").map(|(_, (_, e))| e.count).sum();
     assert_eq!(total, pulses.len() as u64);
 }
+
+/// `[[windows]]` with its stored windows' config `windows`, windows of `extra` first.
+fn windows_config(windows: &[(&str, &str)]) -> String {
+    let mut cfg = "[aggregate]\ngrace = \"5s\"\nretention = \"1h\"\nidle_timeout = \"1h\"\nmax_batch_wait = \"50ms\"\n".to_owned();
+    for (name, size) in windows {
+        cfg.push_str(&format!("\n[[windows]]\nname = \"{name}\"\nsize = \"{size}\"\n"));
+    }
+    cfg
+}
+
+/// Windows reordered and one added across a SIGTERM restart: every window keeps its
+/// name and its exact total (the stored state names windows by name and size, not by
+/// their place in the configuration); a window resized under its name is refused at
+/// start with what changed.
+#[test]
+fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart() {
+    let t = Topics::create("windows-reordered", PARTITIONS);
+    let base = (now_ms() / 60_000 - 20) * 60_000;
+    let tenants = 12;
+    let pulse = |i: i64, at: i64| P {
+        id: format!("w{i}"),
+        tenant: format!("t{}", i % tenants),
+        sku: "api.requests".into(),
+        unit: "requests".into(),
+        amount: Decimal::new(i % 97 + 1, 2),
+        at,
+    };
+    // 90 s of event time before the restart, 90 s after, 4 pulses a second.
+    let first: Vec<P> = (0..360).map(|i| pulse(i, base + i * 250)).collect();
+    let second: Vec<P> = (360..720).map(|i| pulse(i, base + i * 250)).collect();
+    // One pulse per tenant at 240 s closes every window ending by 235 s in every partition.
+    let push: Vec<P> = (0..tenants).map(|i| pulse(10_000 + i, base + 240 * SECOND)).collect();
+
+    let before = windows_config(&[("inflight", "1s"), ("postflight", "10s"), ("minute", "1m")]);
+    produce_pulses(&t.source, &first);
+    let mut live = Proc::run(&t, &before, &[]);
+    wait_pipeline_done(&t);
+    assert!(live.terminate(DEADLINE).success(), "clean exit on SIGTERM");
+
+    let after = windows_config(&[("minute", "1m"), ("quarter", "15s"), ("postflight", "10s"), ("inflight", "1s")]);
+    let live = Proc::run_in(&t, &after, &[], live.into_state());
+    produce_pulses(&t.source, &second);
+    produce_pulses(&t.source, &push);
+    let all: Vec<P> = first.iter().chain(&second).chain(&push).cloned().collect();
+    let after_restart: Vec<P> = second.iter().chain(&push).cloned().collect();
+    let closed_before = base + 235 * SECOND;
+    let mut expected = fold(&all, WINDOWS, closed_before);
+    // The added window counts from the restart on; its windows start at 90 s or later.
+    expected.extend(fold(&after_restart, &[("quarter", 15 * SECOND)], closed_before));
+    wait_pipeline_done(&t);
+    let finals = wait_for("every expected window final", DEADLINE, || {
+        let (finals, _) = latest_finals(&t.aggregated);
+        (finals.len() >= expected.len()).then_some(finals)
+    });
+    let got: BTreeMap<AggKey, Expect> = finals.into_iter().map(|(k, (_, e))| (k, e)).collect();
+    let wrong: Vec<_> = expected.iter().filter(|(k, e)| got.get(*k) != Some(*e)).take(5).collect();
+    assert!(wrong.is_empty(), "{} of {} windows wrong or missing, e.g. {wrong:?}", expected.iter().filter(|(k, e)| got.get(*k) != Some(*e)).count(), expected.len());
+    let unexpected: Vec<_> = got.keys().filter(|k| !expected.contains_key(*k)).take(5).collect();
+    assert!(unexpected.is_empty(), "windows nobody expected: {unexpected:?}");
+    eprintln!("{} final windows exact across the reordering restart", expected.len());
+
+    // Resized under its name: refused at start, saying what changed.
+    let mut live = live;
+    assert!(live.terminate(DEADLINE).success());
+    let resized = windows_config(&[("minute", "2m"), ("quarter", "15s"), ("postflight", "10s"), ("inflight", "1s")]);
+    let mut refused = Proc::run_in(&t, &resized, &[], live.into_state());
+    produce_pulses(&t.source, &[pulse(20_000, base + 250 * SECOND)]);
+    let status = wait_for("pulses to refuse the resized window", DEADLINE, || refused.child.try_wait().expect("try_wait"));
+    assert!(!status.success());
+    let log = refused.log();
+    assert!(log.contains("window \\\"minute\\\" is configured as 2m but the state holds it as 1m")
+        || log.contains("window \"minute\" is configured as 2m but the state holds it as 1m"), "{log}");
+}

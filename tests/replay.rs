@@ -98,7 +98,16 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
             records.push((0, p.at, br#"{"tenant_id":"t0","used_amount":"1"}"#.to_vec()));
         }
     }
+    // Late pulses: produced at 400 s, after T1 (295 s) but within retention, for
+    // windows inside [T0, T1) that live has closed by then: live corrects them, so a
+    // replay must read past T1 to reproduce the corrections.
+    let late: Vec<P> = (0..30i64)
+        .map(|i| P { id: format!("late{i}"), tenant: format!("t{}", i % 3), sku: products[0].0.into(), unit: products[0].1.into(),
+            amount: Decimal::new(i + 1, 1), at: base + 100 * SECOND + i * 5 * SECOND })
+        .collect();
+    records.extend(late.iter().enumerate().map(|(i, p)| ((i % 2) as i32, base + 400 * SECOND, p.json())));
     produce_at(&t.source, &records, 1000);
+    let pulses: Vec<P> = pulses.into_iter().chain(late).collect();
     let cfg = config("1h", "2s");
     let live = Proc::run(&t, &cfg, &[]);
     let expected_all = fold(&pulses, WINDOWS, i64::MAX);
@@ -115,25 +124,7 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     let out = format!("{}.replay", t.app);
     let cfg_path = live.state_dir.path().join("replay.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
-    let replay = |range: &[&str], out: &str| {
-        let replay_state = tempfile::tempdir().unwrap();
-        let started = std::time::Instant::now();
-        let run = Command::new(pulses_bin())
-            .arg("replay")
-            .args(t.flags())
-            .arg("--config").arg(&cfg_path)
-            .arg("--state-dir").arg(replay_state.path())
-            .args(range)
-            .args(["--output-topic", out])
-            .output()
-            .expect("run pulses replay");
-        let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-        eprintln!("replay {range:?} took {:?}: {stdout}", started.elapsed());
-        assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
-        assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
-        assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
-        String::from_utf8_lossy(&run.stderr).into_owned()
-    };
+    let replay = |range: &[&str], out: &str| run_replay(&t, &cfg_path, range, out);
     let stderr = replay(&["--from", &rfc3339(t0), "--to", &t1.to_string(), "--progress-interval", "1ms"], &out);
     assert!(stderr.contains("records read"), "progress lines on stderr: {stderr}");
 
@@ -141,16 +132,8 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     assert_eq!(before, after, "the live groups' committed offsets are unchanged");
     assert!(committed(&format!("{}.replay", t.app), &t.source).is_empty(), "replay commits nothing");
 
-    let replayed = finals_by_id(&out);
-    let inside = |(_, _, start, end): &(Decimal, u64, i64, i64)| *start >= t0 && *end <= t1;
-    let live_inside: BTreeMap<_, _> = live_finals.iter().filter(|(_, v)| inside(v)).map(|(k, v)| (k.clone(), *v)).collect();
-    assert!(replayed.values().all(inside), "only windows inside [T0, T1) are written");
-    // Independently: minute windows [1,2)..[3,4) min, postflight up to [280,290) s, inflight up to [294,295) s.
-    let want = fold(&pulses, WINDOWS, t1).into_iter().filter(|(k, _)| k.4 >= t0).count();
-    assert_eq!(live_inside.len(), want);
-    assert_eq!(replayed.len(), want);
-    assert_eq!(replayed, live_inside, "replay output = live output for windows inside [T0, T1)");
-    eprintln!("{} windows identical (of {} live windows)", replayed.len(), live_finals.len());
+    let live_inside = assert_replay_equals_live(&pulses, &live_finals, &finals_by_id(&out), t0, t1);
+    eprintln!("{} windows identical (of {} live windows)", live_inside, live_finals.len());
 
     // Without --to: to the log end, every window closed; all windows from T0 on match.
     let out_open = format!("{}.replay-open", t.app);
@@ -159,4 +142,104 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     assert_eq!(from_t0.len(), fold(&pulses, WINDOWS, i64::MAX).into_iter().filter(|(k, _)| k.4 >= t0).count());
     assert_eq!(finals_by_id(&out_open), from_t0, "replay to the end = live output for windows from T0");
     assert_eq!(before, (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped)));
+}
+
+/// Runs `pulses replay` on `t` with the config file `cfg_path` and `range` flags into
+/// `out`; asserts it succeeded, printed its summary and deleted its state; its stderr.
+fn run_replay(t: &Topics, cfg_path: &std::path::Path, range: &[&str], out: &str) -> String {
+    let replay_state = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let run = Command::new(pulses_bin())
+        .arg("replay")
+        .args(t.flags())
+        .arg("--config").arg(cfg_path)
+        .arg("--state-dir").arg(replay_state.path())
+        .args(range)
+        .args(["--output-topic", out])
+        .output()
+        .expect("run pulses replay");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    eprintln!("replay {range:?} took {:?}: {stdout}", started.elapsed());
+    assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
+    assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
+    String::from_utf8_lossy(&run.stderr).into_owned()
+}
+
+/// The replayed finals are the live finals of the windows inside [T0, T1), and those
+/// are the fold of `pulses` (totals and counts, window by window); returns how many.
+fn assert_replay_equals_live(
+    pulses: &[P],
+    live: &BTreeMap<String, (Decimal, u64, i64, i64)>,
+    replayed: &BTreeMap<String, (Decimal, u64, i64, i64)>,
+    t0: i64,
+    t1: i64,
+) -> usize {
+    let inside = |(_, _, start, end): &(Decimal, u64, i64, i64)| *start >= t0 && *end <= t1;
+    let live_inside: BTreeMap<_, _> = live.iter().filter(|(_, v)| inside(v)).map(|(k, v)| (k.clone(), *v)).collect();
+    assert!(replayed.values().all(inside), "only windows inside [T0, T1) are written");
+    let size = |name: &str| WINDOWS.iter().find(|(n, _)| *n == name).map(|(_, s)| *s).unwrap();
+    let mut want: Vec<(i64, i64, Decimal, u64)> = fold(pulses, WINDOWS, t1)
+        .into_iter()
+        .filter(|(k, _)| k.4 >= t0)
+        .map(|(k, e)| (k.4, k.4 + size(&k.3), e.total, e.count))
+        .collect();
+    want.sort();
+    let mut live_values: Vec<(i64, i64, Decimal, u64)> = live_inside.values().map(|(total, count, start, end)| (*start, *end, *total, *count)).collect();
+    live_values.sort();
+    assert_eq!(live_values, want, "live windows inside [T0, T1) = the fold of the input");
+    assert_eq!(replayed, &live_inside, "replay output = live output for windows inside [T0, T1)");
+    live_inside.len()
+}
+
+/// Pulses produced with kcat as users do (record time = when kcat ran, event time in
+/// the line), then late ones for windows live has closed: a replay of a range that
+/// ended before kcat ran still reads them all, choosing windows by event time, and
+/// reproduces the live output, corrections included.
+#[test]
+fn replay_of_kcat_lines_with_late_pulses_equals_live() {
+    let t = Topics::create("replay-kcat", 2);
+    let base = (now_ms() / 60_000 - 4) * 60_000;
+    let kcat = |lines: &[P]| {
+        use std::io::Write;
+        let mut child = Command::new("kcat")
+            .args(["-P", "-b", &bootstrap(), "-t", &t.source])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run kcat");
+        let text: String = lines.iter().map(|p| format!("{}\n", String::from_utf8_lossy(&p.json()))).collect();
+        child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        assert!(child.wait().unwrap().success(), "kcat -P failed");
+    };
+    let on_time: Vec<P> = (0..240i64)
+        .map(|i| P { id: format!("k{i}"), tenant: format!("t{}", i % 3), sku: "api.requests".into(), unit: "requests".into(),
+            amount: Decimal::new(i % 13 + 1, 1), at: base + i * 500 })
+        .collect();
+    kcat(&on_time);
+    let cfg = config("1h", "2s");
+    let live = Proc::run(&t, &cfg, &[]);
+    wait_pipeline_done(&t);
+    // Every window of the on-time pulses closes (idle watermarks), then the late ones come.
+    let all_on_time = fold(&on_time, WINDOWS, i64::MAX).len();
+    wait_for("every on-time window final", DEADLINE, || (latest_finals(&t.aggregated).0.len() == all_on_time).then_some(()));
+    let late: Vec<P> = (0..12i64)
+        .map(|i| P { id: format!("late{i}"), tenant: format!("t{}", i % 3), sku: "api.requests".into(), unit: "requests".into(),
+            amount: Decimal::new(7, 2), at: base + 3 * SECOND + i * 4 * SECOND })
+        .collect();
+    kcat(&late);
+    wait_pipeline_done(&t);
+    let pulses: Vec<P> = on_time.iter().chain(&late).cloned().collect();
+    let live_finals = finals_by_id(&t.aggregated);
+    let corrections = read_all(&t.aggregated).iter().filter(|r| r.json()["revision"].as_u64() > Some(0)).count();
+    assert!(corrections > 0, "live corrected closed windows with the late pulses");
+
+    let (t0, t1) = (base, base + 60 * SECOND);
+    assert!(t1 < now_ms() - 60 * SECOND, "kcat ran after T1: record times are all past it");
+    let cfg_path = live.state_dir.path().join("replay.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let out = format!("{}.replay", t.app);
+    run_replay(&t, &cfg_path, &["--from", &t0.to_string(), "--to", &t1.to_string()], &out);
+    let n = assert_replay_equals_live(&pulses, &live_finals, &finals_by_id(&out), t0, t1);
+    assert!(n >= 60 + 6 + 3, "inflight, postflight and minute windows of 3 tenants: {n}");
+    eprintln!("{n} windows identical, {corrections} live corrections reproduced");
 }

@@ -12,6 +12,7 @@ use rdkafka::Message;
 use super::report::Quantiles;
 use super::stats;
 use crate::pulse::time;
+use crate::kafka::clients::QuietEof;
 
 /// What the reader of the aggregated topic saw.
 #[derive(Debug, Default)]
@@ -77,7 +78,7 @@ impl Seen {
 }
 
 /// Reads final aggregates until both windows count `expected` pulses or `stop` is set.
-pub fn read_aggregates(c: &BaseConsumer, expected: u64, stop: &AtomicBool) -> anyhow::Result<Seen> {
+pub fn read_aggregates(c: &BaseConsumer<QuietEof>, expected: u64, stop: &AtomicBool) -> anyhow::Result<Seen> {
     let mut seen = Seen::default();
     while !(seen.counted("inflight") >= expected && seen.counted("postflight") >= expected) {
         if stop.load(Ordering::Acquire) {
@@ -90,7 +91,7 @@ pub fn read_aggregates(c: &BaseConsumer, expected: u64, stop: &AtomicBool) -> an
                     .with_context(|| format!("aggregate at offset {} is not JSON", m.offset()))?;
                 seen.add(&v, received)?;
             }
-            None => {}
+            None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => bail!("reading aggregates: {e}"),
         }
     }

@@ -17,7 +17,7 @@ use super::report::{BrokerBaseline, ModeReport, Quantiles};
 use super::stats;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, TopicSpec};
-use crate::kafka::clients::{self, base, reader_base, send_with_backpressure, tracked_producer, DeliveryTracker};
+use crate::kafka::clients::{self, send_with_backpressure, tracked_producer, DeliveryTracker, QuietEof};
 use crate::pulse::time;
 use crate::stub::{Generator, StubSpec};
 
@@ -84,7 +84,7 @@ fn create_topics(cfg: &Config, names: &[&str], partitions: i32) -> anyhow::Resul
 
 fn delete_topics(cfg: &Config, names: &[String]) {
     use rdkafka::admin::{AdminClient, AdminOptions};
-    let Ok(admin) = base(cfg).create::<AdminClient<rdkafka::client::DefaultClientContext>>() else { return };
+    let Ok(admin) = clients::admin(cfg).create::<AdminClient<rdkafka::client::DefaultClientContext>>() else { return };
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     if let Ok(Err(e)) = block_on(admin.delete_topics(&names, &AdminOptions::new())) {
         tracing::warn!("deleting bench topics: {e}");
@@ -127,13 +127,10 @@ fn produce(plan: &Plan, topic: &str, stop: &AtomicBool) -> anyhow::Result<(Insta
 }
 
 /// A read_committed consumer of all partitions of `topic` from their beginning.
-/// Readers stop on counts, not on partition ends, so no end-of-partition events.
-fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer> {
-    let c: BaseConsumer = reader_base(cfg)
-        .set("group.id", format!("{topic}.bench-reader"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .create()?;
+/// Readers stop on counts; the ends of partitions they pass are not errors.
+fn reader(cfg: &Config, topic: &str, partitions: i32) -> anyhow::Result<BaseConsumer<QuietEof>> {
+    let c: BaseConsumer<QuietEof> =
+        clients::reader(cfg, &format!("{topic}.bench-reader")).create_with_context(QuietEof { reader: "bench" })?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, Offset::Beginning)?;
@@ -157,6 +154,7 @@ pub fn broker_baseline(plan: &Plan) -> anyhow::Result<BrokerBaseline> {
         }
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(_)) => read += 1,
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => bail!("reading {topic}: {e}"),
             None => {}
         }

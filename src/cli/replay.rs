@@ -14,9 +14,11 @@ use crate::replay::{self, ReplaySettings};
 /// The long `--help` text of the command.
 pub const LONG_ABOUT: &str = "\
     Re-processes the source topic from T0 (Kafka offsets-for-time on record timestamps) to the end \
-    of each partition at start, or to its first record with a timestamp at or after T1, with the \
-    live validation, windows, de-duplication and aggregate ids, and fresh temporary state (deleted \
-    at exit). Writes the final aggregates of every window inside [T0, T1) to the replay topic: \
+    of each partition at start, or to its first record with a timestamp at or after T1 + retention \
+    (late pulses that corrected live windows are read too), with the live decoding (JSON and Avro), \
+    validation, windows, de-duplication and aggregate ids, and fresh temporary state (deleted at \
+    exit); windows are chosen by event time. Writes the final aggregates of every window inside \
+    [T0, T1) to the replay topic, in output_format like the live aggregates: \
     windows that start before T0 or end after T1 are not written. At the end of the input the \
     watermark jumps to T1 (without --to, to infinity), closing every window that ends by then. \
     Partitions are assigned, not subscribed, and no offset is committed: the live consumer groups \

@@ -31,7 +31,7 @@ pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 
 /// Creates each topic that does not exist yet.
 pub async fn ensure_topics(cfg: &Config, topics: &[TopicSpec<'_>]) -> Result<(), AdminError> {
-    let admin: AdminClient<DefaultClientContext> = super::clients::base(cfg).create()?;
+    let admin: AdminClient<DefaultClientContext> = super::clients::admin(cfg).create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| {
@@ -81,7 +81,7 @@ async fn wait_until_visible(cfg: &Config, names: &[&str], within: Duration) -> R
 /// The number of partitions of an existing `topic`.
 pub fn partition_count(cfg: &Config, topic: &str) -> Result<i32, AdminError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = super::clients::base(cfg).create()?;
+    let consumer: BaseConsumer = super::clients::admin(cfg).create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     match md.topics().first() {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),

@@ -13,13 +13,19 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
 
-/// Base settings: bootstrap servers and client id, with the user's `[kafka]` table.
-pub fn base(cfg: &Config) -> ClientConfig {
+//
+// One builder per kind of client pulses creates (admin, stage consumer, group consumer,
+// reader, producer, transactional producer). Each layers pulses' settings and then
+// applies the user's `[kafka]` table once, last, so the table wins; callers never set
+// keys on a built config. Keys pulses' guarantees depend on cannot be in the table
+// (`Config::check` refuses them, see [`crate::config::RESERVED_KAFKA_KEYS`]).
+
+/// An admin client, or a consumer used only for metadata: bootstrap servers and client id.
+pub fn admin(cfg: &Config) -> ClientConfig {
     with_user_overrides(defaults(cfg), cfg)
 }
 
-/// Bootstrap servers and client id, without the user's table: the builders below add
-/// their own settings to these and then apply the table once, last.
+/// Bootstrap servers and client id, without the user's table.
 fn defaults(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
@@ -35,33 +41,55 @@ fn with_user_overrides(mut c: ClientConfig, cfg: &Config) -> ClientConfig {
     c
 }
 
-/// Base settings of every consumer that reads records: [`base`] plus a prefetch queue
-/// that is refilled as soon as it runs low. librdkafka postpones the next fetch of a
-/// partition by `fetch.queue.backoff.ms` (default 1 s) once its queue has passed the
-/// prefetch thresholds, so a stage working off a backlog drained its queue and then
+/// Settings of every consumer that reads records: a prefetch queue that is refilled as
+/// soon as it runs low, and only committed records. librdkafka postpones the next fetch
+/// of a partition by `fetch.queue.backoff.ms` (default 1 s) once its queue has passed
+/// the prefetch thresholds, so a stage working off a backlog drained its queue and then
 /// waited out the rest of that second: stage 1 sat in poll 75% of the time, and a 1M
 /// exactly_once burst ran at 70,000-77,000 pulses/s instead of 106,000.
-pub fn reader_base(cfg: &Config) -> ClientConfig {
-    with_user_overrides(reader_defaults(cfg), cfg)
-}
-
-fn reader_defaults(cfg: &Config) -> ClientConfig {
+fn record_reader_defaults(cfg: &Config, group_id: &str) -> ClientConfig {
     let mut c = defaults(cfg);
-    c.set("fetch.queue.backoff.ms", "10");
+    c.set("fetch.queue.backoff.ms", "10")
+        .set("group.id", group_id)
+        // Offsets move only when pulses commits them, after the outputs of the records
+        // are durably written (auto-commit could lose pulses).
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Producers may write transactionally; only committed input counts.
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest");
     c
 }
 
-/// A consumer in `group_id` that commits offsets only when told to, after the outputs
-/// of the records are durably written (never auto-commit: that could lose pulses).
-pub fn consumer_config(cfg: &Config, group_id: &str) -> ClientConfig {
-    let mut c = reader_defaults(cfg);
-    c.set("group.id", group_id)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        // Producers may write transactionally; only committed input counts.
-        .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", "30000");
+/// A member of consumer group `group_id` (`pulses rate`).
+pub fn group_consumer(cfg: &Config, group_id: &str) -> ClientConfig {
+    with_user_overrides(group_consumer_defaults(cfg, group_id), cfg)
+}
+
+fn group_consumer_defaults(cfg: &Config, group_id: &str) -> ClientConfig {
+    let mut c = record_reader_defaults(cfg, group_id);
+    c.set("session.timeout.ms", "30000");
+    c
+}
+
+/// How often librdkafka reports statistics to the stage consumers (consumer lag,
+/// [`crate::ops::lag`]).
+pub const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// A stage's consumer: a [`group_consumer`] that also reports statistics.
+pub fn stage_consumer(cfg: &Config, group_id: &str) -> ClientConfig {
+    let mut c = group_consumer_defaults(cfg, group_id);
+    c.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    with_user_overrides(c, cfg)
+}
+
+/// A consumer that assigns itself partitions and reads them to their end (changelog
+/// restore, replay, rating catch-up, bench readers): it never joins `group_id`
+/// (librdkafka wants one named) and commits nothing; the end of each partition is
+/// reported as an event ([`QuietEof`] keeps it out of the warnings).
+pub fn reader(cfg: &Config, group_id: &str) -> ClientConfig {
+    let mut c = record_reader_defaults(cfg, group_id);
+    c.set("enable.partition.eof", "true");
     with_user_overrides(c, cfg)
 }
 
@@ -80,6 +108,13 @@ fn producer_defaults(cfg: &Config) -> ClientConfig {
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000");
     c
+}
+
+/// A transactional producer's settings (see [`transactional_producer`]).
+fn transactional_config(cfg: &Config, transactional_id: &str) -> ClientConfig {
+    let mut c = producer_defaults(cfg);
+    c.set("transactional.id", transactional_id).set("transaction.timeout.ms", "60000");
+    with_user_overrides(c, cfg)
 }
 
 /// How long one step of [`flush`] waits before looking again.
@@ -203,9 +238,7 @@ pub fn transactional_producer(
     transactional_id: &str,
     tracker: DeliveryTracker,
 ) -> Result<TrackedProducer, KafkaError> {
-    let mut c = producer_defaults(cfg);
-    c.set("transactional.id", transactional_id).set("transaction.timeout.ms", "60000");
-    with_user_overrides(c, cfg).create_with_context(tracker)
+    transactional_config(cfg, transactional_id).create_with_context(tracker)
 }
 
 /// Enqueues a record, waiting while librdkafka's local queue is full instead of
@@ -235,25 +268,54 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::RESERVED_KAFKA_KEYS;
 
-    /// pulses' settings layer under the user's `[kafka]` table, which wins in every
-    /// builder (applied once, last).
+    /// Every client pulses creates, by kind.
+    fn every_builder(cfg: &Config) -> Vec<(&'static str, ClientConfig)> {
+        vec![
+            ("admin", admin(cfg)),
+            ("group consumer", group_consumer(cfg, "g")),
+            ("stage consumer", stage_consumer(cfg, "g")),
+            ("reader", reader(cfg, "g.restore")),
+            ("producer", producer_config(cfg)),
+            ("transactional producer", transactional_config(cfg, "t-1")),
+        ]
+    }
+
+    /// In every builder, each key pulses sets is overridden by the user's `[kafka]`
+    /// table (applied once, last), except the reserved keys the table may not hold.
     #[test]
-    fn the_users_kafka_table_wins_over_pulses_settings() {
+    fn the_users_kafka_table_wins_over_every_builders_settings() {
+        let plain = Config::default();
+        let mut keys = std::collections::BTreeSet::new();
+        for (_, c) in every_builder(&plain) {
+            keys.extend(c.config_map().keys().cloned());
+        }
         let mut cfg = Config::default();
-        let fetch_backoff = |c: &ClientConfig| c.get("fetch.queue.backoff.ms").map(str::to_owned);
-        assert_eq!(fetch_backoff(&consumer_config(&cfg, "g")), Some("10".into()));
-        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("5"));
-        for (k, v) in [("fetch.queue.backoff.ms", "250"), ("linger.ms", "20"), ("client.id", "mine")] {
-            cfg.kafka.insert(k.into(), v.into());
+        for k in &keys {
+            if !RESERVED_KAFKA_KEYS.iter().any(|(r, _)| r == k) {
+                cfg.kafka.insert(k.clone(), format!("user-{k}"));
+            }
         }
-        for c in [base(&cfg), reader_base(&cfg), consumer_config(&cfg, "g")] {
-            assert_eq!(c.get("client.id"), Some("mine"));
+        cfg.kafka.insert("security.protocol".into(), "SASL_SSL".into());
+        for ((kind, theirs), (_, ours)) in every_builder(&cfg).into_iter().zip(every_builder(&plain)) {
+            for (k, v) in ours.config_map() {
+                let want = cfg.kafka.get(k).unwrap_or(v);
+                assert_eq!(theirs.get(k), Some(want.as_str()), "{kind}: {k}");
+            }
+            assert_eq!(theirs.get("security.protocol"), Some("SASL_SSL"), "{kind}: the table reaches every client");
         }
-        assert_eq!(fetch_backoff(&reader_base(&cfg)), Some("250".into()));
-        assert_eq!(fetch_backoff(&consumer_config(&cfg, "g")), Some("250".into()));
-        assert_eq!(consumer_config(&cfg, "g").get("isolation.level"), Some("read_committed"));
-        assert_eq!(producer_config(&cfg).get("linger.ms"), Some("20"));
-        assert_eq!(producer_config(&cfg).get("acks"), Some("all"));
+        // The settings the guarantees rest on, where they belong.
+        let [admin, group, stage, reader, producer, txn] = every_builder(&cfg).try_into().map_err(|_| ()).unwrap();
+        for (kind, c) in [&group, &stage, &reader] {
+            assert_eq!((c.get("isolation.level"), c.get("enable.auto.commit")), (Some("read_committed"), Some("false")), "{kind}");
+        }
+        assert_eq!(stage.1.get("statistics.interval.ms"), Some("user-statistics.interval.ms"));
+        assert_eq!(reader.1.get("enable.partition.eof"), Some("true"));
+        assert_eq!((group.1.get("enable.partition.eof"), admin.1.get("group.id")), (None, None));
+        for (kind, c) in [&producer, &txn] {
+            assert_eq!((c.get("enable.idempotence"), c.get("acks")), (Some("true"), Some("all")), "{kind}");
+        }
+        assert_eq!(txn.1.get("transactional.id"), Some("t-1"));
     }
 }

@@ -1,19 +1,9 @@
 //! Consumer lag per partition from librdkafka's statistics, so no extra broker round
 //! trips: the records a stage still has to read (see [`partition_lag`]).
 
-use rdkafka::config::ClientConfig;
 use rdkafka::Statistics;
 
 use super::metrics::Metrics;
-
-/// How often librdkafka reports statistics to the stage consumers.
-pub const STATISTICS_INTERVAL_MS: &str = "5000";
-
-/// Turns statistics on for a stage consumer whose context calls [`record`].
-pub fn with_statistics(mut c: ClientConfig) -> ClientConfig {
-    c.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
-    c
-}
 
 /// Stores the lag of every partition `stage` currently consumes.
 pub fn record(metrics: &Metrics, stage: &str, statistics: &Statistics) {

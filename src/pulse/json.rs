@@ -51,9 +51,8 @@ pub fn decode_pulse(bytes: &[u8]) -> Result<RawPulse<'_>, Rejection> {
 }
 
 /// Encodes a grouped pulse as the JSON value written to `tenant.grouped.pulses`.
-pub fn encode_grouped(p: &GroupedPulse) -> Vec<u8> {
-    // Serialising plain strings, decimals and maps cannot fail.
-    serde_json::to_vec(p).unwrap_or_default()
+pub fn encode_grouped(p: &GroupedPulse) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(p)
 }
 
 /// Decodes a record of `tenant.grouped.pulses`.

@@ -14,9 +14,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::BaseRecord;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -29,7 +29,7 @@ use crate::kafka::batch::{poll_batch, PendingOffsets};
 use crate::kafka::clients::{self, QuietEof};
 use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
-use crate::window::WindowAggregate;
+use crate::registry::{AggregateInput, InputError, Registry, RegistryError, Wait};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateError {
@@ -45,6 +45,10 @@ pub enum RateError {
     StateDir(String),
     #[error("catching the state up with the committed offsets: {0}")]
     CatchUp(String),
+    /// The schema registry did not answer for an Avro aggregate: stopped uncommitted,
+    /// so the aggregate is rated after a restart rather than skipped.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// What `pulses rate` reads, prices and writes.
@@ -78,16 +82,21 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Rates until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Result<RateSummary, RateError> {
-    let input = cfg.topics.aggregated.clone();
+    let topic = cfg.topics.aggregated.clone();
     let group = rate_group_id(cfg);
     let state_path = cfg.state_dir.join("rate");
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| RateError::StateDir(format!("{}: {e}", cfg.state_dir.display())))?;
     let mut store = RateStore::open(&state_path)?;
     let outputs = StageOutputs::new(cfg, "rate", None)?;
-    let consumer: BaseConsumer = clients::consumer_config(cfg, &group).create()?;
-    let mut summary = RateSummary { caught_up: catch_up(cfg, settings, &consumer, &mut store)?, ..Default::default() };
-    consumer.subscribe(&[input.as_str()])?;
-    tracing::info!(input = %input, group = %group, window = %settings.window, charges = %settings.charges_topic,
+    // Aggregates are JSON or Avro (output_format), told apart per record.
+    let input = AggregateInput::aggregates(Registry::from_config(&cfg.schema_registry)?.map(Arc::new));
+    let stop = || shutdown.load(Ordering::Acquire);
+    let wait = Wait::until(&stop);
+    let consumer: BaseConsumer = clients::group_consumer(cfg, &group).create()?;
+    let mut summary =
+        RateSummary { caught_up: catch_up(cfg, settings, &input, wait, &consumer, &mut store)?, ..Default::default() };
+    consumer.subscribe(&[topic.as_str()])?;
+    tracing::info!(input = %topic, group = %group, window = %settings.window, charges = %settings.charges_topic,
         alerts = %settings.alerts_topic, currency = %settings.book.currency, state = %state_path.display(),
         caught_up = summary.caught_up, "rating consumer started");
 
@@ -95,19 +104,25 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
     let (mut last_log, mut logged_read) = (Instant::now(), 0);
     while !shutdown.load(Ordering::Acquire) {
         let mut ledger = Ledger::default();
-        poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
+        let polled = poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
             outputs.assign(msg.partition())?;
-            let out = rate_one(settings, &mut ledger, &mut store, msg.payload().unwrap_or(&[]), &mut summary)?;
+            let out = rate_one(settings, &input, wait, &mut ledger, &mut store, msg.payload().unwrap_or(&[]), &mut summary)?;
             for (topic, key, value) in out {
                 outputs.send(msg.partition(), BaseRecord::to(topic).key(&key).payload(&value))?;
             }
             pending.record(msg.partition(), msg.offset());
             Ok::<_, RateError>(())
-        })?;
+        });
+        match polled {
+            // Shutdown while waiting for the registry: the batch stays uncommitted.
+            Err(RateError::Registry(RegistryError::Interrupted)) => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
         let offsets = pending.take();
         let writes = ledger.take_writes();
         if !offsets.is_empty() {
-            outputs.commit(&consumer, &input, &offsets, |_| store.write(&writes, &offsets).map_err(RateError::from))?;
+            outputs.commit(&consumer, &topic, &offsets, |_| store.write(&writes, &offsets).map_err(RateError::from))?;
         }
         if last_log.elapsed() >= Duration::from_secs(10) && summary.read != logged_read {
             tracing::info!(?summary, "rating progress");
@@ -128,17 +143,21 @@ pub fn rate_group_id(cfg: &Config) -> String {
 type Produce<'a> = Vec<(&'a str, String, Vec<u8>)>;
 
 /// Rates one aggregate record; what to produce for it.
+#[allow(clippy::too_many_arguments)]
 fn rate_one<'a>(
     settings: &'a RateSettings,
+    input: &AggregateInput,
+    wait: Wait<'_>,
     ledger: &mut Ledger,
     store: &mut RateStore,
     payload: &[u8],
     summary: &mut RateSummary,
 ) -> Result<Produce<'a>, RateError> {
     summary.read += 1;
-    let agg = match WindowAggregate::from_json(payload) {
+    let agg = match input.decode(payload, wait) {
         Ok(a) => a,
-        Err(e) => {
+        Err(InputError::Registry(e)) => return Err(e.into()),
+        Err(InputError::Invalid(e)) => {
             // Not an aggregate: nothing to bill. Logged loudly and counted, not hidden.
             tracing::error!("undecodable aggregate record skipped: {e}");
             summary.undecodable += 1;
@@ -164,11 +183,11 @@ fn rate_one<'a>(
         Rated::Charged { charge, alerts } => {
             summary.charges += 1;
             summary.alerts += alerts.len() as u64;
-            out.push((settings.charges_topic.as_str(), charge.tenant_id.clone(), charge.to_json()));
+            out.push((settings.charges_topic.as_str(), charge.tenant_id.clone(), charge.to_json().map_err(LedgerError::Encode)?));
             for a in alerts {
                 tracing::info!(tenant = %a.tenant_id, period = %a.period, threshold = %a.threshold, balance = %a.balance,
                     "spend threshold reached");
-                out.push((settings.alerts_topic.as_str(), a.tenant_id.clone(), a.to_json()));
+                out.push((settings.alerts_topic.as_str(), a.tenant_id.clone(), a.to_json().map_err(LedgerError::Encode)?));
             }
         }
         Rated::AlreadyCharged { charged_revision } => {
@@ -187,7 +206,14 @@ fn rate_one<'a>(
 /// Re-applies the records between the state's positions and the group's committed
 /// offsets (a crash after a commit, before the state write; or a lost state dir), so
 /// the ledger reflects exactly the committed input. Returns how many were re-applied.
-fn catch_up(cfg: &Config, settings: &RateSettings, group: &BaseConsumer, store: &mut RateStore) -> Result<u64, RateError> {
+fn catch_up(
+    cfg: &Config,
+    settings: &RateSettings,
+    input: &AggregateInput,
+    wait: Wait<'_>,
+    group: &BaseConsumer,
+    store: &mut RateStore,
+) -> Result<u64, RateError> {
     let topic = &cfg.topics.aggregated;
     let md = group.fetch_metadata(Some(topic), TIMEOUT)?;
     let partitions: Vec<i32> = md.topics().first().map(|t| t.partitions().iter().map(|p| p.id()).collect()).unwrap_or_default();
@@ -208,11 +234,8 @@ fn catch_up(cfg: &Config, settings: &RateSettings, group: &BaseConsumer, store: 
         return Ok(0);
     }
     tracing::warn!(?ranges, "state is behind the committed offsets; re-applying those records");
-    let reader: BaseConsumer<QuietEof> = {
-        let mut c: ClientConfig = clients::consumer_config(cfg, &format!("{}.catch-up", rate_group_id(cfg)));
-        c.set("enable.partition.eof", "true");
-        c.create_with_context(QuietEof { reader: "rating catch-up" })?
-    };
+    let reader: BaseConsumer<QuietEof> = clients::reader(cfg, &format!("{}.catch-up", rate_group_id(cfg)))
+        .create_with_context(QuietEof { reader: "rating catch-up" })?;
     let mut assign = TopicPartitionList::new();
     for (p, (from, _)) in &ranges {
         assign.add_partition_offset(topic, *p, Offset::Offset(*from))?;
@@ -233,7 +256,7 @@ fn catch_up(cfg: &Config, settings: &RateSettings, group: &BaseConsumer, store: 
                     positions.insert(m.partition(), (*end).max(positions[&m.partition()]));
                     continue;
                 }
-                rate_one(settings, &mut ledger, store, m.payload().unwrap_or(&[]), &mut summary)?;
+                rate_one(settings, input, wait, &mut ledger, store, m.payload().unwrap_or(&[]), &mut summary)?;
                 positions.insert(m.partition(), m.offset() + 1);
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {

@@ -42,6 +42,9 @@ pub enum LedgerError {
     Corrupt { key: String, value: String },
     #[error(transparent)]
     Overflow(#[from] Overflow),
+    /// A state value could not be encoded: the batch must not commit.
+    #[error("encoding ledger state: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// What rating one aggregate did.
@@ -142,7 +145,7 @@ impl Ledger {
             .collect();
 
         let charged = Charged { revision: agg.revision, quantity: agg.total_amount };
-        self.writes.insert(charged_key, serde_json::to_string(&charged).unwrap_or_default());
+        self.writes.insert(charged_key, serde_json::to_string(&charged)?);
         self.writes.insert(usage_key, q1.to_string());
         self.writes.insert(balance_key, b1.to_string());
         Ok(Rated::Charged { charge, alerts })

@@ -1,4 +1,5 @@
-//! Decoding the stages' input: JSON or Avro, told apart by the wire format.
+//! Decoding what pulses reads: source pulses, and the records it wrote itself (grouped
+//! pulses, aggregates); JSON or Avro, told apart by the wire format.
 
 use std::sync::Arc;
 
@@ -8,6 +9,7 @@ use crate::pulse::json::decode_grouped;
 use crate::pulse::validate::{normalise, validate, RecordContext};
 use crate::pulse::wire::{self, Wire};
 use crate::pulse::{GroupedPulse, RejectReason, Rejection};
+use crate::window::WindowAggregate;
 
 /// Stage 1's decoder of `source.pulses` values.
 #[derive(Debug)]
@@ -50,42 +52,80 @@ impl PulseInput {
     }
 }
 
-/// Why stage 2 cannot read a grouped record.
+/// Why a record pulses wrote (a grouped pulse, an aggregate) cannot be read.
 #[derive(Debug, thiserror::Error)]
-pub enum GroupedError {
-    /// Not a grouped pulse: set aside (late topic), the stage goes on.
+pub enum InputError {
+    /// Not such a record: set aside or counted, visibly; the reader goes on.
     #[error("{0}")]
     Invalid(String),
-    /// The registry is unavailable: the stage stops uncommitted rather than skip a pulse.
+    /// The registry is unavailable: the reader stops uncommitted rather than skip a
+    /// record that may count.
     #[error(transparent)]
     Registry(RegistryError),
 }
 
-/// Stage 2's decoder of `tenant.grouped.pulses` values.
-#[derive(Debug)]
-pub struct GroupedInput {
+/// The decoder of a topic pulses writes in its `output_format` (JSON, or Avro in the
+/// Confluent wire format): stage 2 reads grouped pulses with it, `pulses rate`
+/// aggregates. The wire format of each value decides, so a topic written in JSON and
+/// then in Avro (an `output_format` change) reads whole.
+pub struct RecordInput<T> {
     registry: Option<Arc<Registry>>,
+    what: &'static str,
+    json: fn(&[u8]) -> Result<T, String>,
+    avro: fn(apache_avro::types::Value) -> Result<T, avro::ReadError>,
 }
 
-impl GroupedInput {
-    pub fn new(registry: Option<Arc<Registry>>) -> Self {
-        Self { registry }
+impl<T> std::fmt::Debug for RecordInput<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordInput").field("what", &self.what).field("registry", &self.registry.is_some()).finish()
     }
+}
 
-    pub fn decode(&self, bytes: &[u8], wait: Wait<'_>) -> Result<GroupedPulse, GroupedError> {
-        let invalid = |e: &dyn std::fmt::Display| GroupedError::Invalid(e.to_string());
+/// Stage 2's decoder of `tenant.grouped.pulses` values.
+pub type GroupedInput = RecordInput<GroupedPulse>;
+/// `pulses rate`'s decoder of `tenant.aggregated.pulses.amount` values.
+pub type AggregateInput = RecordInput<WindowAggregate>;
+
+impl RecordInput<GroupedPulse> {
+    pub fn grouped(registry: Option<Arc<Registry>>) -> Self {
+        Self {
+            registry,
+            what: "grouped pulse",
+            json: |b| decode_grouped(b).map_err(|e| e.to_string()),
+            avro: avro::grouped_from_value,
+        }
+    }
+}
+
+impl RecordInput<WindowAggregate> {
+    pub fn aggregates(registry: Option<Arc<Registry>>) -> Self {
+        Self {
+            registry,
+            what: "aggregate",
+            json: |b| WindowAggregate::from_json(b).map_err(|e| e.to_string()),
+            avro: avro::aggregate_from_value,
+        }
+    }
+}
+
+impl<T> RecordInput<T> {
+    pub fn decode(&self, bytes: &[u8], wait: Wait<'_>) -> Result<T, InputError> {
+        let invalid = |e: &dyn std::fmt::Display| InputError::Invalid(e.to_string());
         match wire::detect(bytes).map_err(|r| invalid(&r.detail))? {
-            Wire::Json(json) => decode_grouped(json).map_err(|e| invalid(&e)),
+            Wire::Json(json) => (self.json)(json).map_err(|e| invalid(&e)),
             Wire::Avro { schema_id, body } => {
                 let Some(registry) = &self.registry else {
-                    return Err(invalid(&format!("Avro grouped pulse (schema id {schema_id}) but no schema registry is configured")));
+                    return Err(invalid(&format!(
+                        "Avro {} (schema id {schema_id}) but no schema registry is configured",
+                        self.what
+                    )));
                 };
                 let schema = registry.schema(schema_id, wait).map_err(|e| match e {
-                    RegistryError::Refused(d) => GroupedError::Invalid(d),
-                    e => GroupedError::Registry(e),
+                    RegistryError::Refused(d) => InputError::Invalid(d),
+                    e => InputError::Registry(e),
                 })?;
                 let value = avro::decode_record(&schema.parsed, body).map_err(|r| invalid(&r.detail))?;
-                avro::grouped_from_value(value).map_err(|e| invalid(&e))
+                (self.avro)(value).map_err(|e| invalid(&e))
             }
         }
     }

@@ -21,7 +21,7 @@ use schema_registry_converter::avro_common::AvroSchema;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
-pub use input::{GroupedInput, PulseInput};
+pub use input::{AggregateInput, GroupedInput, InputError, PulseInput};
 pub use output::OutputCodec;
 use retry::{Outage, RetryPolicy, Step};
 pub use settings::{OutputFormat, SchemaRegistryConfig};

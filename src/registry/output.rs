@@ -14,12 +14,15 @@ pub enum OutputCodec {
     Avro { schema_id: u32, schema: Schema },
 }
 
-/// An output value does not fit the topic's registered schema.
+/// An output value could not be encoded: nothing is written for it, and the batch
+/// holding it fails (never an empty or partial value).
 #[derive(Debug, thiserror::Error)]
-#[error("encoding an Avro value for schema id {schema_id}: {detail}")]
-pub struct EncodeError {
-    pub schema_id: u32,
-    pub detail: String,
+pub enum EncodeError {
+    #[error("encoding a JSON value: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The value does not fit the topic's registered schema.
+    #[error("encoding an Avro value for schema id {schema_id}: {detail}")]
+    Avro { schema_id: u32, detail: String },
 }
 
 impl OutputCodec {
@@ -46,12 +49,16 @@ impl OutputCodec {
     }
 
     /// The value bytes: `json()` or the Confluent framing of `avro()`.
-    pub fn encode(&self, json: impl FnOnce() -> Vec<u8>, avro: impl FnOnce() -> Value) -> Result<Vec<u8>, EncodeError> {
+    pub fn encode(
+        &self,
+        json: impl FnOnce() -> Result<Vec<u8>, serde_json::Error>,
+        avro: impl FnOnce() -> Value,
+    ) -> Result<Vec<u8>, EncodeError> {
         match self {
-            Self::Json => Ok(json()),
+            Self::Json => Ok(json()?),
             Self::Avro { schema_id, schema } => avro::write_datum(schema, avro())
                 .map(|datum| wire::confluent(*schema_id, &datum))
-                .map_err(|e| EncodeError { schema_id: *schema_id, detail: e.to_string() }),
+                .map_err(|e| EncodeError::Avro { schema_id: *schema_id, detail: e.to_string() }),
         }
     }
 }

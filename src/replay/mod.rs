@@ -1,13 +1,17 @@
 //! `pulses replay`: re-computes window aggregates from `source.pulses` for a time range
-//! (SPEC §4, re-rating), with the live code: the same validation
-//! ([`crate::pulse::validate`]), the same [`WindowOperator`] over the same RocksDB
-//! store type, the same aggregate ids and record encoding.
+//! (SPEC §4, re-rating), with the live code: the same decoding and validation, JSON and
+//! Avro ([`PulseInput`]), the same [`WindowOperator`] over the same RocksDB store type,
+//! the same aggregate ids, and the same output encoding ([`OutputCodec`], in
+//! `output_format`, Avro under the replay topic's own subject).
 //!
 //! - Input: each source partition from the offset Kafka's offsets-for-time gives for
 //!   T0 up to the log end at start ([`bounds`]), or up to its first record with a
-//!   timestamp ≥ T1. Partitions are *assigned*, never subscribed, and no offset is
-//!   committed: the live consumer groups are not touched. Records are merged across
-//!   partitions in timestamp order ([`crate::window::merge`]).
+//!   timestamp ≥ T1 + `retention`: a pulse of a window inside [T0, T1) produced after
+//!   T1 still corrected the live window if it came within retention, so it is read
+//!   too. Windows are chosen by event time, never by record time. Partitions are
+//!   *assigned*, never subscribed, and no offset is committed: the live consumer
+//!   groups are not touched. Records are merged across partitions in timestamp order
+//!   ([`crate::window::merge`]).
 //! - State: a fresh RocksDB store in a temporary directory under the state dir,
 //!   deleted at exit.
 //! - Output: final aggregates of windows inside [T0, T1) only (a window starting
@@ -33,10 +37,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, QuietEof, TrackedProducer};
+use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
 use crate::pulse::time::now_ms;
-use crate::pulse::validate::{validate, RecordContext};
+use crate::pulse::validate::RecordContext;
+use crate::pulse::RejectReason;
+use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
 use crate::state::{PartitionStore, StoreResources};
-use crate::window::{Output, WindowOperator};
+use crate::window::{Output, RestoreError, WindowOperator};
 use crate::window::merge::Merge;
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +58,14 @@ pub enum ReplayError {
     Delivery(u64, String),
     #[error("interrupted before the end of the input; the output topic holds a partial replay")]
     Interrupted,
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Encode(#[from] crate::registry::output::EncodeError),
+    /// An Avro pulse could not be decoded for want of the registry: a replay that went
+    /// on would silently miss it.
+    #[error("source record {partition}/{offset}: {detail}; stopped rather than replay without it")]
+    RegistryUnavailable { partition: i32, offset: i64, detail: String },
 }
 
 /// What to replay.
@@ -107,19 +122,15 @@ pub fn run(
     mut progress: impl FnMut(u64, u64, u64),
 ) -> Result<ReplaySummary, ReplayError> {
     let topic = cfg.topics.source.as_str();
-    let consumer: BaseConsumer<QuietEof> = {
-        let mut c = clients::reader_base(cfg);
-        // A group id librdkafka wants, never joined (assign) and never committed to.
-        c.set("group.id", format!("{}.replay", cfg.application_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true");
-        for (k, v) in &cfg.kafka {
-            c.set(k, v);
-        }
-        c.create_with_context(QuietEof { reader: "replay" })?
-    };
+    let stop = || shutdown.load(Ordering::Acquire);
+    let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &s.output_topic, AGGREGATE_SCHEMA,
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
+    let io = ReplayIo { input: PulseInput::new(registry), codec, wait: Wait::until(&stop) };
+    let settings = Arc::new(cfg.window_settings());
+    // Late pulses of windows before T1 are read up to T1 + retention (record time).
+    let read_before = s.to_ms.map(|to| to.saturating_add(settings.retention_ms));
+    let consumer: BaseConsumer<QuietEof> = clients::reader(cfg, "replay").create_with_context(QuietEof { reader: "replay" })?;
     let partitions = bounds::partitions(&consumer, topic)?;
     let starts = bounds::start_offsets(&consumer, topic, &partitions, s.from_ms)?;
     let ends = bounds::end_offsets(&consumer, topic, &partitions)?;
@@ -131,12 +142,16 @@ pub fn run(
             }
         }
     }
-    tracing::info!(topic, ?ranges, from = s.from_ms, to = ?s.to_ms, output = %s.output_topic, "replay bounds");
+    tracing::info!(topic, ?ranges, from = s.from_ms, to = ?s.to_ms, read_before = ?read_before, output = %s.output_topic,
+        "replay bounds");
     let total: u64 = ranges.values().map(|(a, b)| (b - a) as u64).sum();
 
     let tmp = TempDir(cfg.state_dir.join(format!("replay-{}-{}", std::process::id(), now_ms())));
     let mut store = PartitionStore::open(&tmp.0, &StoreResources::new(cfg.aggregate.state_memory_mib << 20))?;
-    let mut op = WindowOperator::restore(Arc::new(cfg.window_settings()), &mut store)?;
+    let mut op = WindowOperator::restore(settings, &mut store).map_err(|e| match e {
+        RestoreError::Store(e) => ReplayError::Store(e),
+        RestoreError::Windows(e) => ReplayError::Setup(e.to_string()),
+    })?;
     op.set_cache_capacity(cfg.aggregate.open_window_cache);
     let producer = clients::tracked_producer(cfg, DeliveryTracker::default())?;
     let mut sum = ReplaySummary { partitions: ranges.len(), ..Default::default() };
@@ -157,9 +172,8 @@ pub fn run(
             Some(Ok(m)) => {
                 let p = m.partition();
                 let Some(&(_, end)) = ranges.get(&p) else { continue };
-                if merge.is_finished(p) || m.offset() >= end {
-                    merge.finish(p);
-                } else if s.to_ms.is_some_and(|to| m.timestamp().to_millis().is_some_and(|ts| ts >= to)) {
+                let past_range = read_before.is_some_and(|end| m.timestamp().to_millis().is_some_and(|ts| ts >= end));
+                if merge.is_finished(p) || m.offset() >= end || past_range {
                     merge.finish(p);
                 } else {
                     let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
@@ -185,7 +199,7 @@ pub fn run(
             None => {}
         }
         while let Some((p, m)) = merge.pop() {
-            replay_one(cfg, s, &m, p, &mut op, &mut store, &producer, &mut sum)?;
+            replay_one(cfg, s, &io, &m, p, &mut op, &mut store, &producer, &mut sum)?;
             if sum.read % FLUSH_EVERY == 0 {
                 op.flush(&mut store)?;
                 store.commit(None)?;
@@ -206,7 +220,7 @@ pub fn run(
     // End of the bounded input: stream time jumps to T1.
     let mut outs = Vec::new();
     op.close_all(s.to_ms.unwrap_or(i64::MAX), now_ms(), &mut store, &mut outs)?;
-    emit(s, outs, &producer, &mut sum)?;
+    emit(s, &io.codec, outs, &producer, &mut sum)?;
     clients::flush(&producer, Duration::from_secs(120))?;
     let failed = producer.context().failed();
     if failed > 0 {
@@ -223,11 +237,19 @@ fn one(topic: &str, p: i32) -> Result<TopicPartitionList, ReplayError> {
     Ok(tpl)
 }
 
+/// How a replay decodes source pulses and encodes aggregates: as the live stages do.
+struct ReplayIo<'a> {
+    input: PulseInput,
+    codec: OutputCodec,
+    wait: Wait<'a>,
+}
+
 /// One source record through stage 1's validation and stage 2's operator.
 #[allow(clippy::too_many_arguments)]
 fn replay_one(
     cfg: &Config,
     s: &ReplaySettings,
+    io: &ReplayIo<'_>,
     m: &OwnedMessage,
     partition: i32,
     op: &mut WindowOperator,
@@ -243,15 +265,26 @@ fn replay_one(
         record_time_ms: m.timestamp().to_millis(),
     };
     let mut outs = Vec::new();
-    match validate(m.payload().unwrap_or(&[]), &ctx) {
-        Ok(pulse) => op.process(&pulse, now_ms(), store, &mut outs)?,
-        Err(_) => sum.rejected += 1,
+    match io.input.decode(m.payload().unwrap_or(&[]), &ctx, io.wait) {
+        Err(RegistryError::Interrupted) => return Err(ReplayError::Interrupted),
+        Err(e) => return Err(e.into()),
+        Ok(Ok(pulse)) => op.process(&pulse, now_ms(), store, &mut outs)?,
+        Ok(Err(rejection)) if rejection.reason == RejectReason::RegistryUnavailable => {
+            return Err(ReplayError::RegistryUnavailable { partition, offset: m.offset(), detail: rejection.detail });
+        }
+        Ok(Err(_)) => sum.rejected += 1,
     }
-    emit(s, outs, producer, sum)
+    emit(s, &io.codec, outs, producer, sum)
 }
 
 /// Writes the aggregates inside [T0, T1) and counts the rest.
-fn emit(s: &ReplaySettings, outs: Vec<Output>, producer: &TrackedProducer, sum: &mut ReplaySummary) -> Result<(), ReplayError> {
+fn emit(
+    s: &ReplaySettings,
+    codec: &OutputCodec,
+    outs: Vec<Output>,
+    producer: &TrackedProducer,
+    sum: &mut ReplaySummary,
+) -> Result<(), ReplayError> {
     for out in outs {
         match out {
             Output::Aggregate { record, .. } => {
@@ -259,7 +292,7 @@ fn emit(s: &ReplaySettings, outs: Vec<Output>, producer: &TrackedProducer, sum: 
                     sum.outside += 1;
                     continue;
                 }
-                let value = record.to_json();
+                let value = codec.encode(|| record.to_json(), || aggregate_to_value(&record))?;
                 send_with_backpressure(producer, BaseRecord::to(&s.output_topic).key(&record.tenant_id).payload(&value))?;
                 sum.written += 1;
             }

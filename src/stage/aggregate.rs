@@ -29,13 +29,12 @@ use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
-use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::pulse::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
-use crate::registry::input::GroupedError;
-use crate::registry::{GroupedInput, OutputCodec, Registry, RegistryError, Wait};
+use crate::registry::{GroupedInput, InputError, OutputCodec, Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
-use crate::window::{Output, WindowOperator, WindowSettings};
+use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
 
 /// Header of a late-topic record saying why it was not counted.
 pub const H_LATE_REASON: &str = "late.reason";
@@ -58,9 +57,13 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let stop = || shutdown.load(Ordering::Acquire);
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.aggregated, AGGREGATE_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
+    // Late pulses are grouped pulses, written in the output format like the grouped topic.
+    let late_codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.late, GROUPED_SCHEMA,
+        cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let context = AggregateContext {
-        input: GroupedInput::new(registry),
+        input: GroupedInput::grouped(registry),
         codec,
+        late_codec,
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
@@ -73,7 +76,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         metrics,
     };
     let consumer: BaseConsumer<AggregateContext> =
-        lag::with_statistics(clients::consumer_config(cfg, &cfg.aggregate_stage_group_id())).create_with_context(context)?;
+        clients::stage_consumer(cfg, &cfg.aggregate_stage_group_id()).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.grouped.as_str()])?;
     tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
         changelog = %consumer.context().changelog_topic, group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
@@ -113,7 +116,9 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 struct AggregateContext {
     cfg: Config,
     input: GroupedInput,
+    /// Values of the aggregated topic, and of the late topic.
     codec: OutputCodec,
+    late_codec: OutputCodec,
     changelog_topic: String,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
@@ -144,7 +149,7 @@ impl AggregateContext {
         let mut outputs = Vec::new();
         match self.input.decode(payload, wait) {
             // Not counting a valid pulse would be wrong: stop uncommitted, re-read on restart.
-            Err(GroupedError::Registry(e)) => return Err(e.into()),
+            Err(InputError::Registry(e)) => return Err(e.into()),
             Ok(pulse) => {
                 let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
                 if !tasks.contains_key(&partition) {
@@ -202,7 +207,7 @@ impl AggregateContext {
                     }
                 }
                 Output::Late { pulse, reason } => {
-                    let value = encode_grouped(&pulse);
+                    let value = self.late_codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
                     let headers = OwnedHeaders::new().insert(Header { key: H_LATE_REASON, value: Some(reason.as_str()) });
                     self.outputs.send(
                         partition,
@@ -259,7 +264,10 @@ impl AggregateContext {
         ops.readiness.restored(partition);
         self.outputs.set_tracked_position(partition, stats.to_offset)?;
         metrics::add(&self.metrics.aggregate.restored_records, stats.records);
-        let op = WindowOperator::restore(Arc::clone(&self.settings), &mut store)?;
+        let op = WindowOperator::restore(Arc::clone(&self.settings), &mut store).map_err(|e| match e {
+            RestoreError::Store(e) => StageError::Store(e),
+            RestoreError::Windows(source) => StageError::Windows { partition, source },
+        })?;
         tracing::info!(partition, path = %paths.live.display(), from_checkpoint = seeded,
             changelog_from = stats.from_offset, changelog_to = stats.to_offset, restored_records = stats.records,
             uncommitted_records = stats.uncommitted,

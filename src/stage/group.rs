@@ -49,7 +49,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         order: Mutex::new(InputOrder::new(cfg, &cfg.topics.source)),
     };
     let consumer: BaseConsumer<GroupContext> =
-        lag::with_statistics(clients::consumer_config(cfg, &cfg.group_stage_group_id())).create_with_context(context)?;
+        clients::stage_consumer(cfg, &cfg.group_stage_group_id()).create_with_context(context)?;
     consumer.subscribe(&[cfg.topics.source.as_str()])?;
     tracing::info!(source = %cfg.topics.source, grouped = %cfg.topics.grouped, dlq = %cfg.topics.dlq,
         group = %cfg.group_stage_group_id(), guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");

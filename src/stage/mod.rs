@@ -23,6 +23,9 @@ pub enum StageError {
     Restore { partition: i32, source: crate::state::RestoreError },
     #[error("state store: {0}")]
     Store(#[from] crate::state::StoreError),
+    /// The configured windows cannot take over the partition's stored windows.
+    #[error("partition {partition}: {source}")]
+    Windows { partition: i32, source: crate::window::slots::WindowsChanged },
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::state::CheckpointError),
     #[error("a stage lock was poisoned by a panic")]
@@ -58,7 +61,8 @@ impl StageError {
                 )
             }
             Self::Restore { source, .. } => matches!(source, RestoreError::Kafka(_) | RestoreError::Stalled { .. }),
-            Self::Store(_) | Self::Checkpoint(_) | Self::Poisoned | Self::Admin(_) | Self::Registry(_) | Self::Encode(_) => false,
+            Self::Store(_) | Self::Windows { .. } | Self::Checkpoint(_) | Self::Poisoned | Self::Admin(_) | Self::Registry(_)
+            | Self::Encode(_) => false,
         }
     }
 }

@@ -109,16 +109,8 @@ pub fn restore_with_progress(
     let started = Instant::now();
     let topic = cfg.changelog_topic();
     let from_offset = store.changelog_position().unwrap_or(0);
-    let mut c = clients::reader_base(cfg);
-    // The restore consumer assigns the partition itself: it never joins this group
-    // (librdkafka wants one named) and commits nothing.
-    c.set("group.id", format!("{}.restore", cfg.application_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer<QuietEof> = c.create_with_context(QuietEof { reader: "changelog restore" })?;
+    let consumer: BaseConsumer<QuietEof> = clients::reader(cfg, &format!("{}.restore", cfg.application_id))
+        .create_with_context(QuietEof { reader: "changelog restore" })?;
     let mut tpl = TopicPartitionList::with_capacity(1);
     tpl.add_partition_offset(&topic, partition, Offset::Offset(from_offset))?;
     consumer.assign(&tpl)?;

@@ -153,11 +153,11 @@ mod tests {
         {
             let (mut s, seeded) = open_store(&paths, &res).unwrap();
             assert!(!seeded);
-            s.mark_seen("acme", "p1", 5);
-            s.put_watermark(&Watermark { current: 77, last_input_wall_ms: 0, last_input_watermark: 77 });
+            s.mark_seen("acme", "p1", 5).unwrap();
+            s.put_watermark(&Watermark { current: 77, last_input_wall_ms: 0, last_input_watermark: 77 }).unwrap();
             s.commit(Some(12)).unwrap();
             write(&paths, &s, 0, 77).unwrap();
-            s.mark_seen("acme", "p2", 6); // after the checkpoint
+            s.mark_seen("acme", "p2", 6).unwrap(); // after the checkpoint
             s.commit(Some(15)).unwrap();
             write(&paths, &s, 0, 77).unwrap(); // replaces the first
         }

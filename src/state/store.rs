@@ -4,6 +4,7 @@
 //!
 //! Key layout (one byte of prefix, then big-endian fields so keys sort by time):
 //! - `m`                                 → watermark (JSON)
+//! - `w`                                 → window slot table (JSON; see [`crate::window::slots`])
 //! - `o` window start tenant\0sku\0unit   → open window state (JSON)
 //! - `c` end window start tenant\0sku\0unit → closed window within retention (JSON)
 //! - `d` tenant\0pulse_id                 → stream time it was counted at (sortable, 8 bytes)
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use rocksdb::{Cache, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, DB};
 
 use crate::window::aggregate::GroupKey;
+use crate::window::slots::WindowId;
 use crate::window::store::{Bucket, WindowKey, WindowState, WindowStore};
 use crate::window::watermark::Watermark;
 
@@ -33,6 +35,9 @@ pub enum StoreError {
     Rocks { path: PathBuf, source: rocksdb::Error },
     #[error("corrupt state at {path}: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    /// A value could not be encoded: the batch holding it must not commit.
+    #[error("cannot encode {what} for the state at {path}: {detail}")]
+    Encode { path: PathBuf, what: &'static str, detail: String },
 }
 
 /// Memory shared by all partition stores of a process, so RSS is bounded by
@@ -180,7 +185,7 @@ impl PartitionStore {
                     None => self.delete(key.to_vec()),
                 }
             }
-            Some(b'm' | b'o' | b'c') => match value {
+            Some(b'm' | b'w' | b'o' | b'c') => match value {
                 Some(v) => self.put(key.to_vec(), v.to_vec()),
                 None => self.delete(key.to_vec()),
             },
@@ -305,6 +310,14 @@ impl PartitionStore {
     fn decode_state(&self, bytes: &[u8]) -> Result<WindowState, StoreError> {
         serde_json::from_slice(bytes).map_err(|e| self.corrupt(format!("window state: {e}")))
     }
+
+    /// Puts `value` as JSON, or fails the batch: never an empty or partial value.
+    fn put_json(&mut self, key: Vec<u8>, what: &'static str, value: &impl serde::Serialize) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value)
+            .map_err(|e| StoreError::Encode { path: self.path.clone(), what, detail: e.to_string() })?;
+        self.put(key, bytes);
+        Ok(())
+    }
 }
 
 /// Big-endian encoding of an i64 that sorts like the number (sign bit flipped).
@@ -413,6 +426,7 @@ fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
 }
 
 const WATERMARK_KEY: &[u8] = b"m";
+const WINDOW_IDS_KEY: &[u8] = b"w";
 const POSITION_KEY: &[u8] = b"k";
 
 impl WindowStore for PartitionStore {
@@ -425,8 +439,19 @@ impl WindowStore for PartitionStore {
         }
     }
 
-    fn put_watermark(&mut self, w: &Watermark) {
-        self.put(WATERMARK_KEY.to_vec(), serde_json::to_vec(w).unwrap_or_default());
+    fn put_watermark(&mut self, w: &Watermark) -> Result<(), StoreError> {
+        self.put_json(WATERMARK_KEY.to_vec(), "the watermark", w)
+    }
+
+    fn load_window_ids(&mut self) -> Result<Option<Vec<WindowId>>, StoreError> {
+        match self.get(WINDOW_IDS_KEY)? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| self.corrupt(format!("window slot table: {e}"))),
+        }
+    }
+
+    fn put_window_ids(&mut self, ids: &[WindowId]) -> Result<(), StoreError> {
+        self.put_json(WINDOW_IDS_KEY.to_vec(), "the window slot table", &ids)
     }
 
     /// Visits one key per bucket: after reading a key's bucket it seeks past the
@@ -471,12 +496,13 @@ impl WindowStore for PartitionStore {
         Ok(out)
     }
 
-    fn put_open(&mut self, k: &WindowKey, s: &WindowState) {
-        self.put(open_key(k), serde_json::to_vec(s).unwrap_or_default());
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), StoreError> {
+        self.put_json(open_key(k), "an open window", s)
     }
 
-    fn delete_open(&mut self, k: &WindowKey) {
+    fn delete_open(&mut self, k: &WindowKey) -> Result<(), StoreError> {
         self.delete(open_key(k));
+        Ok(())
     }
 
     fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, StoreError> {
@@ -486,8 +512,8 @@ impl WindowStore for PartitionStore {
         }
     }
 
-    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) {
-        self.put(closed_key(k), serde_json::to_vec(s).unwrap_or_default());
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), StoreError> {
+        self.put_json(closed_key(k), "a closed window", s)
     }
 
     fn purge_closed(&mut self, end_at_most: i64) -> Result<(), StoreError> {
@@ -504,9 +530,10 @@ impl WindowStore for PartitionStore {
         Ok(self.get(&seen_key(tenant, pulse_id))?.is_some())
     }
 
-    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) -> Result<(), StoreError> {
         self.put(seen_key(tenant, pulse_id), sortable(at).to_vec());
         self.put(expiry_key(at, tenant, pulse_id), Vec::new());
+        Ok(())
     }
 
     fn expire_seen(&mut self, at_most: i64) -> Result<(), StoreError> {
@@ -549,11 +576,11 @@ mod tests {
         let st = WindowState::new(Accumulator::first(Decimal::new(125, 1), 7));
         {
             let mut s = PartitionStore::open(dir.path(), &res).unwrap();
-            s.put_open(&key(-5_000), &st);
-            s.put_closed(&key(1_000), &st);
-            s.put_closed(&key(9_000), &st);
-            s.mark_seen("acme", "p1", 100);
-            s.put_watermark(&Watermark { current: 42, last_input_wall_ms: 1, last_input_watermark: 42 });
+            s.put_open(&key(-5_000), &st).unwrap();
+            s.put_closed(&key(1_000), &st).unwrap();
+            s.put_closed(&key(9_000), &st).unwrap();
+            s.mark_seen("acme", "p1", 100).unwrap();
+            s.put_watermark(&Watermark { current: 42, last_input_wall_ms: 1, last_input_watermark: 42 }).unwrap();
             assert!(s.seen("acme", "p1").unwrap(), "reads see the uncommitted batch");
             s.commit(None).unwrap();
         }
@@ -585,14 +612,14 @@ mod tests {
         };
         let st = |n: i64| WindowState::new(Accumulator::first(Decimal::new(n, 0), n));
         for (i, t) in ["a", "b", "c"].iter().enumerate() {
-            s.put_open(&in_bucket(t, 0), &st(i as i64));
-            s.put_open(&in_bucket(t, 1_000), &st(10));
+            s.put_open(&in_bucket(t, 0), &st(i as i64)).unwrap();
+            s.put_open(&in_bucket(t, 1_000), &st(10)).unwrap();
         }
-        s.put_open(&WindowKey { window: 3, ..in_bucket("a", 0) }, &st(20));
+        s.put_open(&WindowKey { window: 3, ..in_bucket("a", 0) }, &st(20)).unwrap();
         s.commit(None).unwrap();
-        s.delete_open(&in_bucket("b", 0));
-        s.put_open(&in_bucket("c", 0), &st(7));
-        s.put_open(&in_bucket("d", 0), &st(8));
+        s.delete_open(&in_bucket("b", 0)).unwrap();
+        s.put_open(&in_bucket("c", 0), &st(7)).unwrap();
+        s.put_open(&in_bucket("d", 0), &st(8)).unwrap();
         let mut got: Vec<(String, WindowState)> =
             s.open_in(in_bucket("a", 0).bucket()).unwrap().into_iter().map(|(k, v)| (k.key.tenant_id().to_owned(), v)).collect();
         got.sort_by(|a, b| a.0.cmp(&b.0));
@@ -620,14 +647,16 @@ mod tests {
             src.commit(Some(next)).unwrap();
             dst.commit(Some(next)).unwrap();
         };
-        src.put_open(&key(0), &st);
-        src.mark_seen("acme", "p1", 100);
-        src.mark_seen("acme", "p2", 200);
+        let window_ids = vec![WindowId { name: "minute".into(), size_ms: 60_000 }];
+        src.put_window_ids(&window_ids).unwrap();
+        src.put_open(&key(0), &st).unwrap();
+        src.mark_seen("acme", "p1", 100).unwrap();
+        src.mark_seen("acme", "p2", 200).unwrap();
         replay(&mut src, &mut dst, 3);
         assert_eq!(src.changes().count(), 0, "commit clears the batch");
-        src.mark_seen("acme", "p1", 300); // seen again later: its expiry moves
-        src.delete_open(&key(0));
-        src.put_closed(&key(0), &st);
+        src.mark_seen("acme", "p1", 300).unwrap(); // seen again later: its expiry moves
+        src.delete_open(&key(0)).unwrap();
+        src.put_closed(&key(0), &st).unwrap();
         replay(&mut src, &mut dst, 7);
         dst.expire_seen(250).unwrap(); // p2 expires; p1 (now at 300) stays
         assert!(dst.seen("acme", "p1").unwrap());
@@ -635,6 +664,7 @@ mod tests {
         assert_eq!(dst.open_buckets().unwrap(), vec![]);
         assert_eq!(dst.get_closed(&key(0)).unwrap(), Some(st));
         assert_eq!(dst.changelog_position(), Some(7));
+        assert_eq!(dst.load_window_ids().unwrap(), Some(window_ids), "the slot table moves with the state");
         assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");
         assert!(dst.apply_change(b"dacme\0p9", Some(b"")).is_err(), "a malformed dedupe value is corruption");
     }

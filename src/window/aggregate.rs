@@ -266,8 +266,8 @@ impl WindowAggregate {
         }
     }
 
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        serde_json::to_vec(self)
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
@@ -351,12 +351,12 @@ mod tests {
         let key = GroupKey::new("acme", "storage.standard", "GB");
         let acc = Accumulator::first(d("12.5"), 1_795_341_600_123);
         let agg = WindowAggregate::new(&key, "minute", 1_795_341_600_000, 1_795_341_660_000, &acc, 0, true, 1_795_341_666_000);
-        let v: serde_json::Value = serde_json::from_slice(&agg.to_json()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&agg.to_json().unwrap()).unwrap();
         assert_eq!(v["window_start"], "2026-11-22T10:00:00.000Z");
         assert_eq!(v["window_end"], "2026-11-22T10:01:00.000Z");
         assert_eq!(v["total_amount"], "12.5");
         assert_eq!(v["final"], true);
         assert_eq!(v["pulse_count"], 1);
-        assert_eq!(WindowAggregate::from_json(&agg.to_json()).unwrap(), agg);
+        assert_eq!(WindowAggregate::from_json(&agg.to_json().unwrap()).unwrap(), agg);
     }
 }

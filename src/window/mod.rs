@@ -5,6 +5,8 @@
 //! - [`merge`]: reading several partitions in event-time order, so watermarks never
 //!   run ahead of a partition that is behind;
 //! - [`aggregate`]: the exact accumulator and the emitted aggregate record;
+//! - [`slots`]: which configured window each stored window belongs to, across
+//!   configuration changes;
 //! - [`operator`]: the window operator that ties them together over a [`WindowStore`].
 //!
 //! Semantics (SPEC §4): a window `[start, end)` closes when the watermark reaches
@@ -17,6 +19,7 @@ pub mod aggregate;
 pub mod assign;
 pub mod merge;
 pub mod operator;
+pub mod slots;
 pub mod store;
 pub mod watermark;
 
@@ -25,7 +28,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use aggregate::{Accumulator, GroupKey, WindowAggregate};
-pub use operator::{Output, WindowOperator};
+pub use operator::{Output, RestoreError, WindowOperator};
 pub use store::{MemoryStore, WindowStore};
 
 /// When a window is emitted.

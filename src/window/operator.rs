@@ -12,6 +12,7 @@ use rust_decimal::Decimal;
 
 use super::aggregate::{Accumulator, GroupKey, GroupKeyRef, WindowAggregate};
 use super::assign::window_bounds;
+use super::slots::{WindowSlots, WindowsChanged};
 use super::store::{Bucket, WindowKey, WindowState, WindowStore};
 use super::watermark::Watermark;
 use super::{EmitMode, WindowSettings};
@@ -44,6 +45,16 @@ impl LateReason {
             Self::InexactSum => "inexact_sum",
         }
     }
+}
+
+/// Why an operator could not be restored from its store.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Store(E),
+    /// The configured windows cannot take over the stored ones ([`super::slots`]).
+    #[error(transparent)]
+    Windows(#[from] WindowsChanged),
 }
 
 /// The hasher of the operator's maps: their keys are small numbers, so a fast
@@ -216,6 +227,8 @@ fn holds(slots: &[KeySlot], id: GroupId, group: GroupKeyRef<'_>) -> bool {
 /// Streams' record cache over its RocksDB window store, Flink's RocksDB state backend.
 pub struct WindowOperator {
     settings: Arc<WindowSettings>,
+    /// The store's slot of each configured window, and back.
+    slots: WindowSlots,
     watermark: Watermark,
     /// Every bucket with an open window (in closing order), with those of its windows
     /// that are cached; the others are only in the store.
@@ -255,12 +268,22 @@ struct Prior {
 
 impl WindowOperator {
     /// Restores the operator from `store` (an empty store gives a fresh operator). Open
-    /// windows stay in the store until a pulse or closing needs them.
-    pub fn restore<S: WindowStore>(settings: Arc<WindowSettings>, store: &mut S) -> Result<Self, S::Error> {
-        let watermark = store.load_watermark()?.unwrap_or_default();
-        let open = store.open_buckets()?.into_iter().map(|b| (b, OpenBucket::default())).collect();
+    /// windows stay in the store until a pulse or closing needs them. The stored
+    /// windows are mapped onto the configured ones by name and size, or refused
+    /// ([`RestoreError::Windows`]); a slot table that changed is written to the store's
+    /// current batch, so it commits (and reaches the changelog) with the next batch.
+    pub fn restore<S: WindowStore>(settings: Arc<WindowSettings>, store: &mut S) -> Result<Self, RestoreError<S::Error>> {
+        let watermark = store.load_watermark().map_err(RestoreError::Store)?.unwrap_or_default();
+        let buckets = store.open_buckets().map_err(RestoreError::Store)?;
+        let stored = store.load_window_ids().map_err(RestoreError::Store)?;
+        let mut slots = WindowSlots::resolve(&settings.windows, stored, buckets.iter().map(|b| (b.window, b.end)))?;
+        if let Some(table) = slots.take_changed() {
+            store.put_window_ids(table).map_err(RestoreError::Store)?;
+        }
+        let open = buckets.into_iter().map(|b| (b, OpenBucket::default())).collect();
         Ok(Self {
             settings,
+            slots,
             watermark,
             open,
             cached: 0,
@@ -340,7 +363,7 @@ impl WindowOperator {
         }
         self.watermark.observe(pulse.event_time, wall_ms);
         self.watermark_dirty = true;
-        store.mark_seen(&pulse.tenant_id, &pulse.pulse_id, self.watermark.current);
+        store.mark_seen(&pulse.tenant_id, &pulse.pulse_id, self.watermark.current)?;
         for change in changes.drain(..) {
             match change {
                 Change::Updated { at, prior } => {
@@ -355,10 +378,10 @@ impl WindowOperator {
                 }
                 Change::Corrected { key, mut state } => {
                     // Re-emit the closed window with the next revision.
-                    let record = record(&self.settings, key.bucket(), &key.key, &state, true, wall_ms);
+                    let record = record(&self.slots, key.bucket(), &key.key, &state, true, wall_ms);
                     out.push(Output::Aggregate { record, correction: true });
                     state.next_revision += 1;
-                    store.put_closed(&key, &state);
+                    store.put_closed(&key, &state)?;
                 }
             }
         }
@@ -382,7 +405,7 @@ impl WindowOperator {
         let started = self.watermark.is_started();
         let grace = self.settings.grace_ms;
         for (i, &(start, end)) in self.bounds.iter().enumerate() {
-            let bucket = Bucket { end, window: i as u16, start };
+            let bucket = Bucket { end, window: self.slots.slot(i), start };
             if started && end.saturating_add(grace) <= w {
                 let key = self.keys.window_key(bucket, group);
                 let Some(state) = with_pulse(store.get_closed(&key)?, amount, event_ms) else { return Ok(false) };
@@ -489,14 +512,14 @@ impl WindowOperator {
             // Closed windows are gone from the cache (and were written when closed).
             if let Some(c) = cached_mut(&mut self.open, at) {
                 if c.dirty {
-                    store.put_open(&self.keys.window_key(at.bucket, at.group), &c.state);
+                    store.put_open(&self.keys.window_key(at.bucket, at.group), &c.state)?;
                     c.dirty = false;
                     c.stored = true;
                 }
             }
         }
         if self.watermark_dirty {
-            store.put_watermark(&self.watermark);
+            store.put_watermark(&self.watermark)?;
             self.watermark_dirty = false;
             let w = self.watermark.current;
             store.purge_closed(w.saturating_sub(self.settings.retention_ms))?;
@@ -515,10 +538,9 @@ impl WindowOperator {
     /// interim update stay: only cached windows are visited for those.
     fn evict(&mut self) {
         let target = self.capacity - self.capacity / 4;
-        let s = &self.settings;
-        let evictable = |b: &Bucket, c: &Cached| {
-            !c.dirty && !(c.state.updated_since_emit && s.windows[b.window as usize].emit == EmitMode::Updates)
-        };
+        let (s, slots) = (&self.settings, &self.slots);
+        // Clean, and no interim update due.
+        let evictable = |b: &Bucket, c: &Cached| !(c.dirty || c.state.updated_since_emit && emits_updates(s, slots, b));
         let mut used: Vec<u32> =
             self.open.iter().flat_map(|(b, m)| m.cached.values().filter(move |c| evictable(b, c)).map(|c| c.used)).collect();
         let excess = self.cached.saturating_sub(target).min(used.len());
@@ -585,13 +607,13 @@ impl WindowOperator {
         windows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, mut state, stored) in windows {
             let k = WindowKey::new(bucket, key);
-            out.push(Output::Aggregate { record: record(&self.settings, bucket, &k.key, &state, true, wall_ms), correction: false });
+            out.push(Output::Aggregate { record: record(&self.slots, bucket, &k.key, &state, true, wall_ms), correction: false });
             state.next_revision += 1;
             state.updated_since_emit = false;
             if stored {
-                store.delete_open(&k);
+                store.delete_open(&k)?;
             }
-            store.put_closed(&k, &state);
+            store.put_closed(&k, &state)?;
         }
         Ok(())
     }
@@ -604,8 +626,7 @@ impl WindowOperator {
             return;
         }
         for (bucket, open) in self.open.iter_mut() {
-            let spec = &s.windows[bucket.window as usize];
-            if spec.emit != EmitMode::Updates {
+            if !emits_updates(s, &self.slots, bucket) {
                 continue;
             }
             for (&group, c) in open.cached.iter_mut() {
@@ -613,7 +634,7 @@ impl WindowOperator {
                 if !st.updated_since_emit || wall_ms.saturating_sub(st.last_emit_wall_ms) < s.update_interval_ms {
                     continue;
                 }
-                let record = record(s, *bucket, self.keys.key(group), st, false, wall_ms);
+                let record = record(&self.slots, *bucket, self.keys.key(group), st, false, wall_ms);
                 out.push(Output::Aggregate { record, correction: false });
                 st.next_revision += 1;
                 st.updated_since_emit = false;
@@ -626,10 +647,15 @@ impl WindowOperator {
     }
 }
 
-/// The record of the window of `key` in `bucket`, in state `st`.
-fn record(settings: &WindowSettings, bucket: Bucket, key: &GroupKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
-    let name = &settings.windows[bucket.window as usize].name;
-    WindowAggregate::new(key, name, bucket.start, bucket.end, &st.acc, st.next_revision, is_final, wall_ms)
+/// The record of the window of `key` in `bucket`, in state `st`. The window's name is
+/// the one its slot was stored with.
+fn record(slots: &WindowSlots, bucket: Bucket, key: &GroupKey, st: &WindowState, is_final: bool, wall_ms: i64) -> WindowAggregate {
+    WindowAggregate::new(key, slots.name(bucket.window), bucket.start, bucket.end, &st.acc, st.next_revision, is_final, wall_ms)
+}
+
+/// Whether `bucket`'s windows emit interim updates (`emit = "updates"`).
+fn emits_updates(settings: &WindowSettings, slots: &WindowSlots, bucket: &Bucket) -> bool {
+    slots.config_index(bucket.window).and_then(|i| settings.windows.get(i)).is_some_and(|w| w.emit == EmitMode::Updates)
 }
 
 /// A cached window.

@@ -10,10 +10,11 @@ use hashbrown::hash_table::{self, HashTable};
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Accumulator, GroupKey};
+use super::slots::WindowId;
 use super::watermark::Watermark;
 
-/// Identifies one window of one group: window index (into the configured windows),
-/// its `[start, end)` and the group key.
+/// Identifies one window of one group: its window size's slot ([`super::slots`]), its
+/// `[start, end)` and the group key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WindowKey {
     pub end: i64,
@@ -37,6 +38,8 @@ impl WindowKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Bucket {
     pub end: i64,
+    /// The window size's slot in the store's slot table ([`super::slots`]), not its
+    /// position in the configuration, which may change between runs.
     pub window: u16,
     pub start: i64,
 }
@@ -60,29 +63,34 @@ impl WindowState {
 }
 
 /// Durable state of one input partition's windows. Writes may be buffered until the
-/// owner commits them; reads must see earlier writes of the same batch.
+/// owner commits them; reads must see earlier writes of the same batch. A write that
+/// fails (a value that cannot be encoded, a store that cannot take it) is an error of
+/// the batch: the caller must not commit it.
 pub trait WindowStore {
     type Error: std::error::Error + Send + Sync + 'static;
 
     fn load_watermark(&mut self) -> Result<Option<Watermark>, Self::Error>;
-    fn put_watermark(&mut self, w: &Watermark);
+    fn put_watermark(&mut self, w: &Watermark) -> Result<(), Self::Error>;
+    /// The slot table ([`super::slots`]); None if the store never had one.
+    fn load_window_ids(&mut self) -> Result<Option<Vec<WindowId>>, Self::Error>;
+    fn put_window_ids(&mut self, ids: &[WindowId]) -> Result<(), Self::Error>;
     /// The buckets holding at least one open window, for restoring the operator
     /// (which keeps only some open windows in memory; the store has all of them).
     fn open_buckets(&mut self) -> Result<Vec<Bucket>, Self::Error>;
     fn get_open(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error>;
     /// Every open window of `bucket` (in no particular order), for closing it.
     fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, Self::Error>;
-    fn put_open(&mut self, k: &WindowKey, s: &WindowState);
-    fn delete_open(&mut self, k: &WindowKey);
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), Self::Error>;
+    fn delete_open(&mut self, k: &WindowKey) -> Result<(), Self::Error>;
     /// A closed window still within retention.
     fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error>;
-    fn put_closed(&mut self, k: &WindowKey, s: &WindowState);
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), Self::Error>;
     /// Forgets closed windows with `end <= end_at_most`.
     fn purge_closed(&mut self, end_at_most: i64) -> Result<(), Self::Error>;
     /// Whether `pulse_id` of `tenant` was already counted.
     fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error>;
     /// Remembers `pulse_id` as counted at stream time `at`.
-    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64);
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) -> Result<(), Self::Error>;
     /// Forgets pulse_ids marked at a stream time `<= at_most`.
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error>;
 }
@@ -91,6 +99,7 @@ pub trait WindowStore {
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     watermark: Option<Watermark>,
+    window_ids: Option<Vec<WindowId>>,
     /// Group keys carry their hash, so a fast mixer is enough (as in the operator).
     open: hashbrown::HashMap<WindowKey, WindowState, foldhash::fast::RandomState>,
     closed: BTreeMap<WindowKey, WindowState>,
@@ -181,8 +190,16 @@ impl WindowStore for MemoryStore {
     fn load_watermark(&mut self) -> Result<Option<Watermark>, Self::Error> {
         Ok(self.watermark)
     }
-    fn put_watermark(&mut self, w: &Watermark) {
+    fn put_watermark(&mut self, w: &Watermark) -> Result<(), Self::Error> {
         self.watermark = Some(*w);
+        Ok(())
+    }
+    fn load_window_ids(&mut self) -> Result<Option<Vec<WindowId>>, Self::Error> {
+        Ok(self.window_ids.clone())
+    }
+    fn put_window_ids(&mut self, ids: &[WindowId]) -> Result<(), Self::Error> {
+        self.window_ids = Some(ids.to_vec());
+        Ok(())
     }
     fn open_buckets(&mut self) -> Result<Vec<Bucket>, Self::Error> {
         let buckets: BTreeSet<Bucket> = self.open.keys().map(WindowKey::bucket).collect();
@@ -194,17 +211,20 @@ impl WindowStore for MemoryStore {
     fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, Self::Error> {
         Ok(self.open.iter().filter(|(k, _)| k.bucket() == bucket).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
-    fn put_open(&mut self, k: &WindowKey, s: &WindowState) {
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), Self::Error> {
         self.open.insert(k.clone(), s.clone());
+        Ok(())
     }
-    fn delete_open(&mut self, k: &WindowKey) {
+    fn delete_open(&mut self, k: &WindowKey) -> Result<(), Self::Error> {
         self.open.remove(k);
+        Ok(())
     }
     fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, Self::Error> {
         Ok(self.closed.get(k).cloned())
     }
-    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) {
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), Self::Error> {
         self.closed.insert(k.clone(), s.clone());
+        Ok(())
     }
     fn purge_closed(&mut self, end_at_most: i64) -> Result<(), Self::Error> {
         // WindowKey orders by `end` first.
@@ -214,8 +234,9 @@ impl WindowStore for MemoryStore {
     fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, Self::Error> {
         Ok(self.seen.contains(tenant, pulse_id))
     }
-    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) {
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) -> Result<(), Self::Error> {
         self.seen.mark(tenant, pulse_id, at);
+        Ok(())
     }
     fn expire_seen(&mut self, at_most: i64) -> Result<(), Self::Error> {
         self.seen.expire(at_most);

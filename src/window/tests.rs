@@ -6,7 +6,9 @@ use std::sync::Arc;
 use rust_decimal::Decimal;
 
 use super::operator::{LateReason, Output, WindowOperator};
-use super::store::MemoryStore;
+use super::slots::WindowId;
+use super::store::{Bucket, MemoryStore, WindowKey, WindowState, WindowStore};
+use super::watermark::Watermark;
 use super::{EmitMode, WindowSettings, WindowSpec};
 use crate::pulse::{GroupedPulse, SourceRef};
 
@@ -331,4 +333,156 @@ fn keys_of_closed_windows_are_forgotten() {
     let finals = h.aggregates().iter().filter(|a| a.1 == 0 && a.5).count();
     assert_eq!(finals, 2 * 3_000, "every group's inflight and postflight window closed");
     assert!(h.op.group_keys() <= 3_000 + 1_024, "keys of closed windows stay: {}", h.op.group_keys());
+}
+
+/// `[[windows]]` reordered, one added, across a restart over the same store: every
+/// stored window keeps its name (and so its aggregate id) and its total; the added
+/// window counts from its first pulse on.
+#[test]
+fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart() {
+    let mut h = Harness::new(settings()); // inflight 1s, postflight 10s
+    h.send(pulse("a", "t1", "1", 500));
+    h.send(pulse("b", "t1", "2", 1_500));
+    let mut reordered = (*settings()).clone();
+    reordered.windows = vec![
+        WindowSpec::new("postflight", 10_000, EmitMode::Final),
+        WindowSpec::new("minute", 60_000, EmitMode::Final),
+        WindowSpec::new("inflight", 1_000, EmitMode::Final),
+    ];
+    let mut op = WindowOperator::restore(Arc::new(reordered), &mut h.store).unwrap();
+    op.process(&pulse("c", "t1", "4", 2_500), 0, &mut h.store, &mut h.out).unwrap();
+    op.process(&pulse("d", "t1", "8", 70_000), 0, &mut h.store, &mut h.out).unwrap();
+    let mut got = h.aggregates();
+    got.sort();
+    assert_eq!(got, vec![
+        agg("inflight", 0, 0, "1", 1),
+        agg("inflight", 1_000, 0, "2", 1),
+        agg("inflight", 2_000, 0, "4", 1),
+        agg("minute", 0, 0, "4", 1),
+        agg("postflight", 0, 0, "7", 3),
+    ]);
+}
+
+/// A window resized under its name, or removed with windows still open, is refused at
+/// restore with what changed; the store is left as it was.
+#[test]
+fn a_resized_window_or_one_removed_while_open_is_refused() {
+    let mut h = Harness::new(settings());
+    h.send(pulse("a", "t1", "1", 500));
+    let mut resized = (*settings()).clone();
+    resized.windows[1] = WindowSpec::new("postflight", 15_000, EmitMode::Final);
+    let Err(err) = WindowOperator::restore(Arc::new(resized), &mut h.store) else { panic!("a resized window was accepted") };
+    assert!(err.to_string().contains("\"postflight\" is configured as 15s but the state holds it as 10s"), "{err}");
+    let mut removed = (*settings()).clone();
+    removed.windows.remove(0);
+    let Err(err) = WindowOperator::restore(Arc::new(removed), &mut h.store) else { panic!("open windows of a removed window were dropped") };
+    assert!(err.to_string().contains("\"inflight\" (1s) is no longer configured but the state holds 1 open window bucket(s)"), "{err}");
+    // The original configuration still restores everything.
+    let mut op = WindowOperator::restore(settings(), &mut h.store).unwrap();
+    op.process(&pulse("b", "t1", "2", 20_000), 0, &mut h.store, &mut h.out).unwrap();
+    assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "1", 1), agg("postflight", 0, 0, "1", 1)]);
+}
+
+/// A store whose writes fail once `refuse` is set, over the in-memory store.
+#[derive(Default)]
+struct RefusingStore {
+    inner: MemoryStore,
+    refuse: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("write refused")]
+struct WriteRefused;
+
+/// The value of a result that cannot fail (the in-memory store's).
+fn infallible<T>(r: Result<T, std::convert::Infallible>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(never) => match never {},
+    }
+}
+
+impl RefusingStore {
+    fn write(&self) -> Result<(), WriteRefused> {
+        if self.refuse { Err(WriteRefused) } else { Ok(()) }
+    }
+}
+
+impl WindowStore for RefusingStore {
+    type Error = WriteRefused;
+    fn load_watermark(&mut self) -> Result<Option<Watermark>, WriteRefused> {
+        Ok(infallible(self.inner.load_watermark()))
+    }
+    fn put_watermark(&mut self, w: &Watermark) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.put_watermark(w));
+        Ok(())
+    }
+    fn load_window_ids(&mut self) -> Result<Option<Vec<WindowId>>, WriteRefused> {
+        Ok(infallible(self.inner.load_window_ids()))
+    }
+    fn put_window_ids(&mut self, ids: &[WindowId]) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.put_window_ids(ids));
+        Ok(())
+    }
+    fn open_buckets(&mut self) -> Result<Vec<Bucket>, WriteRefused> {
+        Ok(infallible(self.inner.open_buckets()))
+    }
+    fn get_open(&mut self, k: &WindowKey) -> Result<Option<WindowState>, WriteRefused> {
+        Ok(infallible(self.inner.get_open(k)))
+    }
+    fn open_in(&mut self, bucket: Bucket) -> Result<Vec<(WindowKey, WindowState)>, WriteRefused> {
+        Ok(infallible(self.inner.open_in(bucket)))
+    }
+    fn put_open(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.put_open(k, s));
+        Ok(())
+    }
+    fn delete_open(&mut self, k: &WindowKey) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.delete_open(k));
+        Ok(())
+    }
+    fn get_closed(&mut self, k: &WindowKey) -> Result<Option<WindowState>, WriteRefused> {
+        Ok(infallible(self.inner.get_closed(k)))
+    }
+    fn put_closed(&mut self, k: &WindowKey, s: &WindowState) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.put_closed(k, s));
+        Ok(())
+    }
+    fn purge_closed(&mut self, end_at_most: i64) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.purge_closed(end_at_most));
+        Ok(())
+    }
+    fn seen(&mut self, tenant: &str, pulse_id: &str) -> Result<bool, WriteRefused> {
+        Ok(infallible(self.inner.seen(tenant, pulse_id)))
+    }
+    fn mark_seen(&mut self, tenant: &str, pulse_id: &str, at: i64) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.mark_seen(tenant, pulse_id, at));
+        Ok(())
+    }
+    fn expire_seen(&mut self, at_most: i64) -> Result<(), WriteRefused> {
+        self.write()?;
+        infallible(self.inner.expire_seen(at_most));
+        Ok(())
+    }
+}
+
+/// A write the store refuses is an error of the batch (the caller then commits
+/// nothing), never a value silently left out.
+#[test]
+fn a_refused_store_write_fails_the_flush_and_the_pulse() {
+    let mut store = RefusingStore::default();
+    let mut op = WindowOperator::restore(settings(), &mut store).unwrap();
+    let mut out = Vec::new();
+    op.process(&pulse("a", "t1", "1", 500), 0, &mut store, &mut out).unwrap();
+    store.refuse = true;
+    assert!(op.flush(&mut store).is_err(), "an open window that could not be written fails the flush");
+    // A pulse is written too (its dedupe mark, the windows it closes): refused, it fails.
+    assert!(op.process(&pulse("b", "t1", "1", 20_000), 0, &mut store, &mut out).is_err());
 }
