@@ -19,7 +19,7 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use pulses::pulse::validate;
 use pulses::state::{PartitionStore, StoreResources};
-use pulses::window::store::MemoryStore;
+use pulses::window::memory::MemoryStore;
 use pulses::window::{Output, WindowOperator, WindowSettings};
 
 use common::{HOT_PATH_PER_SECOND as PER_SECOND, HOT_PATH_PULSES as PULSES};

@@ -1,13 +1,18 @@
 //! pulses: a Kafka-native Kappa stream processor that meters cloud usage for billing.
 //!
 //! Where to look:
-//! - a pulse enters in [`stage::group`], is validated by [`pulse::validate`] and leaves
-//!   re-keyed by tenant to the grouped topic, or to the DLQ ([`kafka::dlq`]);
-//! - the pure core ([`pulse`]) has no Kafka in sight and is unit-tested on plain values;
+//! - a pulse enters in [`stage::group`], is decoded by [`codec`], validated by
+//!   [`pulse::validate`] and leaves re-keyed by tenant to the grouped topic, or to the
+//!   DLQ ([`kafka::dlq`]);
+//! - it is counted in [`stage::aggregate`] by the window operator ([`window`]), whose
+//!   state lives in [`state`], and leaves as an aggregate encoded by [`codec`];
+//! - the pure core ([`pulse`], [`window`]) has no Kafka or RocksDB in sight and is
+//!   unit-tested on plain values;
 //! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
 
 pub mod bench;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod kafka;
 pub mod ops;

@@ -142,7 +142,7 @@ mod tests {
 
     #[test]
     fn avro_stub_pulses_decode_to_the_json_ones() {
-        use crate::pulse::avro::{decode_record, pulse_from_record, write_datum, PULSE_SCHEMA};
+        use crate::codec::avro::{decode_record, pulse_from_record, write_datum, PULSE_SCHEMA};
         use crate::pulse::validate::{normalise, validate, RecordContext};
         let schema = apache_avro::Schema::parse_str(PULSE_SCHEMA).unwrap();
         let ctx = RecordContext { topic: "t", partition: 0, offset: 0, record_time_ms: None };

@@ -1,7 +1,6 @@
 //! The I/O of `pulses bench`: fresh topics, a child `pulses run`, a producer of stub
 //! pulses, a read_committed reader of the aggregates and a `/metrics` poller.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,6 +11,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::aggregates::read_aggregates;
+pub use super::plan::{Plan, RunTopics};
 use super::processor::{cpu_seconds_of, Processor};
 use super::report::{BrokerBaseline, ModeReport, Quantiles};
 use super::stats;
@@ -20,52 +20,6 @@ use crate::kafka::admin::{ensure_topics, TopicSpec};
 use crate::kafka::clients::{self, send_with_backpressure, tracked_producer, DeliveryTracker, QuietEof};
 use crate::pulse::time;
 use crate::stub::{Generator, StubSpec};
-
-/// What to run.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// Bootstrap servers and `[kafka]` settings come from here.
-    pub cfg: Config,
-    pub pulses: u64,
-    /// Pulses per second to produce at (None: as fast as the broker takes them, a burst).
-    pub rate: Option<f64>,
-    pub tenants: usize,
-    pub skus: usize,
-    pub partitions: i32,
-    pub grace: Duration,
-    pub idle_timeout: Duration,
-    /// Longest one run may take before the bench gives up.
-    pub timeout: Duration,
-    pub keep_topics: bool,
-    /// The broker's process id on this machine, to report its CPU time too.
-    pub broker_pid: Option<u32>,
-    /// The `pulses` binary to run as the processor.
-    pub exe: PathBuf,
-    /// Where state directories and logs of the child processes go.
-    pub work_dir: PathBuf,
-}
-
-/// Names of one run's topics, all starting with the run id.
-pub struct RunTopics {
-    pub id: String,
-    pub source: String,
-    pub grouped: String,
-    pub aggregated: String,
-    pub dlq: String,
-    pub late: String,
-}
-
-impl RunTopics {
-    fn new(id: String) -> Self {
-        let t = |s: &str| format!("{id}.{s}");
-        Self { source: t("source"), grouped: t("grouped"), aggregated: t("aggregated"), dlq: t("dlq"), late: t("late"), id }
-    }
-
-    fn all(&self) -> Vec<String> {
-        let changelog = format!("{}-windows-changelog", self.id);
-        vec![self.source.clone(), self.grouped.clone(), self.aggregated.clone(), self.dlq.clone(), self.late.clone(), changelog]
-    }
-}
 
 /// A run id unique to this moment: `bench-<unix ms>-<what>`.
 pub fn run_id(what: &str) -> String {

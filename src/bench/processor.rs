@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 
-use super::driver::{Plan, RunTopics};
+use super::plan::{Plan, RunTopics};
 use super::stats;
 use crate::config::Guarantee;
 

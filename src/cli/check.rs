@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::CommonArgs;
-use crate::pulse::avro::{self, check as schemas};
+use crate::codec::avro::{self, check as schemas};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {

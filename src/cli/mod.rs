@@ -119,7 +119,7 @@ pub struct CommonArgs {
     /// Value format of the grouped and aggregated topics; avro needs a schema registry
     /// [config default: json]
     #[arg(long, env = "PULSES_OUTPUT_FORMAT", value_name = "FORMAT")]
-    pub output_format: Option<crate::registry::OutputFormat>,
+    pub output_format: Option<crate::config::OutputFormat>,
 }
 
 impl CommonArgs {

@@ -10,8 +10,10 @@ use rdkafka::producer::{BaseRecord, Producer};
 use super::CommonArgs;
 use crate::config::parse_duration;
 use crate::kafka::clients::{self, send_with_backpressure, tracked_producer, DeliveryTracker};
-use crate::pulse::{avro, time, wire};
-use crate::registry::{OutputFormat, Registry, Wait};
+use crate::codec::avro;
+use crate::pulse::{time, wire};
+use crate::config::OutputFormat;
+use crate::registry::{Registry, Wait};
 use crate::stub::{Generator, StubSpec};
 
 #[derive(Debug, Args)]

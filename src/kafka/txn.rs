@@ -11,10 +11,10 @@
 //! transaction protocol (no group-generation checks, KIP-447), so it holds on every
 //! Kafka-compatible broker that implements transactions.
 //!
-//! With a tracked topic (stage 2's changelog), each committed offset carries the
-//! metadata `changelog=<offset>`: where the partition's changelog ends after that
-//! commit. A restore treats changelog records beyond it as uncommitted (see
-//! [`crate::state::changelog`]).
+//! With a tracked topic (stage 2's changelog), each committed offset carries metadata
+//! naming where the partition's changelog ends after that commit, written by the
+//! tracked topic's owner ([`Tracked::metadata`]; the state module's `ChangelogEnd`). A
+//! restore treats changelog records beyond it as uncommitted.
 //!
 //! `at_least_once`: one shared idempotent producer. Outputs are flushed, then state is
 //! written, then offsets are committed: a crash in between re-processes the records
@@ -57,12 +57,20 @@ pub enum TxnError {
     AfterFailedCommit,
 }
 
+/// A topic whose delivered offsets a stage's commits report (stage 2's changelog).
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub topic: String,
+    /// The commit metadata saying the topic's partition ends at the given next offset.
+    pub metadata: fn(i64) -> String,
+}
+
 /// The producers of one stage of one replica.
 pub struct StageOutputs {
     cfg: Config,
     stage: &'static str,
     /// Topic whose delivered offsets are tracked (stage 2's changelog).
-    tracked_topic: Option<String>,
+    tracked: Option<Tracked>,
     /// at_least_once: the one producer.
     shared: Option<TrackedProducer>,
     /// exactly_once: one producer per owned input partition.
@@ -84,17 +92,17 @@ struct PartitionProducer {
 }
 
 impl StageOutputs {
-    /// `stage` names the transactional ids; `tracked_topic` is the topic whose
-    /// delivered offsets [`Self::commit`] reports (stage 2's changelog).
-    pub fn new(cfg: &Config, stage: &'static str, tracked_topic: Option<String>) -> Result<Self, TxnError> {
+    /// `stage` names the transactional ids; `tracked` is the topic whose delivered
+    /// offsets [`Self::commit`] reports (stage 2's changelog).
+    pub fn new(cfg: &Config, stage: &'static str, tracked: Option<Tracked>) -> Result<Self, TxnError> {
         let shared = match cfg.processing_guarantee {
-            Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked_topic))?),
+            Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked))?),
             Guarantee::ExactlyOnce => None,
         };
         Ok(Self {
             cfg: cfg.clone(),
             stage,
-            tracked_topic,
+            tracked,
             shared,
             owned: Mutex::new(BTreeMap::new()),
             metrics: None,
@@ -131,7 +139,7 @@ impl StageOutputs {
             return Ok(());
         }
         let id = self.transactional_id(partition);
-        let producer = clients::transactional_producer(&self.cfg, &id, tracker(&self.tracked_topic))?;
+        let producer = clients::transactional_producer(&self.cfg, &id, tracker(&self.tracked))?;
         let started = std::time::Instant::now();
         producer
             .init_transactions(TXN_TIMEOUT)
@@ -294,7 +302,7 @@ impl StageOutputs {
     /// The commit metadata naming the tracked topic's end; none if nothing is known
     /// (a restore then reads to the end of the changelog).
     fn commit_metadata(&self, tracked_next: Option<i64>) -> Option<String> {
-        self.tracked_topic.as_ref().and(tracked_next).map(crate::state::changelog::commit_metadata)
+        Some((self.tracked.as_ref()?.metadata)(tracked_next?))
     }
 }
 
@@ -320,6 +328,6 @@ impl PartitionProducer {
     }
 }
 
-fn tracker(topic: &Option<String>) -> DeliveryTracker {
-    topic.as_deref().map_or_else(DeliveryTracker::default, DeliveryTracker::tracking)
+fn tracker(tracked: &Option<Tracked>) -> DeliveryTracker {
+    tracked.as_ref().map_or_else(DeliveryTracker::default, |t| DeliveryTracker::tracking(&t.topic))
 }

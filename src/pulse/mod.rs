@@ -1,9 +1,8 @@
-//! The pulse model: what a producer sends (`RawPulse`, decoded in [`json`] or
-//! [`avro`], told apart by [`wire`]), what
+//! The pulse model: what a producer sends (`RawPulse`, decoded in [`json`] or in Avro
+//! by [`crate::codec::avro`], told apart by [`wire`]), what
 //! validation makes of it ([`validate`]) and what stage 1 writes to the grouped topic
 //! ([`GroupedPulse`]). Plain types only: no Kafka, no RocksDB.
 
-pub mod avro;
 pub mod ids;
 pub mod json;
 pub mod time;

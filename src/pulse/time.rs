@@ -1,7 +1,11 @@
 //! Event-time helpers: all times are epoch milliseconds (`i64`) in memory and RFC 3339
-//! with millisecond precision, UTC (`2026-11-22T10:00:00.123Z`) on the wire.
+//! with millisecond precision, UTC (`2026-11-22T10:00:00.123Z`) on the wire; and the
+//! durations of configuration and flags (`250ms`, `5s`, `1h`).
+
+use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer};
 
 /// Formats epoch milliseconds as RFC 3339 (ms, `Z`). Out-of-range values (which
 /// validation never lets through) fall back to the epoch rather than panicking.
@@ -121,6 +125,29 @@ pub mod rfc3339_ms {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         super::parse_rfc3339_ms(&s).ok_or_else(|| D::Error::custom(format!("not RFC 3339: {s}")))
     }
+}
+
+/// Parses durations such as `250ms`, `5s`, `1m`, `1h`, `1d` (one number, one unit).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 1m, 1h, 1d"))?;
+    let ms = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => return Err(format!("unknown unit {other:?} in {s:?}; use ms, s, m, h or d")),
+    };
+    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
+}
+
+/// Serde adapter for [`parse_duration`].
+pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@ use crate::kafka::batch::{poll_batch, PendingOffsets};
 use crate::kafka::clients::{self, QuietEof};
 use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
-use crate::registry::{AggregateInput, InputError, Registry, RegistryError, Wait};
+use crate::codec::{AggregateInput, InputError};
+use crate::registry::{Registry, RegistryError, Wait};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateError {

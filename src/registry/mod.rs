@@ -7,10 +7,7 @@
 //! for a schema id (404, an unparsable or non-Avro schema) is `unknown_schema`, not
 //! retried. Resolved schemas are cached for the life of the stage (ids are immutable).
 
-pub mod input;
-pub mod output;
 pub mod retry;
-pub mod settings;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,10 +18,8 @@ use schema_registry_converter::avro_common::AvroSchema;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{SchemaType, SubjectNameStrategy, SuppliedSchema};
 
-pub use input::{AggregateInput, GroupedInput, InputError, PulseInput};
-pub use output::OutputCodec;
 use retry::{Outage, RetryPolicy, Step};
-pub use settings::{OutputFormat, SchemaRegistryConfig};
+use crate::config::SchemaRegistryConfig;
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]

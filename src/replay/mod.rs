@@ -11,7 +11,7 @@
 //!   too. Windows are chosen by event time, never by record time. Partitions are
 //!   *assigned*, never subscribed, and no offset is committed: the live consumer
 //!   groups are not touched. Records are merged across partitions in timestamp order
-//!   ([`crate::window::merge`]).
+//!   ([`crate::stage::merge`]).
 //! - State: a fresh RocksDB store in a temporary directory under the state dir,
 //!   deleted at exit.
 //! - Output: final aggregates of windows inside [T0, T1) only (a window starting
@@ -37,14 +37,15 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, QuietEof, TrackedProducer};
-use crate::pulse::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::codec::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
 use crate::pulse::time::now_ms;
 use crate::pulse::validate::RecordContext;
 use crate::pulse::RejectReason;
-use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
+use crate::codec::{OutputCodec, PulseInput};
+use crate::registry::{Registry, RegistryError, Wait};
 use crate::state::{PartitionStore, StoreResources};
 use crate::window::{Output, RestoreError, WindowOperator};
-use crate::window::merge::Merge;
+use crate::stage::merge::Merge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -61,7 +62,7 @@ pub enum ReplayError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
     #[error(transparent)]
-    Encode(#[from] crate::registry::output::EncodeError),
+    Encode(#[from] crate::codec::output::EncodeError),
     /// An Avro pulse could not be decoded for want of the registry: a replay that went
     /// on would silently miss it.
     #[error("source record {partition}/{offset}: {detail}; stopped rather than replay without it")]

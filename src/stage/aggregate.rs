@@ -29,9 +29,10 @@ use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
-use crate::pulse::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
+use crate::codec::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
-use crate::registry::{GroupedInput, InputError, OutputCodec, Registry, RegistryError, Wait};
+use crate::codec::{GroupedInput, InputError, OutputCodec};
+use crate::registry::{Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
@@ -67,7 +68,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
-        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog_topic.clone()))?.with_metrics(Arc::clone(&metrics)),
+        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog::tracking(&changelog_topic)))?.with_metrics(Arc::clone(&metrics)),
         changelog_topic,
         tasks: Mutex::new(BTreeMap::new()),
         pending: PendingOffsets::default(),
@@ -357,7 +358,7 @@ impl AggregateContext {
         match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
             Ok(committed) => committed.elements().first().map_or_else(Committed::default, |e| Committed {
                 offset: log_offset(e.offset()),
-                changelog_end: changelog::parse_commit_metadata(e.metadata()),
+                changelog_end: changelog::ChangelogEnd::parse(e.metadata()).map(|end| end.0),
             }),
             Err(e) => {
                 tracing::warn!(partition, "cannot read the committed offset ({e}); restoring to the changelog end");

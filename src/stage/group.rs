@@ -28,10 +28,11 @@ use crate::kafka::dlq;
 use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
-use crate::pulse::avro::{grouped_to_value, GROUPED_SCHEMA};
+use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{RecordContext, RejectReason};
-use crate::registry::{OutputCodec, PulseInput, Registry, RegistryError, Wait};
+use crate::codec::{OutputCodec, PulseInput};
+use crate::registry::{Registry, RegistryError, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {

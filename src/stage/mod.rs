@@ -9,6 +9,7 @@ use crate::ops::metrics::Metrics;
 
 pub mod aggregate;
 pub mod group;
+pub mod merge;
 pub mod order;
 
 /// Why a stage stopped with an error. Bad *input* is never one of these: it goes to the
@@ -35,7 +36,7 @@ pub enum StageError {
     #[error(transparent)]
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
-    Encode(#[from] crate::registry::output::EncodeError),
+    Encode(#[from] crate::codec::output::EncodeError),
 }
 
 impl StageError {

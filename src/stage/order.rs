@@ -19,7 +19,7 @@ use rdkafka::TopicPartitionList;
 use crate::config::{Config, Guarantee};
 use crate::kafka::backlog;
 use crate::kafka::batch::{log_offset, COMMITTED_TIMEOUT};
-use crate::window::merge::{Merge, Next};
+use super::merge::{Merge, Next};
 
 /// Records held per source partition before its fetching pauses.
 const HELD_PER_PARTITION: usize = 10_000;

@@ -60,14 +60,30 @@ pub struct RestoreStats {
     pub elapsed: Duration,
 }
 
-/// The commit metadata saying the changelog ends at `next` after this commit.
-pub fn commit_metadata(next: i64) -> String {
-    format!("changelog={next}")
+/// The changelog position protocol: every commit of a partition's input offsets carries,
+/// as the offset's commit metadata, where the partition's changelog ended at that commit
+/// (`changelog=<next offset>`); a restore reads it back to know which changelog records
+/// were committed. Written and read only through this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangelogEnd(pub i64);
+
+impl ChangelogEnd {
+    const PREFIX: &'static str = "changelog=";
+
+    /// The commit metadata saying the changelog ends at `next` after this commit.
+    pub fn metadata(next: i64) -> String {
+        format!("{}{next}", Self::PREFIX)
+    }
+
+    /// The changelog end a committed offset's metadata names, if it names one.
+    pub fn parse(metadata: &str) -> Option<Self> {
+        metadata.strip_prefix(Self::PREFIX)?.parse().ok().map(Self)
+    }
 }
 
-/// The changelog end a committed offset's metadata names, if it names one.
-pub fn parse_commit_metadata(metadata: &str) -> Option<i64> {
-    metadata.strip_prefix("changelog=")?.parse().ok()
+/// How the stage's transactions write the changelog position ([`crate::kafka::txn`]).
+pub fn tracking(topic: &str) -> crate::kafka::txn::Tracked {
+    crate::kafka::txn::Tracked { topic: topic.to_owned(), metadata: ChangelogEnd::metadata }
 }
 
 /// Brings `store` (of grouped-topic partition `partition`) up to the end of its
@@ -188,9 +204,10 @@ mod tests {
 
     #[test]
     fn commit_metadata_round_trips() {
-        assert_eq!(parse_commit_metadata(&commit_metadata(1234)), Some(1234));
-        assert_eq!(parse_commit_metadata(""), None);
-        assert_eq!(parse_commit_metadata("changelog=x"), None);
-        assert_eq!(parse_commit_metadata("something else"), None);
+        assert_eq!(ChangelogEnd::metadata(1234), "changelog=1234");
+        assert_eq!(ChangelogEnd::parse(&ChangelogEnd::metadata(1234)), Some(ChangelogEnd(1234)));
+        assert_eq!(ChangelogEnd::parse(""), None);
+        assert_eq!(ChangelogEnd::parse("changelog=x"), None);
+        assert_eq!(ChangelogEnd::parse("something else"), None);
     }
 }

@@ -307,6 +307,25 @@ impl PartitionStore {
         Ok(())
     }
 
+    /// Whether the current batch deletes an open window of `bucket`.
+    fn batch_deletes_in(&self, bucket: Bucket) -> bool {
+        let from = open_bucket_prefix(bucket);
+        let Some(to) = after_prefix(&from) else { return true };
+        self.overlay_open.range(from..to).any(|k| matches!(self.overlay.get(k), Some(None)))
+    }
+
+    /// Whether `bucket` holds an open window, as the current batch has it.
+    fn has_open_window_in(&self, bucket: Bucket) -> Result<bool, StoreError> {
+        let from = open_bucket_prefix(bucket);
+        let to = after_prefix(&from).ok_or_else(|| self.corrupt("open-window bucket at the end of the key space"))?;
+        let mut any = false;
+        self.visit_open_span(from, to, |_, _| {
+            any = true;
+            Ok(())
+        })?;
+        Ok(any)
+    }
+
     fn decode_state(&self, bytes: &[u8]) -> Result<WindowState, StoreError> {
         serde_json::from_slice(bytes).map_err(|e| self.corrupt(format!("window state: {e}")))
     }
@@ -457,18 +476,27 @@ impl WindowStore for PartitionStore {
     /// Visits one key per bucket: after reading a key's bucket it seeks past the
     /// bucket, so the cost is the number of buckets, not of open windows.
     fn open_buckets(&mut self) -> Result<Vec<Bucket>, StoreError> {
-        let mut buckets = BTreeSet::new();
+        let mut committed = Vec::new();
         let mut it = self.db.raw_iterator();
         it.seek(b"o");
         while let Some(k) = it.key().filter(|k| k.first() == Some(&b'o')) {
             let bucket = parse_open_bucket(k).ok_or_else(|| self.corrupt("unreadable open-window key"))?;
-            buckets.insert(bucket);
+            committed.push(bucket);
             match after_prefix(&open_bucket_prefix(bucket)) {
                 Some(next) => it.seek(next),
                 None => break,
             }
         }
         it.status().map_err(|e| self.rocks(e))?;
+        drop(it);
+        let mut buckets = BTreeSet::new();
+        for bucket in committed {
+            // The current batch may have deleted every committed window of the bucket
+            // (closing it): then it is open only if a window of it is left.
+            if !self.batch_deletes_in(bucket) || self.has_open_window_in(bucket)? {
+                buckets.insert(bucket);
+            }
+        }
         for (k, v) in self.overlay_open.iter().map(|k| (k, self.overlay.get(k))) {
             if let Some(Some(_)) = v {
                 buckets.insert(parse_open_bucket(k).ok_or_else(|| self.corrupt("unreadable open-window key"))?);
@@ -668,4 +696,20 @@ mod tests {
         assert!(dst.apply_change(b"zzz", None).is_err(), "unknown keys are corruption, not ignored");
         assert!(dst.apply_change(b"dacme\0p9", Some(b"")).is_err(), "a malformed dedupe value is corruption");
     }
+}
+
+/// The window operator's scenarios ([`crate::window::tests`]) over this store,
+/// committed after every flush, as over the in-memory store.
+#[cfg(test)]
+mod operator_scenarios_on_rocksdb {
+    use super::{PartitionStore, StoreResources};
+    use crate::window::tests::TestStore;
+
+    fn rocks_store() -> TestStore<PartitionStore> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = PartitionStore::open(dir.path(), &StoreResources::new(16 << 20)).expect("open store");
+        TestStore { store, keep: Box::new(dir), commit: |s| s.commit(None).expect("commit") }
+    }
+
+    crate::window::tests::operator_scenarios!(rocks_store);
 }

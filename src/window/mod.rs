@@ -2,8 +2,6 @@
 //!
 //! - [`assign`]: which tumbling window an event time falls in;
 //! - [`watermark`]: per-partition stream time, and its idle advance;
-//! - [`merge`]: reading several partitions in event-time order, so watermarks never
-//!   run ahead of a partition that is behind;
 //! - [`aggregate`]: the exact accumulator and the emitted aggregate record;
 //! - [`slots`]: which configured window each stored window belongs to, across
 //!   configuration changes;
@@ -17,7 +15,8 @@
 
 pub mod aggregate;
 pub mod assign;
-pub mod merge;
+#[cfg(any(test, feature = "bench-doubles"))]
+pub mod memory;
 pub mod operator;
 pub mod slots;
 pub mod store;
@@ -29,7 +28,7 @@ use serde::Deserialize;
 
 pub use aggregate::{Accumulator, GroupKey, WindowAggregate};
 pub use operator::{Output, RestoreError, WindowOperator};
-pub use store::{MemoryStore, WindowStore};
+pub use store::WindowStore;
 
 /// When a window is emitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -46,7 +45,7 @@ pub enum EmitMode {
 #[serde(deny_unknown_fields)]
 pub struct WindowSpec {
     pub name: String,
-    #[serde(deserialize_with = "crate::config::duration")]
+    #[serde(deserialize_with = "crate::pulse::time::duration")]
     pub size: Duration,
     #[serde(default = "default_emit")]
     pub emit: EmitMode,
@@ -102,4 +101,4 @@ impl Default for WindowSettings {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,4 +1,7 @@
-//! Scenario tests of the window operator over the in-memory store.
+//! Scenario tests of the window operator. Each scenario is generic over the store and
+//! runs as a test over the in-memory store here and over the RocksDB store in
+//! [`crate::state::store`] ([`operator_scenarios`]), so the test double cannot drift
+//! from the real store.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -7,7 +10,9 @@ use rust_decimal::Decimal;
 
 use super::operator::{LateReason, Output, WindowOperator};
 use super::slots::WindowId;
-use super::store::{Bucket, MemoryStore, WindowKey, WindowState, WindowStore};
+use super::aggregate::GroupKey;
+use super::memory::MemoryStore;
+use super::store::{Bucket, WindowKey, WindowState, WindowStore};
 use super::watermark::Watermark;
 use super::{EmitMode, WindowSettings, WindowSpec};
 use crate::pulse::{GroupedPulse, SourceRef};
@@ -37,22 +42,39 @@ fn pulse(id: &str, tenant: &str, amount: &str, event_ms: i64) -> GroupedPulse {
     }
 }
 
-struct Harness {
-    op: WindowOperator,
-    store: MemoryStore,
-    out: Vec<Output>,
+/// A store for one scenario: the store, what must live as long as it (a temporary
+/// directory), and what makes a flush durable (a RocksDB store's commit).
+pub(crate) struct TestStore<S> {
+    pub store: S,
+    pub keep: Box<dyn std::any::Any>,
+    pub commit: fn(&mut S),
 }
 
-impl Harness {
-    fn new(settings: Arc<WindowSettings>) -> Self {
-        let mut store = MemoryStore::default();
+/// A fresh in-memory store.
+pub(crate) fn memory_store() -> TestStore<MemoryStore> {
+    TestStore { store: MemoryStore::default(), keep: Box::new(()), commit: |_| {} }
+}
+
+struct Harness<S: WindowStore> {
+    op: WindowOperator,
+    store: S,
+    out: Vec<Output>,
+    commit: fn(&mut S),
+    _keep: Box<dyn std::any::Any>,
+}
+
+impl<S: WindowStore> Harness<S> {
+    fn new(settings: Arc<WindowSettings>, t: TestStore<S>) -> Self {
+        let TestStore { mut store, keep, commit } = t;
         let op = WindowOperator::restore(settings, &mut store).unwrap();
-        Self { op, store, out: Vec::new() }
+        Self { op, store, out: Vec::new(), commit, _keep: keep }
     }
 
+    /// Counts `p`, then flushes and commits, as stage 2 does after a batch.
     fn send(&mut self, p: GroupedPulse) {
         self.op.process(&p, 0, &mut self.store, &mut self.out).unwrap();
         self.op.flush(&mut self.store).unwrap();
+        (self.commit)(&mut self.store);
     }
 
     /// (window, start, revision, total, count, final) of emitted aggregates, drained.
@@ -71,9 +93,8 @@ fn agg(w: &str, start: i64, rev: u32, total: &str, count: u64) -> (String, i64, 
     (w.into(), start, rev, total.into(), count, true)
 }
 
-#[test]
-fn window_closes_only_when_watermark_passes_end_plus_grace() {
-    let mut h = Harness::new(settings());
+pub(crate) fn window_closes_only_when_watermark_passes_end_plus_grace<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1.5", 100));
     h.send(pulse("b", "t1", "2.5", 999));
     h.send(pulse("c", "t1", "1", 5_999)); // watermark 5_999 < 1_000 + 5_000
@@ -82,9 +103,8 @@ fn window_closes_only_when_watermark_passes_end_plus_grace() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "4.0", 2)]);
 }
 
-#[test]
-fn out_of_order_within_grace_counts_in_its_window() {
-    let mut h = Harness::new(settings());
+pub(crate) fn out_of_order_within_grace_counts_in_its_window<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("b", "t1", "1", 4_000));
     h.send(pulse("c", "t1", "2", 700)); // behind the watermark, but within grace
@@ -92,9 +112,8 @@ fn out_of_order_within_grace_counts_in_its_window() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "3", 2)]);
 }
 
-#[test]
-fn late_after_grace_emits_a_correction_with_next_revision() {
-    let mut h = Harness::new(settings());
+pub(crate) fn late_after_grace_emits_a_correction_with_next_revision<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("b", "t1", "1", 16_000)); // closes [0,1000) and postflight [0,10000)
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "1", 1), agg("postflight", 0, 0, "1", 1)]);
@@ -104,21 +123,20 @@ fn late_after_grace_emits_a_correction_with_next_revision() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 2, "1.50", 3), agg("postflight", 0, 2, "1.50", 3)]);
 }
 
-#[test]
-fn beyond_retention_goes_to_late_and_is_counted_nowhere() {
-    let mut h = Harness::new(settings());
+pub(crate) fn beyond_retention_goes_to_late_and_is_counted_nowhere<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("b", "t1", "1", 70_000)); // watermark 70s; [0,1000) + 60s retention passed
     h.aggregates();
     h.send(pulse("c", "t1", "7", 500));
     assert!(matches!(&h.out[..], [Output::Late { reason: LateReason::BeyondRetention, pulse }] if pulse.pulse_id == "c"));
     // postflight [0,10000) + 60 s = 70 s: also beyond retention, so no window counts it.
-    assert_eq!(h.store.closed_len(), 0, "closed windows past retention are purged");
+    let inflight = WindowKey { end: 1_000, window: 0, start: 0, key: Arc::new(GroupKey::new("t1", "api.requests", "requests")) };
+    assert_eq!(h.store.get_closed(&inflight).unwrap(), None, "closed windows past retention are purged");
 }
 
-#[test]
-fn duplicates_are_counted_once_until_the_horizon_expires() {
-    let mut h = Harness::new(settings());
+pub(crate) fn duplicates_are_counted_once_until_the_horizon_expires<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("a", "t1", "1", 500));
     assert!(matches!(h.out.last(), Some(Output::Duplicate { .. })));
@@ -127,15 +145,14 @@ fn duplicates_are_counted_once_until_the_horizon_expires() {
     assert!(h.out.is_empty(), "counted, not a duplicate: {:?}", h.out);
     h.out.clear();
     h.send(pulse("x", "t1", "1", 200_000)); // horizon 120 s: "a" (seen at 500) expires
-    assert_eq!(h.store.seen_len(), 1);
+    assert!(!h.store.seen("t1", "a").unwrap() && h.store.seen("t1", "x").unwrap(), "only \"x\" is remembered");
     h.out.clear();
     h.send(pulse("a", "t1", "1", 199_500));
     assert!(!h.out.iter().any(|o| matches!(o, Output::Duplicate { .. })));
 }
 
-#[test]
-fn idle_partition_closes_trailing_windows() {
-    let mut h = Harness::new(settings());
+pub(crate) fn idle_partition_closes_trailing_windows<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
     h.op.on_time(1_029_000, false, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![]);
@@ -143,9 +160,8 @@ fn idle_partition_closes_trailing_windows() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "1", 1), agg("postflight", 1_000_000, 0, "1", 1)]);
 }
 
-#[test]
-fn a_partition_with_a_backlog_does_not_idle_close() {
-    let mut h = Harness::new(settings());
+pub(crate) fn a_partition_with_a_backlog_does_not_idle_close<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.op.process(&pulse("a", "t1", "1", 1_000_000), 1_000_000, &mut h.store, &mut h.out).unwrap();
     // Records wait (downtime, or a backlog behind other partitions) well past the idle timeout.
     h.op.on_time(1_030_000, true, &mut h.store, &mut h.out).unwrap();
@@ -159,11 +175,10 @@ fn a_partition_with_a_backlog_does_not_idle_close() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 1_000_000, 0, "3", 2), agg("postflight", 1_000_000, 0, "3", 2)]);
 }
 
-#[test]
-fn updates_mode_emits_interim_records_then_one_final() {
+pub(crate) fn updates_mode_emits_interim_records_then_one_final<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
     let mut s = (*settings()).clone();
     s.windows = vec![WindowSpec::new("postflight", 10_000, EmitMode::Updates)];
-    let mut h = Harness::new(Arc::new(s));
+    let mut h = Harness::new(Arc::new(s), new());
     h.op.process(&pulse("a", "t1", "1", 100), 0, &mut h.store, &mut h.out).unwrap();
     h.op.on_time(0, false, &mut h.store, &mut h.out).unwrap();
     h.op.on_time(500, false, &mut h.store, &mut h.out).unwrap(); // nothing changed: no update
@@ -182,9 +197,8 @@ fn updates_mode_emits_interim_records_then_one_final() {
     );
 }
 
-#[test]
-fn restored_operator_continues_where_it_stopped() {
-    let mut h = Harness::new(settings());
+pub(crate) fn restored_operator_continues_where_it_stopped<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("b", "t1", "2", 800));
     // A new operator over the same store (a restart) keeps open windows and dedupe.
@@ -197,9 +211,8 @@ fn restored_operator_continues_where_it_stopped() {
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "3", 2)]);
 }
 
-#[test]
-fn inexact_sum_goes_to_late_in_no_window() {
-    let mut h = Harness::new(settings());
+pub(crate) fn inexact_sum_goes_to_late_in_no_window<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1000000000000000000", 500));
     h.send(pulse("b", "t1", "0.0000000000000000000000000001", 600));
     assert!(matches!(h.out.last(), Some(Output::Late { reason: LateReason::InexactSum, .. })));
@@ -211,9 +224,8 @@ fn inexact_sum_goes_to_late_in_no_window() {
     );
 }
 
-#[test]
-fn a_pulse_refused_by_a_later_window_is_undone_in_the_earlier_ones() {
-    let mut h = Harness::new(settings());
+pub(crate) fn a_pulse_refused_by_a_later_window_is_undone_in_the_earlier_ones<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1000000000000000000", 500));
     // Fits a new inflight window, not the postflight one: in no window, no new bucket.
     h.send(pulse("b", "t1", "0.0000000000000000000000000001", 1_500));
@@ -252,8 +264,14 @@ fn busy_stream() -> Vec<(GroupedPulse, i64)> {
 
 /// Runs `stream` through an operator whose cache holds `capacity` windows, flushing
 /// every `flush_every` pulses and letting time pass (idle closes) at the end.
-fn run_with_cache(settings: Arc<WindowSettings>, capacity: usize, flush_every: usize, stream: &[(GroupedPulse, i64)]) -> (Vec<Output>, usize) {
-    let mut store = MemoryStore::default();
+fn run_with_cache<S: WindowStore>(
+    t: TestStore<S>,
+    settings: Arc<WindowSettings>,
+    capacity: usize,
+    flush_every: usize,
+    stream: &[(GroupedPulse, i64)],
+) -> (Vec<Output>, usize) {
+    let TestStore { mut store, keep: _keep, commit } = t;
     let mut op = WindowOperator::restore(settings, &mut store).unwrap();
     op.set_cache_capacity(capacity);
     let mut out = Vec::new();
@@ -265,25 +283,25 @@ fn run_with_cache(settings: Arc<WindowSettings>, capacity: usize, flush_every: u
         }
         if i % flush_every == flush_every - 1 {
             op.flush(&mut store).unwrap();
+            commit(&mut store);
             most_cached = most_cached.max(op.cached_windows());
         }
     }
     op.on_time(10_000_000, false, &mut store, &mut out).unwrap();
     op.flush(&mut store).unwrap();
-    assert_eq!(store.open_len(), 0, "every window closed in the end");
+    assert_eq!(store.open_buckets().unwrap(), vec![], "every window closed in the end");
     (out, most_cached)
 }
 
-#[test]
-fn a_small_window_cache_changes_memory_not_results() {
+pub(crate) fn a_small_window_cache_changes_memory_not_results<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
     let stream = busy_stream();
-    let (unbounded, most) = run_with_cache(settings(), usize::MAX, 100, &stream);
+    let (unbounded, most) = run_with_cache(new(), settings(), usize::MAX, 100, &stream);
     assert!(most > 100, "the stream keeps many windows open at once: {most}");
     let finals = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { record, .. } if record.is_final)).count();
     let corrections = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { correction: true, .. })).count();
     assert!(finals > 500 && corrections > 10, "finals {finals}, corrections {corrections}");
     for capacity in [1, 7, 60] {
-        let (bounded, most) = run_with_cache(settings(), capacity, 100, &stream);
+        let (bounded, most) = run_with_cache(new(), settings(), capacity, 100, &stream);
         // After a flush the cache is at most its capacity (eviction brings it to 3/4).
         assert!(most <= capacity, "capacity {capacity}: {most} windows cached after a flush");
         assert_eq!(bounded.len(), unbounded.len(), "capacity {capacity}");
@@ -292,16 +310,15 @@ fn a_small_window_cache_changes_memory_not_results() {
     }
 }
 
-#[test]
-fn evicting_keeps_windows_with_an_interim_update_due() {
+pub(crate) fn evicting_keeps_windows_with_an_interim_update_due<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
     let mut s = (*settings()).clone();
     s.windows.push(WindowSpec::new("minute", 60_000, EmitMode::Updates));
     let s = Arc::new(s);
     let stream = busy_stream();
-    let (unbounded, _) = run_with_cache(Arc::clone(&s), usize::MAX, 70, &stream);
+    let (unbounded, _) = run_with_cache(new(), Arc::clone(&s), usize::MAX, 70, &stream);
     let interim = unbounded.iter().filter(|o| matches!(o, Output::Aggregate { record, .. } if !record.is_final)).count();
     assert!(interim > 100, "interim updates: {interim}");
-    let (bounded, _) = run_with_cache(s, 5, 70, &stream);
+    let (bounded, _) = run_with_cache(new(), s, 5, 70, &stream);
     // Interim updates due at the same moment come in map order: compare as sets.
     let sorted = |v: Vec<Output>| {
         let mut v: Vec<String> = v.into_iter().map(|o| format!("{o:?}")).collect();
@@ -313,9 +330,8 @@ fn evicting_keeps_windows_with_an_interim_update_due() {
     assert!(bounded == unbounded, "first difference: {:?}", bounded.iter().zip(&unbounded).find(|(a, b)| a != b));
 }
 
-#[test]
-fn keys_of_closed_windows_are_forgotten() {
-    let mut h = Harness::new(settings());
+pub(crate) fn keys_of_closed_windows_are_forgotten<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.op.set_cache_capacity(1);
     // Each group's windows are evicted after its first pulse and read back from the
     // store for its second (then kept), so they close from the store and the cache.
@@ -338,9 +354,8 @@ fn keys_of_closed_windows_are_forgotten() {
 /// `[[windows]]` reordered, one added, across a restart over the same store: every
 /// stored window keeps its name (and so its aggregate id) and its total; the added
 /// window counts from its first pulse on.
-#[test]
-fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart() {
-    let mut h = Harness::new(settings()); // inflight 1s, postflight 10s
+pub(crate) fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new()); // inflight 1s, postflight 10s
     h.send(pulse("a", "t1", "1", 500));
     h.send(pulse("b", "t1", "2", 1_500));
     let mut reordered = (*settings()).clone();
@@ -365,9 +380,8 @@ fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart() {
 
 /// A window resized under its name, or removed with windows still open, is refused at
 /// restore with what changed; the store is left as it was.
-#[test]
-fn a_resized_window_or_one_removed_while_open_is_refused() {
-    let mut h = Harness::new(settings());
+pub(crate) fn a_resized_window_or_one_removed_while_open_is_refused<S: WindowStore>(new: &dyn Fn() -> TestStore<S>) {
+    let mut h = Harness::new(settings(), new());
     h.send(pulse("a", "t1", "1", 500));
     let mut resized = (*settings()).clone();
     resized.windows[1] = WindowSpec::new("postflight", 15_000, EmitMode::Final);
@@ -381,6 +395,82 @@ fn a_resized_window_or_one_removed_while_open_is_refused() {
     let mut op = WindowOperator::restore(settings(), &mut h.store).unwrap();
     op.process(&pulse("b", "t1", "2", 20_000), 0, &mut h.store, &mut h.out).unwrap();
     assert_eq!(h.aggregates(), vec![agg("inflight", 0, 0, "1", 1), agg("postflight", 0, 0, "1", 1)]);
+}
+
+/// Declares every operator scenario as a `#[test]` over the stores `$new` makes
+/// (`fn() -> TestStore<S>`).
+macro_rules! operator_scenarios {
+    ($new:path) => {
+        #[test]
+        fn window_closes_only_when_watermark_passes_end_plus_grace() {
+            $crate::window::tests::window_closes_only_when_watermark_passes_end_plus_grace(&$new)
+        }
+        #[test]
+        fn out_of_order_within_grace_counts_in_its_window() {
+            $crate::window::tests::out_of_order_within_grace_counts_in_its_window(&$new)
+        }
+        #[test]
+        fn late_after_grace_emits_a_correction_with_next_revision() {
+            $crate::window::tests::late_after_grace_emits_a_correction_with_next_revision(&$new)
+        }
+        #[test]
+        fn beyond_retention_goes_to_late_and_is_counted_nowhere() {
+            $crate::window::tests::beyond_retention_goes_to_late_and_is_counted_nowhere(&$new)
+        }
+        #[test]
+        fn duplicates_are_counted_once_until_the_horizon_expires() {
+            $crate::window::tests::duplicates_are_counted_once_until_the_horizon_expires(&$new)
+        }
+        #[test]
+        fn idle_partition_closes_trailing_windows() {
+            $crate::window::tests::idle_partition_closes_trailing_windows(&$new)
+        }
+        #[test]
+        fn a_partition_with_a_backlog_does_not_idle_close() {
+            $crate::window::tests::a_partition_with_a_backlog_does_not_idle_close(&$new)
+        }
+        #[test]
+        fn updates_mode_emits_interim_records_then_one_final() {
+            $crate::window::tests::updates_mode_emits_interim_records_then_one_final(&$new)
+        }
+        #[test]
+        fn restored_operator_continues_where_it_stopped() {
+            $crate::window::tests::restored_operator_continues_where_it_stopped(&$new)
+        }
+        #[test]
+        fn inexact_sum_goes_to_late_in_no_window() {
+            $crate::window::tests::inexact_sum_goes_to_late_in_no_window(&$new)
+        }
+        #[test]
+        fn a_pulse_refused_by_a_later_window_is_undone_in_the_earlier_ones() {
+            $crate::window::tests::a_pulse_refused_by_a_later_window_is_undone_in_the_earlier_ones(&$new)
+        }
+        #[test]
+        fn a_small_window_cache_changes_memory_not_results() {
+            $crate::window::tests::a_small_window_cache_changes_memory_not_results(&$new)
+        }
+        #[test]
+        fn evicting_keeps_windows_with_an_interim_update_due() {
+            $crate::window::tests::evicting_keeps_windows_with_an_interim_update_due(&$new)
+        }
+        #[test]
+        fn keys_of_closed_windows_are_forgotten() {
+            $crate::window::tests::keys_of_closed_windows_are_forgotten(&$new)
+        }
+        #[test]
+        fn reordered_and_added_windows_keep_their_names_and_totals_across_a_restart() {
+            $crate::window::tests::reordered_and_added_windows_keep_their_names_and_totals_across_a_restart(&$new)
+        }
+        #[test]
+        fn a_resized_window_or_one_removed_while_open_is_refused() {
+            $crate::window::tests::a_resized_window_or_one_removed_while_open_is_refused(&$new)
+        }
+    };
+}
+pub(crate) use operator_scenarios;
+
+mod on_the_memory_store {
+    super::operator_scenarios!(super::memory_store);
 }
 
 /// A store whose writes fail once `refuse` is set, over the in-memory store.

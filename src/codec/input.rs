@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::{Registry, RegistryError, Wait};
-use crate::pulse::avro;
+use super::avro;
+use crate::registry::{Registry, RegistryError, Wait};
 use crate::pulse::json::decode_grouped;
 use crate::pulse::validate::{normalise, validate, RecordContext};
 use crate::pulse::wire::{self, Wire};

@@ -6,10 +6,13 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
-use crate::registry::{OutputFormat, SchemaRegistryConfig};
+pub use crate::pulse::time::{duration, parse_duration};
 use crate::window::{WindowSettings, WindowSpec};
+
+mod registry;
+pub use registry::{OutputFormat, SchemaRegistryConfig};
 
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -326,29 +329,6 @@ pub const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
 
 fn valid_kafka_name(s: &str) -> bool {
     (1..=200).contains(&s.len()) && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
-/// Parses durations such as `250ms`, `5s`, `1m`, `1h`, `1d` (one number, one unit).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 500ms, 5s, 1m, 1h, 1d"))?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => return Err(format!("unknown unit {other:?} in {s:?}; use ms, s, m, h or d")),
-    };
-    n.checked_mul(ms).map(Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
-}
-
-/// Serde adapter for [`parse_duration`].
-pub fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
 #[cfg(test)]

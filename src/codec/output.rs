@@ -3,8 +3,10 @@
 use apache_avro::schema::Schema;
 use apache_avro::types::Value;
 
-use super::{OutputFormat, Registry, RegistryError, Wait};
-use crate::pulse::{avro, wire};
+use super::avro;
+use crate::config::OutputFormat;
+use crate::pulse::wire;
+use crate::registry::{Registry, RegistryError, Wait};
 
 /// How one output topic's values are written.
 #[derive(Debug)]

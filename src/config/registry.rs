@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::duration;
+use super::duration;
 
 /// Value format of the records pulses writes to the grouped and aggregated topics.
 /// Input is always both: the wire format of each record decides (SPEC §6).

@@ -5,7 +5,7 @@
 //! so any producer schema with the right field names works. Amounts stay exact: a decimal
 //! string, an int/long, or `bytes`/`fixed` with the `decimal` logical type (scaled
 //! exactly); `float`/`double` are refused as `invalid_amount`. The mapped fields then go
-//! through the very same [`normalise`](super::validate::normalise) as JSON, so rules,
+//! through the very same [`normalise`](crate::pulse::validate::normalise) as JSON, so rules,
 //! reasons and ids are identical for both formats.
 //!
 //! Our own schemas (`schemas/*.avsc`, compiled in) carry amounts as decimal strings and
@@ -18,8 +18,8 @@ use apache_avro::types::Value;
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
-use super::json::RawPulse;
-use super::{Attributes, GroupedPulse, RejectReason, Rejection, SourceRef};
+use crate::pulse::json::RawPulse;
+use crate::pulse::{Attributes, GroupedPulse, RejectReason, Rejection, SourceRef};
 use crate::window::WindowAggregate;
 
 /// `schemas/pulse.avsc`: what producers write to `source.pulses`.
