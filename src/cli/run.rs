@@ -11,6 +11,7 @@ use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
 use crate::ops::http;
 use crate::ops::metrics::Metrics;
+use crate::stage::topology::Topology;
 use crate::stage::{self, StageError};
 
 #[derive(Debug, Args)]
@@ -94,12 +95,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 /// Creates stage 2's changelog topic with one partition per grouped partition
 /// (partition p restores store p), and refuses a mismatch.
 fn ensure_changelog(rt: &tokio::runtime::Runtime, cfg: &Config) -> anyhow::Result<()> {
-    let grouped = &cfg.topics.grouped;
+    let wiring = Topology::of(cfg).aggregate;
+    let (grouped, changelog) = (&wiring.input, &wiring.changelog);
     let grouped_partitions = partition_count(cfg, grouped).context("reading the grouped topic")?;
-    let changelog = cfg.changelog_topic();
-    rt.block_on(ensure_topics(cfg, &[TopicSpec { name: &changelog, partitions: grouped_partitions, configs: COMPACTED }]))
+    rt.block_on(ensure_topics(cfg, &[TopicSpec { name: changelog, partitions: grouped_partitions, configs: COMPACTED }]))
         .context("creating the changelog topic")?;
-    let changelog_partitions = partition_count(cfg, &changelog).context("reading the changelog topic")?;
+    let changelog_partitions = partition_count(cfg, changelog).context("reading the changelog topic")?;
     if changelog_partitions != grouped_partitions {
         bail!("changelog topic {changelog} has {changelog_partitions} partitions but {grouped} has {grouped_partitions}; \
                they must match (delete the changelog to rebuild it, or use a new application id)");

@@ -3,7 +3,7 @@
 use clap::{Args, ValueEnum};
 
 use super::CommonArgs;
-use crate::ops::topology;
+use crate::stage::topology::{self, Topology};
 
 #[derive(Debug, Args)]
 pub struct TopologyArgs {
@@ -23,8 +23,8 @@ enum Format {
 pub fn run(args: TopologyArgs) -> anyhow::Result<()> {
     let cfg = args.common.load()?;
     let out = match args.format {
-        Format::Text => topology::text(&cfg),
-        Format::Mermaid => topology::mermaid(&cfg),
+        Format::Text => topology::text(&Topology::of(&cfg)),
+        Format::Mermaid => topology::mermaid(&Topology::of(&cfg)),
     };
     print!("{out}");
     Ok(())

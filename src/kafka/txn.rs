@@ -124,7 +124,7 @@ impl StageOutputs {
 
     /// The transactional id of an input partition's producer.
     fn transactional_id(&self, partition: i32) -> String {
-        format!("{}-{}-{partition}", self.cfg.application_id, self.stage)
+        transactional_id(&self.cfg.application_id, self.stage, partition)
     }
 
     /// Takes ownership of `partition`. Under exactly_once this creates its
@@ -326,6 +326,12 @@ impl PartitionProducer {
         self.in_transaction = false;
         TxnError::Transaction { partition, step, source }
     }
+}
+
+/// The transactional id of `stage`'s producer for input `partition`:
+/// `<application_id>-<stage>-<partition>`.
+pub fn transactional_id(application_id: &str, stage: &str, partition: impl std::fmt::Display) -> String {
+    format!("{application_id}-{stage}-{partition}")
 }
 
 fn tracker(tracked: &Option<Tracked>) -> DeliveryTracker {

@@ -9,4 +9,3 @@ pub mod memory;
 pub mod metrics;
 pub mod prometheus;
 pub mod telemetry;
-pub mod topology;

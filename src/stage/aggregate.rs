@@ -35,6 +35,7 @@ use crate::codec::{GroupedInput, InputError, OutputCodec};
 use crate::registry::{Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
+use super::topology::{AggregateStage, Topology};
 use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
 
 /// Header of a late-topic record saying why it was not counted.
@@ -53,13 +54,13 @@ struct Task {
 
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
-    let changelog_topic = cfg.changelog_topic();
+    let wiring = Topology::of(cfg).aggregate;
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
     let stop = || shutdown.load(Ordering::Acquire);
-    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.aggregated, AGGREGATE_SCHEMA,
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.aggregated, AGGREGATE_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
     // Late pulses are grouped pulses, written in the output format like the grouped topic.
-    let late_codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.late, GROUPED_SCHEMA,
+    let late_codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.late, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let context = AggregateContext {
         input: GroupedInput::grouped(registry),
@@ -68,8 +69,9 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         cfg: cfg.clone(),
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
-        outputs: StageOutputs::new(cfg, "aggregate", Some(changelog::tracking(&changelog_topic)))?.with_metrics(Arc::clone(&metrics)),
-        changelog_topic,
+        outputs: StageOutputs::new(cfg, wiring.name, Some(changelog::tracking(&wiring.changelog)))?
+            .with_metrics(Arc::clone(&metrics)),
+        wiring: wiring.clone(),
         tasks: Mutex::new(BTreeMap::new()),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
@@ -77,10 +79,10 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         metrics,
     };
     let consumer: BaseConsumer<AggregateContext> =
-        clients::stage_consumer(cfg, &cfg.aggregate_stage_group_id()).create_with_context(context)?;
-    consumer.subscribe(&[cfg.topics.grouped.as_str()])?;
-    tracing::info!(grouped = %cfg.topics.grouped, aggregated = %cfg.topics.aggregated, late = %cfg.topics.late,
-        changelog = %consumer.context().changelog_topic, group = %cfg.aggregate_stage_group_id(), windows = cfg.windows.len(),
+        clients::stage_consumer(cfg, &wiring.consumer_group).create_with_context(context)?;
+    consumer.subscribe(&[wiring.input.as_str()])?;
+    tracing::info!(grouped = %wiring.input, aggregated = %wiring.aggregated, late = %wiring.late,
+        changelog = %wiring.changelog, group = %wiring.consumer_group, windows = wiring.windows.len(),
         guarantee = cfg.processing_guarantee.as_str(), "stage 2 (aggregate) started");
 
     let ctx = consumer.context();
@@ -120,7 +122,8 @@ struct AggregateContext {
     /// Values of the aggregated topic, and of the late topic.
     codec: OutputCodec,
     late_codec: OutputCodec,
-    changelog_topic: String,
+    /// Its topics, consumer group and store directories ([`Topology`]).
+    wiring: AggregateStage,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
     outputs: StageOutputs,
@@ -168,7 +171,7 @@ impl AggregateContext {
                 let headers = OwnedHeaders::new()
                     .insert(Header { key: H_LATE_REASON, value: Some("invalid_grouped_pulse") })
                     .insert(Header { key: "error.detail", value: Some(e.to_string().as_str()) });
-                let mut record = BaseRecord::to(&self.cfg.topics.late).payload(payload).headers(headers);
+                let mut record = BaseRecord::to(&self.wiring.late).payload(payload).headers(headers);
                 if let Some(key) = msg.key() {
                     record = record.key(key);
                 }
@@ -190,7 +193,7 @@ impl AggregateContext {
                     let value = self.codec.encode(|| record.to_json(), || aggregate_to_value(&record))?;
                     self.outputs.send(
                         partition,
-                        BaseRecord::to(&self.cfg.topics.aggregated).key(&record.tenant_id).payload(&value),
+                        BaseRecord::to(&self.wiring.aggregated).key(&record.tenant_id).payload(&value),
                     )?;
                     metrics::add(&m.emitted, 1);
                     if correction {
@@ -212,7 +215,7 @@ impl AggregateContext {
                     let headers = OwnedHeaders::new().insert(Header { key: H_LATE_REASON, value: Some(reason.as_str()) });
                     self.outputs.send(
                         partition,
-                        BaseRecord::to(&self.cfg.topics.late).key(&pulse.tenant_id).payload(&value).headers(headers),
+                        BaseRecord::to(&self.wiring.late).key(&pulse.tenant_id).payload(&value).headers(headers),
                     )?;
                     metrics::add(&m.late, 1);
                 }
@@ -232,7 +235,7 @@ impl AggregateContext {
         {
             let mut tasks = self.tasks.lock().map_err(|_| StageError::Poisoned)?;
             let resumed_at = tasks.iter().filter_map(|(&p, t)| Some((p, t.resumed_at?))).collect();
-            let behind = backlog::partitions_behind(consumer, &self.cfg.topics.grouped, &resumed_at);
+            let behind = backlog::partitions_behind(consumer, &self.wiring.input, &resumed_at);
             let now = now_ms();
             for (&partition, task) in tasks.iter_mut() {
                 let mut outputs = Vec::new();
@@ -254,7 +257,8 @@ impl AggregateContext {
     fn open_task(&self, partition: i32, consumer: Option<&BaseConsumer<Self>>) -> Result<Task, StageError> {
         self.outputs.assign(partition)?;
         let committed = consumer.map(|c| self.committed(c, partition)).unwrap_or_default();
-        let paths = StorePaths::new(&self.cfg, partition);
+        let w = &self.wiring;
+        let paths = StorePaths::new(&w.state_dir, &w.checkpoint_dir, &w.input, partition);
         let (mut store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
         let ops = &self.metrics.ops;
         let stats = changelog::restore_with_progress(&self.cfg, partition, &mut store, committed.changelog_end, &mut |p| {
@@ -295,7 +299,7 @@ impl AggregateContext {
         for (&partition, task) in tasks.iter_mut() {
             task.op.flush(&mut task.store)?;
             for (key, value) in task.store.changes() {
-                let record = BaseRecord::<[u8], [u8]>::to(&self.changelog_topic).key(key).partition(partition);
+                let record = BaseRecord::<[u8], [u8]>::to(&self.wiring.changelog).key(key).partition(partition);
                 self.outputs.send(partition, match value {
                     Some(v) => record.payload(v),
                     None => record,
@@ -304,7 +308,7 @@ impl AggregateContext {
             }
         }
         metrics::add(&self.metrics.aggregate.changelog_records, changes);
-        let committed = self.outputs.commit(consumer, &self.cfg.topics.grouped, &offsets, |changelog_next| {
+        let committed = self.outputs.commit(consumer, &self.wiring.input, &offsets, |changelog_next| {
             for (&partition, task) in tasks.iter_mut() {
                 task.store.commit(changelog_next(partition))?;
             }
@@ -354,7 +358,7 @@ impl AggregateContext {
     /// `partition`'s committed input offset and the changelog end its metadata names.
     fn committed(&self, consumer: &BaseConsumer<Self>, partition: i32) -> Committed {
         let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition(&self.cfg.topics.grouped, partition);
+        tpl.add_partition(&self.wiring.input, partition);
         match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
             Ok(committed) => committed.elements().first().map_or_else(Committed::default, |e| Committed {
                 offset: log_offset(e.offset()),

@@ -20,6 +20,7 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message};
 
 use super::order::{self, InputOrder};
+use super::topology::{GroupStage, Topology};
 use super::StageError;
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
@@ -38,22 +39,22 @@ use crate::registry::{Registry, RegistryError, Wait};
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
     let stop = || shutdown.load(Ordering::Acquire);
-    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &cfg.topics.grouped, GROUPED_SCHEMA,
+    let wiring = Topology::of(cfg).group;
+    let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.grouped, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let io = GroupIo { input: PulseInput::new(registry), codec };
     let context = GroupContext {
-        outputs: StageOutputs::new(cfg, "group", None)?.with_metrics(Arc::clone(&metrics)),
-        source_topic: cfg.topics.source.clone(),
+        outputs: StageOutputs::new(cfg, wiring.name, None)?.with_metrics(Arc::clone(&metrics)),
+        wiring: wiring.clone(),
         pending: PendingOffsets::default(),
         failure: FailureSlot::default(),
         metrics: Arc::clone(&metrics),
-        order: Mutex::new(InputOrder::new(cfg, &cfg.topics.source)),
+        order: Mutex::new(InputOrder::new(cfg, &wiring.input)),
     };
     let consumer: BaseConsumer<GroupContext> =
-        clients::stage_consumer(cfg, &cfg.group_stage_group_id()).create_with_context(context)?;
-    consumer.subscribe(&[cfg.topics.source.as_str()])?;
-    tracing::info!(source = %cfg.topics.source, grouped = %cfg.topics.grouped, dlq = %cfg.topics.dlq,
-        group = %cfg.group_stage_group_id(), guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
+        clients::stage_consumer(cfg, &wiring.consumer_group).create_with_context(context)?;
+    consumer.subscribe(&[wiring.input.as_str()])?;
+    tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group, guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
 
     let m = &metrics.group;
     let ctx = consumer.context();
@@ -64,7 +65,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         let wait = if more_ready { Duration::from_millis(1) } else { cfg.group.max_batch_wait };
         let polled = poll_batch(&consumer, cfg.group.max_batch, wait, |msg| {
             // Nothing stays held or in an open transaction while the registry is waited for.
-            let commit = || ctx.release(cfg, &consumer).and_then(|_| ctx.commit(&consumer)).map_err(|e| e.to_string());
+            let commit = || ctx.release(&consumer).and_then(|_| ctx.commit(&consumer)).map_err(|e| e.to_string());
             let (event_time, routed) = route(&io, msg, m, Wait { stop: &stop, before: &commit })?;
             ctx.hold(msg.partition(), msg.offset(), event_time, routed)
         });
@@ -75,7 +76,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         };
         ctx.failure.take()?;
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "group", records).entered());
-        more_ready = ctx.release(cfg, &consumer)?;
+        more_ready = ctx.release(&consumer)?;
         ctx.commit(&consumer)?;
     }
     ctx.commit(&consumer)?;
@@ -124,14 +125,14 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
 }
 
 /// Enqueues a routed record's output.
-fn send(cfg: &Config, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+fn send(wiring: &GroupStage, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
     match routed {
         Routed::Grouped { tenant_id, value } => {
-            outputs.send(partition, BaseRecord::to(&cfg.topics.grouped).key(&tenant_id).payload(&value))?;
+            outputs.send(partition, BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
         }
         Routed::Dlq { reason, key, payload, headers } => {
-            let mut record = BaseRecord::to(&cfg.topics.dlq).payload(&payload).headers(headers);
+            let mut record = BaseRecord::to(&wiring.dlq).payload(&payload).headers(headers);
             if let Some(key) = &key {
                 record = record.key(key);
             }
@@ -146,7 +147,8 @@ fn send(cfg: &Config, outputs: &StageOutputs, partition: i32, routed: Routed, m:
 /// committed both at the end of a batch and from the revoke callback.
 struct GroupContext {
     outputs: StageOutputs,
-    source_topic: String,
+    /// Its topics and consumer group ([`Topology`]).
+    wiring: GroupStage,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
     metrics: Arc<Metrics>,
@@ -162,10 +164,10 @@ impl GroupContext {
 
     /// Sends what may go now, in event-time order ([`InputOrder::release`]); returns
     /// whether more could go at once.
-    fn release(&self, cfg: &Config, consumer: &BaseConsumer<Self>) -> Result<bool, StageError> {
+    fn release(&self, consumer: &BaseConsumer<Self>) -> Result<bool, StageError> {
         let mut order = self.order.lock().map_err(|_| StageError::Poisoned)?;
         order.release(consumer, |partition, offset, routed| {
-            send(cfg, &self.outputs, partition, routed, &self.metrics.group)?;
+            send(&self.wiring, &self.outputs, partition, routed, &self.metrics.group)?;
             self.pending.record(partition, offset);
             Ok::<_, StageError>(())
         })
@@ -179,7 +181,7 @@ impl GroupContext {
             return Ok(());
         }
         tracing::debug!(offsets = ?pending, "committing stage 1");
-        if self.outputs.commit(consumer, &self.source_topic, &pending, |_| Ok::<_, StageError>(()))? {
+        if self.outputs.commit(consumer, &self.wiring.input, &pending, |_| Ok::<_, StageError>(()))? {
             metrics::add(&self.metrics.group.commits, 1);
         }
         Ok(())

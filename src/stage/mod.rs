@@ -11,6 +11,7 @@ pub mod aggregate;
 pub mod group;
 pub mod merge;
 pub mod order;
+pub mod topology;
 
 /// Why a stage stopped with an error. Bad *input* is never one of these: it goes to the
 /// DLQ. These are infrastructure failures after which committing could lose pulses.

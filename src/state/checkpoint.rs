@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::store::{PartitionStore, StoreError, StoreResources};
-use crate::config::Config;
 
 /// The contents of `CHECKPOINT.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,12 +51,11 @@ pub struct StorePaths {
 }
 
 impl StorePaths {
-    pub fn new(cfg: &Config, partition: i32) -> Self {
-        let name = format!("{}-{partition}", cfg.topics.grouped);
-        Self {
-            live: cfg.state_dir.join(&cfg.application_id).join(&name),
-            checkpoint: cfg.checkpoint_root().join(&cfg.application_id).join(&name),
-        }
+    /// The store of `input` partition `partition`: `<live_root>/<input>-<partition>` and
+    /// its checkpoint at `<checkpoint_root>/<input>-<partition>`.
+    pub fn new(live_root: &Path, checkpoint_root: &Path, input: &str, partition: i32) -> Self {
+        let name = format!("{input}-{partition}");
+        Self { live: live_root.join(&name), checkpoint: checkpoint_root.join(&name) }
     }
 }
 
