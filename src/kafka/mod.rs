@@ -6,4 +6,5 @@ pub mod backlog;
 pub mod batch;
 pub mod clients;
 pub mod dlq;
+pub mod reader;
 pub mod txn;

@@ -26,7 +26,8 @@ use super::price_book::PriceBook;
 use super::store::{RateStore, RateStoreError};
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, PendingOffsets};
-use crate::kafka::clients::{self, QuietEof};
+use crate::kafka::clients;
+use crate::kafka::reader::{PartitionsToEnd, Range, ReadError};
 use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
 use crate::codec::{AggregateInput, InputError};
@@ -36,6 +37,8 @@ use crate::registry::{Registry, RegistryError, Wait};
 pub enum RateError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Read(#[from] ReadError),
     #[error(transparent)]
     Output(#[from] TxnError),
     #[error(transparent)]
@@ -235,41 +238,24 @@ fn catch_up(
         return Ok(0);
     }
     tracing::warn!(?ranges, "state is behind the committed offsets; re-applying those records");
-    let reader: BaseConsumer<QuietEof> = clients::reader(cfg, &format!("{}.catch-up", rate_group_id(cfg)))
-        .create_with_context(QuietEof { reader: "rating catch-up" })?;
-    let mut assign = TopicPartitionList::new();
-    for (p, (from, _)) in &ranges {
-        assign.add_partition_offset(topic, *p, Offset::Offset(*from))?;
-    }
-    reader.assign(&assign)?;
+    let group_id = format!("{}.catch-up", rate_group_id(cfg));
+    let reads = ranges.iter().map(|(p, (from, end))| (*p, Range { from: *from, end: Some(*end) })).collect();
+    let mut reader = PartitionsToEnd::open(cfg, &group_id, "rating catch-up", topic, reads, None)?;
     let mut ledger = Ledger::default();
     let mut summary = RateSummary::default();
-    let mut positions: BTreeMap<i32, i64> = ranges.iter().map(|(p, (from, _))| (*p, *from)).collect();
     let started = Instant::now();
-    while ranges.iter().any(|(p, (_, end))| positions[p] < *end) {
+    while !reader.is_done() {
         if started.elapsed() > Duration::from_secs(600) {
-            return Err(RateError::CatchUp(format!("not done after 10 minutes: at {positions:?} of {ranges:?}")));
+            let at: BTreeMap<i32, Option<i64>> = ranges.keys().map(|p| (*p, reader.position(*p))).collect();
+            return Err(RateError::CatchUp(format!("not done after 10 minutes: at {at:?} of {ranges:?}")));
         }
-        match reader.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let Some((_, end)) = ranges.get(&m.partition()) else { continue };
-                if m.offset() >= *end {
-                    positions.insert(m.partition(), (*end).max(positions[&m.partition()]));
-                    continue;
-                }
-                rate_one(settings, input, wait, &mut ledger, store, m.payload().unwrap_or(&[]), &mut summary)?;
-                positions.insert(m.partition(), m.offset() + 1);
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                // The committed offset may point past a transaction marker.
-                if let Some((_, end)) = ranges.get(&p) {
-                    positions.insert(p, *end);
-                }
-            }
-            Some(Err(e)) => tracing::warn!("catch-up reader: {e}"),
-            None => {}
+        if let Some(m) = reader.next(Duration::from_millis(500))? {
+            rate_one(settings, input, wait, &mut ledger, store, m.payload().unwrap_or(&[]), &mut summary)?;
         }
     }
+    // Every record before each committed offset is applied (a committed offset may
+    // point past a transaction marker): the state is at the committed offsets.
+    let positions: BTreeMap<i32, i64> = ranges.iter().map(|(p, (_, end))| (*p, *end)).collect();
     store.write(&ledger.take_writes(), &positions)?;
     Ok(summary.read)
 }

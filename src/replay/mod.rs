@@ -30,13 +30,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use crate::config::Config;
-use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, QuietEof, TrackedProducer};
+use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
+use crate::kafka::reader::{PartitionsToEnd, Range};
 use crate::codec::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
 use crate::pulse::time::now_ms;
 use crate::pulse::validate::RecordContext;
@@ -51,6 +51,8 @@ use crate::stage::merge::Merge;
 pub enum ReplayError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Read(#[from] crate::kafka::reader::ReadError),
     #[error("state store: {0}")]
     Store(#[from] crate::state::StoreError),
     #[error("{0}")]
@@ -131,10 +133,10 @@ pub fn run(
     let settings = Arc::new(cfg.window_settings());
     // Late pulses of windows before T1 are read up to T1 + retention (record time).
     let read_before = s.to_ms.map(|to| to.saturating_add(settings.retention_ms));
-    let consumer: BaseConsumer<QuietEof> = clients::reader(cfg, "replay").create_with_context(QuietEof { reader: "replay" })?;
-    let partitions = bounds::partitions(&consumer, topic)?;
-    let starts = bounds::start_offsets(&consumer, topic, &partitions, s.from_ms)?;
-    let ends = bounds::end_offsets(&consumer, topic, &partitions)?;
+    let mut reader = PartitionsToEnd::new(cfg, &format!("{}.replay", cfg.application_id), "replay", topic, None)?;
+    let partitions = bounds::partitions(reader.consumer(), topic)?;
+    let starts = bounds::start_offsets(reader.consumer(), topic, &partitions, s.from_ms)?;
+    let ends = bounds::end_offsets(reader.consumer(), topic, &partitions)?;
     let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
     for (p, start) in &starts {
         if let (Some(start), Some(end)) = (start, ends.get(p)) {
@@ -157,47 +159,30 @@ pub fn run(
     let producer = clients::tracked_producer(cfg, DeliveryTracker::default())?;
     let mut sum = ReplaySummary { partitions: ranges.len(), ..Default::default() };
 
-    let mut tpl = TopicPartitionList::new();
-    for (p, (start, _)) in &ranges {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(*start))?;
-    }
-    consumer.assign(&tpl)?;
+    reader.assign(ranges.iter().map(|(p, (from, end))| (*p, Range { from: *from, end: Some(*end) })).collect())?;
     let mut merge: Merge<OwnedMessage> = Merge::new(ranges.keys().copied());
-    let (mut paused, mut stopped): (Vec<i32>, Vec<i32>) = (Vec::new(), Vec::new());
+    let mut paused: Vec<i32> = Vec::new();
     let mut last_progress = Instant::now();
     while !merge.is_done() {
         if shutdown.load(Ordering::Acquire) {
             return Err(ReplayError::Interrupted);
         }
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let p = m.partition();
-                let Some(&(_, end)) = ranges.get(&p) else { continue };
-                let past_range = read_before.is_some_and(|end| m.timestamp().to_millis().is_some_and(|ts| ts >= end));
-                if merge.is_finished(p) || m.offset() >= end || past_range {
-                    merge.finish(p);
-                } else {
-                    let ts = m.timestamp().to_millis().unwrap_or(i64::MIN);
-                    merge.push(p, ts, m.offset(), m.detach());
-                    if m.offset() + 1 >= end {
-                        merge.finish(p);
-                    }
-                }
-                if merge.is_finished(p) && !stopped.contains(&p) {
-                    // Done with it: stop fetching what will not be read.
-                    consumer.pause(&one(topic, p)?)?;
-                    stopped.push(p);
-                    paused.retain(|x| *x != p);
-                } else if merge.buffered(p) >= MAX_BUFFERED && !paused.contains(&p) {
-                    consumer.pause(&one(topic, p)?)?;
+        if let Some(m) = reader.next(Duration::from_millis(100))? {
+            let (p, offset, ts) = (m.partition(), m.offset(), m.timestamp().to_millis());
+            if read_before.is_some_and(|end| ts.is_some_and(|ts| ts >= end)) {
+                // Past T1 + retention: nothing more of this partition is read.
+                reader.finish(p)?;
+            } else {
+                merge.push(p, ts.unwrap_or(i64::MIN), offset, m.detach());
+                if merge.buffered(p) >= MAX_BUFFERED && !paused.contains(&p) {
+                    reader.pause(p)?;
                     paused.push(p);
                 }
             }
-            // Everything up to the log end was delivered, and the end at start is at or
-            // before it (a partition may end in a transaction marker).
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => merge.finish(p),
-            Some(Err(e)) => tracing::warn!("replay consumer: {e}"),
-            None => {}
+        }
+        // Partitions read to their end (offset, end of partition, or T1 + retention).
+        for p in reader.finished() {
+            merge.finish(p);
         }
         while let Some((p, m)) = merge.pop() {
             replay_one(cfg, s, &io, &m, p, &mut op, &mut store, &producer, &mut sum)?;
@@ -208,7 +193,7 @@ pub fn run(
         }
         for p in std::mem::take(&mut paused) {
             if merge.buffered(p) < MAX_BUFFERED / 2 {
-                consumer.resume(&one(topic, p)?)?;
+                reader.resume(p)?;
             } else {
                 paused.push(p);
             }
@@ -230,12 +215,6 @@ pub fn run(
     drop(store);
     drop(tmp);
     Ok(sum)
-}
-
-fn one(topic: &str, p: i32) -> Result<TopicPartitionList, ReplayError> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, p);
-    Ok(tpl)
 }
 
 /// How a replay decodes source pulses and encodes aggregates: as the live stages do.

@@ -21,13 +21,15 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use std::collections::BTreeMap;
+
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use super::store::{PartitionStore, StoreError};
 use crate::config::Config;
-use crate::kafka::clients::{self, QuietEof};
+use crate::kafka::reader::{PartitionsToEnd, Range, ReadError};
 
 /// Records applied between two intermediate commits during a long restore, so an
 /// interrupted restore resumes instead of starting over.
@@ -44,6 +46,15 @@ pub enum RestoreError {
     Store(#[from] StoreError),
     #[error("changelog {topic}[{partition}] sent nothing for {}s at offset {offset}", RESTORE_STALL.as_secs())]
     Stalled { topic: String, partition: i32, offset: i64 },
+}
+
+impl From<ReadError> for RestoreError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Kafka(e) => Self::Kafka(e),
+            ReadError::Stalled { topic, partition, offset, .. } => Self::Stalled { topic, partition, offset },
+        }
+    }
 }
 
 /// What a restore did, for logs, metrics and tests.
@@ -125,15 +136,13 @@ pub fn restore_with_progress(
     let started = Instant::now();
     let topic = cfg.changelog_topic();
     let from_offset = store.changelog_position().unwrap_or(0);
-    let consumer: BaseConsumer<QuietEof> = clients::reader(cfg, &format!("{}.restore", cfg.application_id))
-        .create_with_context(QuietEof { reader: "changelog restore" })?;
-    let mut tpl = TopicPartitionList::with_capacity(1);
-    tpl.add_partition_offset(&topic, partition, Offset::Offset(from_offset))?;
-    consumer.assign(&tpl)?;
+    let ranges = BTreeMap::from([(partition, Range { from: from_offset, end: None })]);
+    let mut reader = PartitionsToEnd::open(cfg, &format!("{}.restore", cfg.application_id), "changelog restore", &topic,
+        ranges, Some(RESTORE_STALL))?;
     let end = committed_end.or_else(|| {
         // Only for the progress gauge: an approximate end is fine (the restore itself
         // reads to end-of-partition).
-        consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
+        reader.consumer().fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
     });
     let to_read = end.map(|e| e.saturating_sub(from_offset).max(0) as u64);
     let mut read = 0u64;
@@ -142,41 +151,25 @@ pub fn restore_with_progress(
     let mut records = 0u64;
     let mut uncommitted: Vec<Vec<u8>> = Vec::new();
     let mut position = from_offset;
-    let mut last_progress = Instant::now();
-    loop {
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {
-                if last_progress.elapsed() > RESTORE_STALL {
-                    return Err(RestoreError::Stalled { topic, partition, offset: position });
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => {
-                // Transient broker errors are retried by librdkafka; keep waiting.
-                tracing::warn!(partition, "changelog restore: {e}");
-            }
-            Some(Ok(msg)) => {
-                last_progress = Instant::now();
-                read += 1;
-                if read % PROGRESS_EVERY == 0 {
-                    progress(Progress { read, to_read, done: false });
-                }
-                let Some(key) = msg.key() else {
-                    tracing::warn!(partition, offset = msg.offset(), "changelog record without a key skipped");
-                    position = msg.offset() + 1;
-                    continue;
-                };
-                if committed_end.is_some_and(|end| msg.offset() >= end) {
-                    uncommitted.push(key.to_vec());
-                } else {
-                    store.apply_change(key, msg.payload())?;
-                    records += 1;
-                }
-                position = msg.offset() + 1;
-                if records % RESTORE_COMMIT_EVERY == 0 {
-                    store.commit(Some(position))?;
-                }
-            }
+    while !reader.is_done() {
+        let Some(msg) = reader.next(Duration::from_millis(500))? else { continue };
+        read += 1;
+        if read.is_multiple_of(PROGRESS_EVERY) {
+            progress(Progress { read, to_read, done: false });
+        }
+        position = msg.offset() + 1;
+        let Some(key) = msg.key() else {
+            tracing::warn!(partition, offset = msg.offset(), "changelog record without a key skipped");
+            continue;
+        };
+        if committed_end.is_some_and(|end| msg.offset() >= end) {
+            uncommitted.push(key.to_vec());
+            continue;
+        }
+        store.apply_change(key, msg.payload())?;
+        records += 1;
+        if records.is_multiple_of(RESTORE_COMMIT_EVERY) {
+            store.commit(Some(position))?;
         }
     }
     store.commit(Some(position))?;
