@@ -505,16 +505,7 @@ fn replay_and_the_late_topic_speak_the_output_format() {
     let out = format!("{}.replay", t.app);
     let cfg_path = live.state_dir.path().join("replay.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
-    let run = std::process::Command::new(pulses_bin())
-        .arg("replay")
-        .args(t.flags())
-        .arg("--config").arg(&cfg_path)
-        .arg("--state-dir").arg(tempfile::tempdir().unwrap().path())
-        .args(["--from", &t0.to_string(), "--to", &t1.to_string(), "--output-topic", &out])
-        .output()
-        .expect("run pulses replay");
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (stdout, _) = run_replay(&t, &cfg_path, &["--from", &t0.to_string(), "--to", &t1.to_string()], &out);
     assert!(stdout.contains("(0 invalid, 0 duplicates, 5 late)"), "every Avro pulse decoded: {stdout}");
     let replayed = avro_finals_by_id(&reg, &out);
     let live_inside: BTreeMap<_, _> = avro_finals_by_id(&reg, &t.aggregated).into_iter().filter(|(_, v)| v.2 >= t0 && v.3 <= t1).collect();

@@ -125,7 +125,7 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     let cfg_path = live.state_dir.path().join("replay.toml");
     std::fs::write(&cfg_path, &cfg).unwrap();
     let replay = |range: &[&str], out: &str| run_replay(&t, &cfg_path, range, out);
-    let stderr = replay(&["--from", &rfc3339(t0), "--to", &t1.to_string(), "--progress-interval", "1ms"], &out);
+    let (_, stderr) = replay(&["--from", &rfc3339(t0), "--to", &t1.to_string(), "--progress-interval", "1ms"], &out);
     assert!(stderr.contains("records read"), "progress lines on stderr: {stderr}");
 
     let after = (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped));
@@ -142,28 +142,6 @@ fn replay_reproduces_the_live_windows_inside_the_range_and_leaves_live_groups_al
     assert_eq!(from_t0.len(), fold(&pulses, WINDOWS, i64::MAX).into_iter().filter(|(k, _)| k.4 >= t0).count());
     assert_eq!(finals_by_id(&out_open), from_t0, "replay to the end = live output for windows from T0");
     assert_eq!(before, (committed(&group_source, &t.source), committed(&group_grouped, &t.grouped)));
-}
-
-/// Runs `pulses replay` on `t` with the config file `cfg_path` and `range` flags into
-/// `out`; asserts it succeeded, printed its summary and deleted its state; its stderr.
-fn run_replay(t: &Topics, cfg_path: &std::path::Path, range: &[&str], out: &str) -> String {
-    let replay_state = tempfile::tempdir().unwrap();
-    let started = std::time::Instant::now();
-    let run = Command::new(pulses_bin())
-        .arg("replay")
-        .args(t.flags())
-        .arg("--config").arg(cfg_path)
-        .arg("--state-dir").arg(replay_state.path())
-        .args(range)
-        .args(["--output-topic", out])
-        .output()
-        .expect("run pulses replay");
-    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
-    eprintln!("replay {range:?} took {:?}: {stdout}", started.elapsed());
-    assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
-    assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
-    assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
-    String::from_utf8_lossy(&run.stderr).into_owned()
 }
 
 /// The replayed finals are the live finals of the windows inside [T0, T1), and those

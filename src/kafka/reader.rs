@@ -110,10 +110,6 @@ impl PartitionsToEnd {
         self.finished.len() == self.ranges.len()
     }
 
-    pub fn is_finished(&self, partition: i32) -> bool {
-        self.finished.contains(&partition)
-    }
-
     /// The partitions finished so far.
     pub fn finished(&self) -> impl Iterator<Item = i32> + '_ {
         self.finished.iter().copied()
@@ -126,29 +122,20 @@ impl PartitionsToEnd {
 
     /// Reads nothing more of `partition`.
     pub fn finish(&mut self, partition: i32) -> Result<(), ReadError> {
-        if self.finished.insert(partition) {
-            self.consumer.pause(&self.one(partition)?)?;
-        }
-        Ok(())
+        finish(&self.consumer, &self.topic, &mut self.finished, partition)
     }
 
     /// Stops fetching `partition` for now (the caller has enough of it buffered).
     pub fn pause(&self, partition: i32) -> Result<(), ReadError> {
-        Ok(self.consumer.pause(&self.one(partition)?)?)
+        Ok(self.consumer.pause(&one(&self.topic, partition))?)
     }
 
     /// Fetches `partition` again, unless it is finished.
     pub fn resume(&self, partition: i32) -> Result<(), ReadError> {
         if !self.finished.contains(&partition) {
-            self.consumer.resume(&self.one(partition)?)?;
+            self.consumer.resume(&one(&self.topic, partition))?;
         }
         Ok(())
-    }
-
-    fn one(&self, partition: i32) -> Result<TopicPartitionList, ReadError> {
-        let mut tpl = TopicPartitionList::with_capacity(1);
-        tpl.add_partition(&self.topic, partition);
-        Ok(tpl)
     }
 
     /// The next record of an unfinished partition before its end, or none within
@@ -171,29 +158,19 @@ impl PartitionsToEnd {
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     self.last_event = Instant::now();
-                    if self.finished.insert(p) {
-                        let mut tpl = TopicPartitionList::with_capacity(1);
-                        tpl.add_partition(&self.topic, p);
-                        self.consumer.pause(&tpl)?;
-                    }
+                    finish(&self.consumer, &self.topic, &mut self.finished, p)?;
                 }
                 Some(Err(e)) => tracing::warn!(topic = %self.topic, "reading to the end: {e}"),
                 Some(Ok(m)) => {
                     self.last_event = Instant::now();
                     let p = m.partition();
-                    let end = self.ranges.get(&p).and_then(|r| r.end);
-                    let past_end = end.is_some_and(|e| m.offset() >= e);
-                    let last = end.is_some_and(|e| m.offset() + 1 >= e);
-                    if self.finished.contains(&p) || !self.ranges.contains_key(&p) {
-                        continue;
+                    let Some(range) = self.ranges.get(&p).filter(|_| !self.finished.contains(&p)) else { continue };
+                    let end = range.end;
+                    // The last record before the end (or one past it) finishes the partition.
+                    if end.is_some_and(|e| m.offset() + 1 >= e) {
+                        finish(&self.consumer, &self.topic, &mut self.finished, p)?;
                     }
-                    if past_end || last {
-                        self.finished.insert(p);
-                        let mut tpl = TopicPartitionList::with_capacity(1);
-                        tpl.add_partition(&self.topic, p);
-                        self.consumer.pause(&tpl)?;
-                    }
-                    if past_end {
+                    if end.is_some_and(|e| m.offset() >= e) {
                         continue;
                     }
                     self.positions.insert(p, m.offset() + 1);
@@ -205,4 +182,19 @@ impl PartitionsToEnd {
             }
         }
     }
+}
+
+/// Marks `partition` finished and stops fetching it (once).
+fn finish(consumer: &BaseConsumer<QuietEof>, topic: &str, finished: &mut BTreeSet<i32>, partition: i32) -> Result<(), ReadError> {
+    if finished.insert(partition) {
+        consumer.pause(&one(topic, partition))?;
+    }
+    Ok(())
+}
+
+/// A list of one partition of `topic`.
+fn one(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::with_capacity(1);
+    tpl.add_partition(topic, partition);
+    tpl
 }

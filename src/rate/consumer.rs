@@ -24,13 +24,13 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use super::ledger::{Ledger, LedgerError, Rated};
 use super::price_book::PriceBook;
 use super::store::{RateStore, RateStoreError};
+use crate::codec::{AggregateInput, InputError};
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, PendingOffsets};
 use crate::kafka::clients;
 use crate::kafka::reader::{PartitionsToEnd, Range, ReadError};
 use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
-use crate::codec::{AggregateInput, InputError};
 use crate::registry::{Registry, RegistryError, Wait};
 
 #[derive(Debug, thiserror::Error)]

@@ -34,18 +34,18 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::Message;
 
+use crate::codec::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::codec::{OutputCodec, PulseInput};
 use crate::config::Config;
 use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
 use crate::kafka::reader::{PartitionsToEnd, Range};
-use crate::codec::avro::{aggregate_to_value, AGGREGATE_SCHEMA};
+use crate::pulse::RejectReason;
 use crate::pulse::time::now_ms;
 use crate::pulse::validate::RecordContext;
-use crate::pulse::RejectReason;
-use crate::codec::{OutputCodec, PulseInput};
 use crate::registry::{Registry, RegistryError, Wait};
+use crate::stage::merge::Merge;
 use crate::state::{PartitionStore, StoreResources};
 use crate::window::{Output, RestoreError, WindowOperator};
-use crate::stage::merge::Merge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {

@@ -21,6 +21,9 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message, TopicPartitionList};
 
 use super::StageError;
+use super::topology::{AggregateWiring, Topology};
+use crate::codec::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
+use crate::codec::{GroupedInput, InputError, OutputCodec};
 use crate::config::Config;
 use crate::kafka::backlog;
 use crate::kafka::batch::{log_offset, poll_batch, FailureSlot, PendingOffsets, COMMITTED_TIMEOUT};
@@ -29,13 +32,10 @@ use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
-use crate::codec::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
-use crate::codec::{GroupedInput, InputError, OutputCodec};
-use crate::registry::{Registry, RegistryError, Wait};
 use crate::pulse::time::now_ms;
+use crate::registry::{Registry, RegistryError, Wait};
 use crate::state::{changelog, checkpoint, PartitionStore, StorePaths, StoreResources};
-use super::topology::{AggregateStage, Topology};
 use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
 
 /// Header of a late-topic record saying why it was not counted.
@@ -123,7 +123,7 @@ struct AggregateContext {
     codec: OutputCodec,
     late_codec: OutputCodec,
     /// Its topics, consumer group and store directories ([`Topology`]).
-    wiring: AggregateStage,
+    wiring: AggregateWiring,
     settings: Arc<WindowSettings>,
     resources: StoreResources,
     outputs: StageOutputs,

@@ -20,8 +20,10 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::{ClientContext, Message};
 
 use super::order::{self, InputOrder};
-use super::topology::{GroupStage, Topology};
 use super::StageError;
+use super::topology::{GroupWiring, Topology};
+use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
+use crate::codec::{OutputCodec, PulseInput};
 use crate::config::Config;
 use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
 use crate::kafka::clients;
@@ -29,10 +31,8 @@ use crate::kafka::dlq;
 use crate::kafka::txn::StageOutputs;
 use crate::ops::lag;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
-use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{RecordContext, RejectReason};
-use crate::codec::{OutputCodec, PulseInput};
 use crate::registry::{Registry, RegistryError, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
@@ -54,7 +54,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let consumer: BaseConsumer<GroupContext> =
         clients::stage_consumer(cfg, &wiring.consumer_group).create_with_context(context)?;
     consumer.subscribe(&[wiring.input.as_str()])?;
-    tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group, guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
+    tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group,
+        guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
 
     let m = &metrics.group;
     let ctx = consumer.context();
@@ -125,7 +126,7 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
 }
 
 /// Enqueues a routed record's output.
-fn send(wiring: &GroupStage, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+fn send(wiring: &GroupWiring, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
     match routed {
         Routed::Grouped { tenant_id, value } => {
             outputs.send(partition, BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
@@ -148,7 +149,7 @@ fn send(wiring: &GroupStage, outputs: &StageOutputs, partition: i32, routed: Rou
 struct GroupContext {
     outputs: StageOutputs,
     /// Its topics and consumer group ([`Topology`]).
-    wiring: GroupStage,
+    wiring: GroupWiring,
     pending: PendingOffsets,
     failure: FailureSlot<StageError>,
     metrics: Arc<Metrics>,

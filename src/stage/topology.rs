@@ -19,13 +19,13 @@ pub struct Topology {
     pub guarantee: &'static str,
     pub bootstrap_servers: String,
     pub source: String,
-    pub group: GroupStage,
-    pub aggregate: AggregateStage,
+    pub group: GroupWiring,
+    pub aggregate: AggregateWiring,
 }
 
 /// Stage 1: where a pulse enters.
 #[derive(Debug, Clone)]
-pub struct GroupStage {
+pub struct GroupWiring {
     /// Names its transactional ids (`<application_id>-<name>-<partition>`).
     pub name: &'static str,
     pub input: String,
@@ -38,7 +38,7 @@ pub struct GroupStage {
 
 /// Stage 2: where a pulse is counted and aggregates leave.
 #[derive(Debug, Clone)]
-pub struct AggregateStage {
+pub struct AggregateWiring {
     pub name: &'static str,
     pub input: String,
     pub consumer_group: String,
@@ -67,14 +67,14 @@ impl Topology {
             guarantee: cfg.processing_guarantee.as_str(),
             bootstrap_servers: cfg.bootstrap_servers.clone(),
             source: t.source.clone(),
-            group: GroupStage {
+            group: GroupWiring {
                 name: "group",
                 input: t.source.clone(),
                 consumer_group: cfg.group_stage_group_id(),
                 grouped: t.grouped.clone(),
                 dlq: t.dlq.clone(),
             },
-            aggregate: AggregateStage {
+            aggregate: AggregateWiring {
                 name: "aggregate",
                 input: t.grouped.clone(),
                 consumer_group: cfg.aggregate_stage_group_id(),

@@ -19,9 +19,8 @@
 //! this keeps the state exactly the one behind the committed offsets, and a later
 //! restore that reads those records sees them overwritten.
 
-use std::time::{Duration, Instant};
-
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;

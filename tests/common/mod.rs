@@ -469,3 +469,26 @@ pub fn wait_all_committed(group: &str, topic: &str) {
         }
     });
 }
+
+/// Runs `pulses replay` on `t` with the config file `cfg_path` and `range` flags into
+/// `out`; asserts it succeeded, printed its summary and deleted its temporary state.
+/// Returns its stdout (the summary) and stderr (progress lines).
+pub fn run_replay(t: &Topics, cfg_path: &std::path::Path, range: &[&str], out: &str) -> (String, String) {
+    let replay_state = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let run = Command::new(pulses_bin())
+        .arg("replay")
+        .args(t.flags())
+        .arg("--config").arg(cfg_path)
+        .arg("--state-dir").arg(replay_state.path())
+        .args(range)
+        .args(["--output-topic", out])
+        .output()
+        .expect("run pulses replay");
+    let stdout = String::from_utf8_lossy(&run.stdout).into_owned();
+    eprintln!("replay {range:?} took {:?}: {stdout}", started.elapsed());
+    assert!(run.status.success(), "replay exited with {:?}: {}", run.status, String::from_utf8_lossy(&run.stderr));
+    assert!(stdout.contains("duplicates") && stdout.contains("aggregates"), "summary printed: {stdout}");
+    assert_eq!(std::fs::read_dir(replay_state.path()).unwrap().count(), 0, "temporary state deleted");
+    (stdout, String::from_utf8_lossy(&run.stderr).into_owned())
+}
