@@ -44,8 +44,14 @@ fn pulses(prefix: &str, tenants: usize, per_tenant: i64, base: i64, step_ms: i64
     out
 }
 
+/// Waits for every window of `counted` closed before `closed_before` to be emitted,
+/// then asserts the finals equal the fold exactly.
 fn assert_exact(t: &Topics, counted: &[P], closed_before: i64) {
     let expected = fold(counted, WINDOWS, closed_before);
+    wait_for("every expected window emitted", DEADLINE, || {
+        let (got, _) = latest_finals(&t.aggregated);
+        expected.keys().all(|k| got.contains_key(k)).then_some(())
+    });
     let (got, emitted) = latest_finals(&t.aggregated); // also: no (aggregate_id, revision) twice
     let got: BTreeMap<AggKey, Expect> = got.into_iter().map(|(k, (_, e))| (k, e)).collect();
     for (k, e) in &expected {
@@ -92,10 +98,6 @@ fn restarts_restore_the_changelog_tail_and_stay_exact() {
     eprintln!("restart: restored {restored} of {changelog_written} changelog records");
     let counted: Vec<P> = phase1.iter().chain(&phase2).chain(&push).cloned().collect();
     let closed_before = base + 180_000 - 5_000;
-    wait_for("phase 1 and 2 windows emitted", DEADLINE, || {
-        let (got, _) = latest_finals(&t.aggregated);
-        fold(&counted, WINDOWS, closed_before).keys().all(|k| got.contains_key(k)).then_some(())
-    });
     assert_exact(&t, &counted, closed_before);
     assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0));
     drop(p);
@@ -182,10 +184,6 @@ fn rebalances_move_state_and_stay_exact() {
     wait_pipeline_done(&t);
     let counted: Vec<P> = all.iter().chain(&push).cloned().collect();
     let closed_before = base + 600_000 - 5_000;
-    wait_for("all windows emitted", DEADLINE, || {
-        let (got, _) = latest_finals(&t.aggregated);
-        fold(&counted, WINDOWS, closed_before).keys().all(|k| got.contains_key(k)).then_some(())
-    });
     assert_exact(&t, &counted, closed_before);
     let restored: u64 = [&a, &c, &d].iter().map(|p| restored_records(&p.log())).sum();
     // How much state moved depends on how far stage 2 got before each rebalance.
@@ -335,4 +333,65 @@ fn kill_9_doubles_nothing_under_exactly_once_and_may_under_at_least_once() {
     // can land between two commits; so it is reported, not asserted.
     let run = crash_run("at_least_once");
     assert_eq!(run.aborted_records, 0, "at_least_once writes no transactions");
+}
+
+/// A restore runs in the stage's loop, between polls, not inside the rebalance
+/// callback: a replica restoring a million-key store for longer than
+/// `max.poll.interval.ms` stays in its group (one assignment, no missed poll), and the
+/// restored state counts (pulse ids it holds are duplicates).
+#[test]
+fn a_restore_longer_than_max_poll_interval_keeps_the_member_in_its_group() {
+    const KEYS: usize = 1_000_000;
+    const MAX_POLL_MS: u64 = 6_000;
+    let t = Topics::create_with("longrestore", 1, 1);
+    // A registry wait must fit in the low poll interval too (pulses refuses otherwise).
+    let config = format!("{}\n[schema_registry]\nrequest_timeout = \"1s\"\nretry_max_backoff = \"1s\"\nretry_max = \"2s\"\n",
+        config("1h", "1h"));
+    let base = (now_ms() / 60_000 - 20) * 60_000;
+
+    // Life 1 creates the changelog topic; then a million pulse ids of tenant-0 are
+    // written to it as counted ("d" tenant\0pulse_id -> stream time, 8 bytes sortable).
+    let mut p = Proc::run(&t, &config, &[]);
+    let changelog = format!("{}-windows-changelog", t.app);
+    wait_for("the changelog topic", DEADLINE, || (!partitions(&changelog).is_empty()).then_some(()));
+    assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0));
+    let seen_at = ((base as u64) ^ (1 << 63)).to_be_bytes();
+    let producer = producer();
+    for i in 0..KEYS {
+        let key = [b"dtenant-0\0seed-".as_slice(), i.to_string().as_bytes()].concat();
+        send(&producer, rdkafka::producer::BaseRecord::to(&changelog).key(&key[..]).payload(&seen_at[..]).partition(0));
+    }
+    flush(&producer);
+
+    // A new replica (no local state) restores all of it, with a low max.poll.interval.ms.
+    let kafka = [("max.poll.interval.ms", "6000")];
+    let mut p = Proc::start_with_kafka("run", &t, &config, &kafka, &[], tempfile::tempdir().expect("tempdir"));
+    let fresh = pulses("fresh", 3, 40, base, 1_000);
+    let seeded: Vec<P> = (0..200).map(|i| P { id: format!("seed-{i}"), tenant: "tenant-0".into(), ..fresh[0].clone() }).collect();
+    let push = pulses("push", 3, 1, base + 180_000, 1);
+    produce_pulses(&t.source, &fresh);
+    produce_pulses(&t.source, &seeded);
+    produce_pulses(&t.source, &push);
+    wait_pipeline_done(&t);
+
+    let log = p.log();
+    let life = latest_life(&log);
+    assert_eq!(restored_records(life), KEYS as u64, "the whole changelog was restored");
+    let restore_ms: u64 = life
+        .lines()
+        .find(|l| l.contains("state store restored"))
+        .and_then(|l| l.split("restore_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .expect("restore_ms in the log");
+    eprintln!("restored {KEYS} keys in {restore_ms} ms (max.poll.interval.ms = {MAX_POLL_MS})");
+    assert!(restore_ms > MAX_POLL_MS, "the restore ({restore_ms} ms) outlasted max.poll.interval.ms");
+    let assignments = life.lines().filter(|l| l.contains("partitions assigned") && l.contains("aggregate")).count();
+    assert_eq!(assignments, 1, "stage 2 was assigned once: it never left its group during the restore");
+    assert!(!life.contains("maximum poll interval"), "no missed poll interval");
+    assert!(!life.contains("stage failed"), "no stage replaced");
+
+    let counted: Vec<P> = fresh.iter().chain(&push).cloned().collect();
+    let closed_before = base + 180_000 - 5_000;
+    // The 200 seeded ids were counted before (the restored state says so): not again.
+    assert_exact(&t, &counted, closed_before);
+    assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0));
 }

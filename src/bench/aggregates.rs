@@ -5,14 +5,17 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{bail, Context};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::Message;
 
 use super::report::Quantiles;
 use super::stats;
-use crate::pulse::time;
+use crate::codec::AggregateInput;
 use crate::kafka::clients::QuietEof;
+use crate::pulse::time;
+use crate::registry::Wait;
+use crate::window::aggregate::WindowAggregate;
 
 /// What the reader of the aggregated topic saw.
 #[derive(Debug, Default)]
@@ -27,27 +30,20 @@ pub struct Seen {
 }
 
 impl Seen {
-    fn add(&mut self, v: &serde_json::Value, received_ms: i64) -> anyhow::Result<()> {
-        if v["final"].as_bool() != Some(true) {
-            return Ok(());
+    fn add(&mut self, agg: &WindowAggregate, received_ms: i64) {
+        if !agg.is_final {
+            return;
         }
-        let field = |k: &str| v[k].as_str().ok_or_else(|| anyhow!("aggregate without {k}: {v}"));
-        let id = field("aggregate_id")?.to_owned();
-        let window = field("window")?.to_owned();
-        let ms = |k: &str| field(k).and_then(|t| time::parse_rfc3339_ms(t).ok_or_else(|| anyhow!("bad {k}: {v}")));
-        let (last, end) = (ms("last_event_time")?, ms("window_end")?);
-        let revision = v["revision"].as_u64().unwrap_or(0);
-        let count = v["pulse_count"].as_u64().ok_or_else(|| anyhow!("aggregate without pulse_count: {v}"))?;
         self.finals += 1;
-        self.latency.entry(window.clone()).or_default().push((end, (received_ms - last) as f64 / 1000.0));
-        let previous = self.latest.get(&id).cloned();
-        if previous.as_ref().is_some_and(|(r, _, _)| *r >= revision) {
-            return Ok(());
+        let latency = (received_ms - agg.last_event_time) as f64 / 1000.0;
+        self.latency.entry(agg.window.clone()).or_default().push((agg.window_end, latency));
+        let previous = self.latest.get(&agg.aggregate_id).cloned();
+        if previous.as_ref().is_some_and(|(r, _, _)| *r >= u64::from(agg.revision)) {
+            return;
         }
-        let total = self.counted.entry(window.clone()).or_insert(0);
-        *total = *total - previous.map_or(0, |(_, _, c)| c) + count;
-        self.latest.insert(id, (revision, window, count));
-        Ok(())
+        let total = self.counted.entry(agg.window.clone()).or_insert(0);
+        *total = *total - previous.map_or(0, |(_, _, c)| c) + agg.pulse_count;
+        self.latest.insert(agg.aggregate_id.clone(), (u64::from(agg.revision), agg.window.clone(), agg.pulse_count));
     }
 
     /// Distinct aggregates of `window` seen final: each had one first (revision 0)
@@ -77,19 +73,23 @@ impl Seen {
     }
 }
 
-/// Reads final aggregates until both windows count `expected` pulses or `stop` is set.
-pub fn read_aggregates(c: &BaseConsumer<QuietEof>, expected: u64, stop: &AtomicBool) -> anyhow::Result<Seen> {
+/// Reads final aggregates (JSON or Avro, as `input` decodes the aggregated topic)
+/// until both windows count `expected` pulses or `stop` is set.
+pub fn read_aggregates(c: &BaseConsumer<QuietEof>, input: &AggregateInput, expected: u64, stop: &AtomicBool)
+    -> anyhow::Result<Seen> {
     let mut seen = Seen::default();
+    let stopped = || stop.load(Ordering::Acquire);
     while !(seen.counted("inflight") >= expected && seen.counted("postflight") >= expected) {
-        if stop.load(Ordering::Acquire) {
+        if stopped() {
             break;
         }
         match c.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 let received = time::now_ms();
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())
-                    .with_context(|| format!("aggregate at offset {} is not JSON", m.offset()))?;
-                seen.add(&v, received)?;
+                let agg = input
+                    .decode(m.payload().unwrap_or_default(), Wait::until(&stopped))
+                    .with_context(|| format!("aggregate at offset {}", m.offset()))?;
+                seen.add(&agg, received);
             }
             None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => bail!("reading aggregates: {e}"),
@@ -100,22 +100,42 @@ pub fn read_aggregates(c: &BaseConsumer<QuietEof>, expected: u64, stop: &AtomicB
 
 #[cfg(test)]
 mod tests {
+    use rust_decimal::Decimal;
+
     use super::*;
 
-    fn agg(id: &str, window: &str, revision: u64, count: u64, last: &str) -> serde_json::Value {
-        serde_json::json!({"aggregate_id": id, "window": window, "revision": revision, "pulse_count": count,
-                           "last_event_time": last, "window_end": "2026-11-22T10:00:01.000Z", "final": true})
+    fn agg(id: &str, window: &str, revision: u32, count: u64, last: &str, is_final: bool) -> WindowAggregate {
+        let t = |s: &str| time::parse_rfc3339_ms(s).unwrap();
+        WindowAggregate {
+            aggregate_id: id.into(),
+            revision,
+            tenant_id: "t".into(),
+            product_sku: "s".into(),
+            use_unit: "u".into(),
+            window: window.into(),
+            window_start: t("2026-11-22T10:00:00.000Z"),
+            window_end: t("2026-11-22T10:00:01.000Z"),
+            total_amount: Decimal::ONE,
+            pulse_count: count,
+            min_amount: Decimal::ONE,
+            max_amount: Decimal::ONE,
+            first_event_time: t(last),
+            last_event_time: t(last),
+            is_final,
+            emitted_at: t(last),
+        }
     }
 
     #[test]
     fn counts_the_latest_revision_of_each_final_aggregate() {
         let mut s = Seen::default();
         let t0 = time::parse_rfc3339_ms("2026-11-22T10:00:00.500Z").unwrap();
-        s.add(&agg("a", "inflight", 0, 3, "2026-11-22T10:00:00.500Z"), t0 + 1500).unwrap();
-        s.add(&agg("b", "inflight", 0, 2, "2026-11-22T10:00:00.500Z"), t0 + 1000).unwrap();
-        s.add(&agg("a", "inflight", 1, 4, "2026-11-22T10:00:00.500Z"), t0 + 2000).unwrap();
-        s.add(&agg("a", "inflight", 0, 3, "2026-11-22T10:00:00.500Z"), t0 + 2500).unwrap(); // stale duplicate
-        s.add(&serde_json::json!({"final": false, "window": "inflight"}), t0).unwrap();
+        let last = "2026-11-22T10:00:00.500Z";
+        s.add(&agg("a", "inflight", 0, 3, last, true), t0 + 1500);
+        s.add(&agg("b", "inflight", 0, 2, last, true), t0 + 1000);
+        s.add(&agg("a", "inflight", 1, 4, last, true), t0 + 2000);
+        s.add(&agg("a", "inflight", 0, 3, last, true), t0 + 2500); // stale duplicate
+        s.add(&agg("c", "inflight", 0, 9, last, false), t0); // interim: not counted
         assert_eq!(s.counted("inflight"), 6);
         assert_eq!(s.counted("postflight"), 0);
         assert_eq!(s.finals, 4);
@@ -125,7 +145,5 @@ mod tests {
         // A window that ended after the cut is trailing: left out, and counted as such.
         let q = s.quantiles("inflight", end - 1);
         assert_eq!((q.p50, q.p99, q.count, s.trailing(end - 1)), (None, None, 0, 4));
-        assert!(s.add(&serde_json::json!({"final": true, "window": "inflight"}), t0).is_err());
     }
-
 }

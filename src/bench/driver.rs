@@ -161,7 +161,10 @@ fn measure(plan: &Plan, t: &RunTopics, proc: &mut Processor) -> anyhow::Result<M
     let broker_cpu = |pid: Option<u32>| pid.map(cpu_seconds_of).transpose();
     let broker_ready = broker_cpu(plan.broker_pid)?;
     let (reader_stop, producer_stop) = (Arc::clone(&stop), Arc::clone(&stop));
-    let reading = std::thread::spawn(move || read_aggregates(&reader_consumer, n, &reader_stop));
+    // Aggregates are read as `pulses rate` reads them: JSON or Avro, per record.
+    let registry = crate::registry::Registry::from_config(&plan.cfg.schema_registry)?.map(Arc::new);
+    let input = crate::codec::AggregateInput::aggregates(registry);
+    let reading = std::thread::spawn(move || read_aggregates(&reader_consumer, &input, n, &reader_stop));
     let producing = {
         let (plan, topic) = (plan.clone(), t.source.clone());
         std::thread::spawn(move || produce(&plan, &topic, &producer_stop))

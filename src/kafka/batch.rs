@@ -1,8 +1,7 @@
-//! The consume-process-commit loop pieces every stage shares: polling a bounded batch,
-//! remembering handled offsets, and committing them.
+//! The consume-process-commit pieces every group consumer shares: polling a bounded
+//! batch, reading what the group committed, and committing offsets.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -50,23 +49,6 @@ where
     Ok(n)
 }
 
-/// Offsets of records handled but not yet committed: partition → next offset.
-/// Shared with rebalance callbacks, hence the lock.
-#[derive(Debug, Default)]
-pub struct PendingOffsets(Mutex<BTreeMap<i32, i64>>);
-
-impl PendingOffsets {
-    pub fn record(&self, partition: i32, offset: i64) {
-        if let Ok(mut p) = self.0.lock() {
-            p.insert(partition, offset + 1);
-        }
-    }
-
-    pub fn take(&self) -> BTreeMap<i32, i64> {
-        self.0.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default()
-    }
-}
-
 /// Commits `offsets` of `topic` synchronously, each with the commit metadata
 /// `metadata(partition)` gives. A failure (the partitions moved to another member in a
 /// rebalance) is logged: their new owner re-reads from the last committed offset, so
@@ -90,29 +72,35 @@ pub fn commit_offsets<C: ConsumerContext>(
     }
 }
 
-/// The first error raised inside a rebalance callback (which cannot return one),
-/// for the poll loop to surface.
-#[derive(Debug)]
-pub struct FailureSlot<E>(Mutex<Option<E>>);
-
-impl<E> Default for FailureSlot<E> {
-    fn default() -> Self {
-        Self(Mutex::new(None))
-    }
+/// What the group committed for a partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The committed offset consumption resumes from (none: nothing committed).
+    pub offset: Option<i64>,
+    /// The commit's metadata (stage 2: where its changelog ended).
+    pub metadata: String,
 }
 
-impl<E: std::fmt::Display> FailureSlot<E> {
-    pub fn set(&self, e: E) {
-        tracing::error!("{e}");
-        if let Ok(mut f) = self.0.lock() {
-            f.get_or_insert(e);
-        }
+/// What the group committed for `partitions` of `topic`. A failure to ask is logged
+/// and answered with nothing committed (callers then restore to the end and read from
+/// the group's reset position, as librdkafka itself will).
+pub fn committed<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, partitions: &[i32]) -> BTreeMap<i32, Committed> {
+    if partitions.is_empty() {
+        return BTreeMap::new();
     }
-
-    pub fn take(&self) -> Result<(), E> {
-        match self.0.lock().ok().and_then(|mut f| f.take()) {
-            Some(e) => Err(e),
-            None => Ok(()),
+    let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
+        Ok(committed) => committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), Committed { offset: log_offset(e.offset()), metadata: e.metadata().to_owned() }))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(topic, ?partitions, "cannot read the committed offsets: {e}");
+            BTreeMap::new()
         }
     }
 }

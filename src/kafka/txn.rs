@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -47,12 +47,8 @@ pub enum TxnError {
     Delivery(u64, String),
     #[error("transaction of partition {partition} failed to {step}: {source}")]
     Transaction { partition: i32, step: &'static str, source: KafkaError },
-    #[error("an output for partition {0}, which this replica does not own")]
-    NotOwned(i32),
     #[error("the consumer has no group metadata (not in a group yet)")]
     NoGroupMetadata,
-    #[error("a producer lock was poisoned by a panic")]
-    Poisoned,
     #[error("an earlier commit of this stage failed; what it processed since its last commit is discarded, not committed")]
     AfterFailedCommit,
 }
@@ -65,7 +61,9 @@ pub struct Tracked {
     pub metadata: fn(i64) -> String,
 }
 
-/// The producers of one stage of one replica.
+/// The producers of one stage of one replica: the shared one under at_least_once, and
+/// what every task's own producer ([`TaskOutput`]) is created with under exactly_once.
+/// Owned by the stage's loop; a task owns its [`TaskOutput`].
 pub struct StageOutputs {
     cfg: Config,
     stage: &'static str,
@@ -73,22 +71,52 @@ pub struct StageOutputs {
     tracked: Option<Tracked>,
     /// at_least_once: the one producer.
     shared: Option<TrackedProducer>,
-    /// exactly_once: one producer per owned input partition.
-    owned: Mutex<BTreeMap<i32, PartitionProducer>>,
     /// Where transaction outcomes are counted, if anywhere.
     metrics: Option<Arc<Metrics>>,
     /// Set by the first failed commit. From then on nothing is sent or committed:
     /// the stage's in-memory work since its last commit (window state, held records)
-    /// went with the aborted outputs, and committing it later, say from the revoke
-    /// callback that closing the consumer runs, would commit state without its
-    /// outputs. The stage is replaced and redoes that work from the last commit
-    /// (Kafka Streams closes its tasks dirty for the same reason).
+    /// went with the aborted outputs, and committing it later would commit state
+    /// without its outputs. The stage is replaced and redoes that work from the last
+    /// commit (Kafka Streams closes its tasks dirty for the same reason).
     failed: AtomicBool,
+}
+
+/// One input partition's way out: its own transactional producer under exactly_once,
+/// the stage's shared producer under at_least_once. Owned by the partition's task.
+pub struct TaskOutput {
+    partition: i32,
+    /// exactly_once: the partition's transactional producer.
+    txn: Option<PartitionProducer>,
 }
 
 struct PartitionProducer {
     producer: TrackedProducer,
     in_transaction: bool,
+}
+
+/// What one task brings to a commit: its output and the next input offset to commit
+/// (none: nothing consumed since the last commit).
+pub struct CommitUnit<'a> {
+    pub output: &'a mut TaskOutput,
+    pub next_offset: Option<i64>,
+}
+
+/// Outputs made durable by [`StageOutputs::commit`]: where each partition's tracked
+/// topic ends now, for the caller to record in its local state before
+/// [`StageOutputs::confirm`].
+#[must_use = "at_least_once commits the offsets only in StageOutputs::confirm"]
+pub struct Durable {
+    tracked_next: BTreeMap<i32, i64>,
+    /// at_least_once: the offsets still to commit.
+    offsets: BTreeMap<i32, i64>,
+    committed: bool,
+}
+
+impl Durable {
+    /// The offset after partition `partition`'s last delivered tracked record.
+    pub fn tracked_next(&self, partition: i32) -> Option<i64> {
+        self.tracked_next.get(&partition).copied()
+    }
 }
 
 impl StageOutputs {
@@ -99,15 +127,7 @@ impl StageOutputs {
             Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked))?),
             Guarantee::ExactlyOnce => None,
         };
-        Ok(Self {
-            cfg: cfg.clone(),
-            stage,
-            tracked,
-            shared,
-            owned: Mutex::new(BTreeMap::new()),
-            metrics: None,
-            failed: AtomicBool::new(false),
-        })
+        Ok(Self { cfg: cfg.clone(), stage, tracked, shared, metrics: None, failed: AtomicBool::new(false) })
     }
 
     /// Counts committed and aborted transactions in `metrics`.
@@ -122,23 +142,14 @@ impl StageOutputs {
         }
     }
 
-    /// The transactional id of an input partition's producer.
-    fn transactional_id(&self, partition: i32) -> String {
-        transactional_id(&self.cfg.application_id, self.stage, partition)
-    }
-
     /// Takes ownership of `partition`. Under exactly_once this creates its
     /// transactional producer and fences any previous owner, aborting that owner's open
     /// transaction; call it before reading or restoring anything of the partition.
-    pub fn assign(&self, partition: i32) -> Result<(), TxnError> {
+    pub fn assign(&self, partition: i32) -> Result<TaskOutput, TxnError> {
         if self.shared.is_some() {
-            return Ok(());
+            return Ok(TaskOutput { partition, txn: None });
         }
-        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
-        if owned.contains_key(&partition) {
-            return Ok(());
-        }
-        let id = self.transactional_id(partition);
+        let id = transactional_id(&self.cfg.application_id, self.stage, partition);
         let producer = clients::transactional_producer(&self.cfg, &id, tracker(&self.tracked))?;
         let started = std::time::Instant::now();
         producer
@@ -146,85 +157,108 @@ impl StageOutputs {
             .map_err(|source| TxnError::Transaction { partition, step: "initialise (fence the previous owner)", source })?;
         tracing::debug!(partition, transactional_id = %id, elapsed_ms = started.elapsed().as_millis() as u64,
             "transactional producer ready");
-        owned.insert(partition, PartitionProducer { producer, in_transaction: false });
-        Ok(())
+        Ok(TaskOutput { partition, txn: Some(PartitionProducer { producer, in_transaction: false }) })
     }
 
-    /// Records that partition `partition` of the tracked topic already holds data up
+    /// Records that the tracked topic's partition of `output` already holds data up
     /// to `next` (a restored store's position), so commits name at least that end.
-    pub fn set_tracked_position(&self, partition: i32, next: i64) -> Result<(), TxnError> {
-        if let Some(shared) = &self.shared {
-            shared.context().advance_to(partition, next);
-            return Ok(());
-        }
-        let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
-        let p = owned.get(&partition).ok_or(TxnError::NotOwned(partition))?;
-        p.producer.context().advance_to(partition, next);
-        Ok(())
+    pub fn set_tracked_position(&self, output: &TaskOutput, next: i64) {
+        self.producer(output).context().advance_to(output.partition, next);
     }
 
-    /// Gives up `partition`. Call after its last [`Self::commit`]; an open transaction
+    /// Gives up a partition. Call after its last [`Self::commit`]; an open transaction
     /// is aborted (its input will be consumed again by the next owner).
-    pub fn revoke(&self, partition: i32) {
-        let Ok(mut owned) = self.owned.lock() else { return };
-        if let Some(p) = owned.remove(&partition) {
-            if p.in_transaction {
-                tracing::warn!(partition, "aborting an uncommitted transaction of a revoked partition");
-                if let Err(e) = p.producer.abort_transaction(TXN_TIMEOUT) {
-                    tracing::warn!(partition, "abort failed (the next owner's fencing aborts it): {e}");
-                }
-                self.count(TxnOutcome::Aborted);
+    pub fn revoke(&self, output: TaskOutput) {
+        let partition = output.partition;
+        if let Some(p) = output.txn.filter(|p| p.in_transaction) {
+            tracing::warn!(partition, "aborting an uncommitted transaction of a revoked partition");
+            if let Err(e) = p.producer.abort_transaction(TXN_TIMEOUT) {
+                tracing::warn!(partition, "abort failed (the next owner's fencing aborts it): {e}");
             }
+            self.count(TxnOutcome::Aborted);
         }
     }
 
-    /// Enqueues `record` as an output of input `partition`.
-    pub fn send<K, P>(&self, partition: i32, record: BaseRecord<'_, K, P, ()>) -> Result<(), TxnError>
+    /// Enqueues `record` as an output of `output`'s input partition.
+    pub fn send<K, P>(&self, output: &mut TaskOutput, record: BaseRecord<'_, K, P, ()>) -> Result<(), TxnError>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
         self.check_not_failed()?;
-        if let Some(shared) = &self.shared {
-            return Ok(send_with_backpressure(shared, record)?);
+        if let Some(p) = &mut output.txn {
+            p.begin(output.partition)?;
         }
-        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
-        let p = owned.get_mut(&partition).ok_or(TxnError::NotOwned(partition))?;
-        p.begin(partition)?;
-        Ok(send_with_backpressure(&p.producer, record)?)
+        Ok(send_with_backpressure(self.producer(output), record)?)
     }
 
-    /// Commits every output enqueued so far together with `offsets` (partition →
-    /// next offset of `topic`). `write_state` runs once the outputs are durable, with
-    /// the offset after each partition's last delivered tracked record, so local state
-    /// can record which changelog offset it reflects.
-    ///
-    /// exactly_once: each partition's transaction commits (outputs + offsets), then
-    /// `write_state`. at_least_once: flush, `write_state`, then commit offsets.
-    /// Returns whether offsets were committed.
-    pub fn commit<C: ConsumerContext, E: From<TxnError>>(
+    fn producer<'a>(&'a self, output: &'a TaskOutput) -> &'a TrackedProducer {
+        match (&output.txn, &self.shared) {
+            (Some(p), _) => &p.producer,
+            (None, Some(shared)) => shared,
+            // A TaskOutput without a transaction exists only when StageOutputs has a shared producer.
+            (None, None) => unreachable!("a task output without a producer"),
+        }
+    }
+
+    /// Makes every output enqueued so far durable, together with the units' offsets
+    /// (of `topic`). exactly_once: each unit's transaction commits (outputs and
+    /// offsets). at_least_once: the shared producer is flushed; the offsets commit in
+    /// [`Self::confirm`], after the caller has written its local state with the
+    /// tracked positions [`Durable`] reports.
+    pub fn commit<'a, C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         topic: &str,
-        offsets: &BTreeMap<i32, i64>,
-        write_state: impl FnOnce(&dyn Fn(i32) -> Option<i64>) -> Result<(), E>,
-    ) -> Result<bool, E> {
+        units: impl IntoIterator<Item = CommitUnit<'a>>,
+    ) -> Result<Durable, TxnError> {
         self.check_not_failed()?;
+        let mut durable = Durable { tracked_next: BTreeMap::new(), offsets: BTreeMap::new(), committed: false };
         if let Some(shared) = &self.shared {
             self.failing(clients::flush(shared, FLUSH_TIMEOUT).map_err(TxnError::from))?;
             let failed = shared.context().failed();
             if failed > 0 {
-                return Err(self.fail(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default())).into());
+                return Err(self.fail(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default())));
             }
-            write_state(&|p| shared.context().next_offset(p))?;
-            let metadata = |p| self.commit_metadata(shared.context().next_offset(p));
-            return Ok(self.failing(commit_offsets(consumer, topic, offsets, &metadata).map_err(TxnError::from))?);
+            for unit in units {
+                let partition = unit.output.partition;
+                if let Some(next) = shared.context().next_offset(partition) {
+                    durable.tracked_next.insert(partition, next);
+                }
+                if let Some(next) = unit.next_offset {
+                    durable.offsets.insert(partition, next);
+                }
+            }
+            return Ok(durable);
         }
-        self.failing(self.commit_transactions(consumer, topic, offsets))?;
-        let owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
-        let owned = &*owned;
-        write_state(&|partition| owned.get(&partition).and_then(|p| p.producer.context().next_offset(partition)))?;
-        Ok(!offsets.is_empty())
+        for unit in units {
+            let partition = unit.output.partition;
+            let Some(p) = unit.output.txn.as_mut() else { continue };
+            if unit.next_offset.is_some() || p.in_transaction {
+                // One span per transaction (exported over OTLP when configured).
+                let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = unit.next_offset)
+                    .entered();
+                let result = self.commit_one(consumer, topic, partition, p, unit.next_offset);
+                self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
+                self.failing(result)?;
+                durable.committed |= unit.next_offset.is_some();
+            }
+            if let Some(next) = p.producer.context().next_offset(partition) {
+                durable.tracked_next.insert(partition, next);
+            }
+        }
+        Ok(durable)
+    }
+
+    /// Finishes a [`Self::commit`] once local state is written: at_least_once commits
+    /// the offsets now. Returns whether offsets were committed.
+    pub fn confirm<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str, durable: Durable) -> Result<bool, TxnError> {
+        let Some(shared) = &self.shared else { return Ok(durable.committed) };
+        if durable.offsets.is_empty() {
+            return Ok(false);
+        }
+        let metadata = |p| self.commit_metadata(shared.context().next_offset(p));
+        self.failing(commit_offsets(consumer, topic, &durable.offsets, &metadata).map_err(TxnError::from))
     }
 
     /// Refuses to send or commit after a failed commit (see the `failed` field).
@@ -244,28 +278,6 @@ impl StageOutputs {
     /// Passes `result` through, remembering a failure for good.
     fn failing<T>(&self, result: Result<T, TxnError>) -> Result<T, TxnError> {
         result.map_err(|e| self.fail(e))
-    }
-
-    /// Commits the open transaction of every owned partition, with its offsets.
-    fn commit_transactions<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        topic: &str,
-        offsets: &BTreeMap<i32, i64>,
-    ) -> Result<(), TxnError> {
-        let mut owned = self.owned.lock().map_err(|_| TxnError::Poisoned)?;
-        for (&partition, p) in owned.iter_mut() {
-            let next = offsets.get(&partition).copied();
-            if next.is_none() && !p.in_transaction {
-                continue;
-            }
-            // One span per transaction (exported over OTLP when configured).
-            let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = next).entered();
-            let result = self.commit_one(consumer, topic, partition, p, next);
-            self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
-            result?;
-        }
-        Ok(())
     }
 
     /// Commits one partition's open transaction with its input offset `next`.

@@ -12,6 +12,7 @@
 //! between to the ledger (their charges were already committed, so nothing is
 //! produced): the state always reflects exactly the committed input.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,10 +27,10 @@ use super::price_book::PriceBook;
 use super::store::{RateStore, RateStoreError};
 use crate::codec::{AggregateInput, InputError};
 use crate::config::Config;
-use crate::kafka::batch::{poll_batch, PendingOffsets};
+use crate::kafka::batch::poll_batch;
 use crate::kafka::clients;
 use crate::kafka::reader::{PartitionsToEnd, Range, ReadError};
-use crate::kafka::txn::{StageOutputs, TxnError};
+use crate::kafka::txn::{CommitUnit, StageOutputs, TaskOutput, TxnError};
 use crate::pulse::time::now_ms;
 use crate::registry::{Registry, RegistryError, Wait};
 
@@ -104,17 +105,22 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
         alerts = %settings.alerts_topic, currency = %settings.book.currency, state = %state_path.display(),
         caught_up = summary.caught_up, "rating consumer started");
 
-    let pending = PendingOffsets::default();
+    // Input partition → its output and the next offset to commit; partitions are
+    // taken over as their records arrive (`assign` fences a previous owner).
+    let mut owned: BTreeMap<i32, (TaskOutput, Option<i64>)> = BTreeMap::new();
     let (mut last_log, mut logged_read) = (Instant::now(), 0);
     while !shutdown.load(Ordering::Acquire) {
         let mut ledger = Ledger::default();
         let polled = poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
-            outputs.assign(msg.partition())?;
+            let (output, next) = match owned.entry(msg.partition()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert((outputs.assign(msg.partition())?, None)),
+            };
             let out = rate_one(settings, &input, wait, &mut ledger, &mut store, msg.payload().unwrap_or(&[]), &mut summary)?;
             for (topic, key, value) in out {
-                outputs.send(msg.partition(), BaseRecord::to(topic).key(&key).payload(&value))?;
+                outputs.send(output, BaseRecord::to(topic).key(&key).payload(&value))?;
             }
-            pending.record(msg.partition(), msg.offset());
+            *next = Some(msg.offset() + 1);
             Ok::<_, RateError>(())
         });
         match polled {
@@ -123,10 +129,13 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        let offsets = pending.take();
+        let offsets: BTreeMap<i32, i64> = owned.iter().filter_map(|(&p, (_, next))| Some((p, (*next)?))).collect();
         let writes = ledger.take_writes();
         if !offsets.is_empty() {
-            outputs.commit(&consumer, &topic, &offsets, |_| store.write(&writes, &offsets).map_err(RateError::from))?;
+            let units = owned.values_mut().map(|(output, next)| CommitUnit { output, next_offset: next.take() });
+            let durable = outputs.commit(&consumer, &topic, units)?;
+            store.write(&writes, &offsets)?;
+            outputs.confirm(&consumer, &topic, durable)?;
         }
         if last_log.elapsed() >= Duration::from_secs(10) && summary.read != logged_read {
             tracing::info!(?summary, "rating progress");

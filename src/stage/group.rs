@@ -10,78 +10,44 @@
 //! Outputs leave in event-time order across the assigned source partitions
 //! ([`super::order`]), so stage 2's watermarks do not run ahead of a lagging one.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::BaseRecord;
-use rdkafka::{ClientContext, Message};
+use rdkafka::Message;
 
-use super::order::{self, InputOrder};
-use super::StageError;
+use super::order::InputOrder;
+use super::runtime::{self, LoopSettings, RecordReader, Stage, StageConsumer};
+use super::task::{Committed, Phase, Task, Tasks};
 use super::topology::{GroupWiring, Topology};
+use super::StageError;
 use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::codec::{OutputCodec, PulseInput};
 use crate::config::Config;
-use crate::kafka::batch::{poll_batch, FailureSlot, PendingOffsets};
-use crate::kafka::clients;
 use crate::kafka::dlq;
-use crate::kafka::txn::StageOutputs;
-use crate::ops::lag;
+use crate::kafka::txn::{StageOutputs, TaskOutput};
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{RecordContext, RejectReason};
-use crate::registry::{Registry, RegistryError, Wait};
+use crate::registry::{Registry, Wait};
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
-    let stop = || shutdown.load(Ordering::Acquire);
+    let stop = || shutdown.load(std::sync::atomic::Ordering::Acquire);
     let wiring = Topology::of(cfg).group;
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.grouped, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
-    let io = GroupIo { input: PulseInput::new(registry), codec };
-    let context = GroupContext {
-        outputs: StageOutputs::new(cfg, wiring.name, None)?.with_metrics(Arc::clone(&metrics)),
-        wiring: wiring.clone(),
-        pending: PendingOffsets::default(),
-        failure: FailureSlot::default(),
-        metrics: Arc::clone(&metrics),
-        order: Mutex::new(InputOrder::new(cfg, &wiring.input)),
-    };
-    let consumer: BaseConsumer<GroupContext> =
-        clients::stage_consumer(cfg, &wiring.consumer_group).create_with_context(context)?;
-    consumer.subscribe(&[wiring.input.as_str()])?;
+    let reader = GroupIo { input: PulseInput::new(registry), codec, metrics: Arc::clone(&metrics) };
+    let outputs = StageOutputs::new(cfg, wiring.name, None)?.with_metrics(Arc::clone(&metrics));
+    let stage = Grouping { order: InputOrder::new(cfg, &wiring.input), wiring: wiring.clone(), metrics: Arc::clone(&metrics) };
     tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group,
         guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
-
+    let batch = (cfg.group.max_batch, cfg.group.max_batch_wait);
+    let settings = LoopSettings { input: &wiring.input, consumer_group: &wiring.consumer_group, max_batch: batch };
+    runtime::run(cfg, settings, shutdown, Arc::clone(&metrics), outputs, reader, stage)?;
     let m = &metrics.group;
-    let ctx = consumer.context();
-    let mut more_ready = false;
-    while !shutdown.load(Ordering::Acquire) {
-        // Held records ready to go: take what librdkafka has, barely waiting (but
-        // polling: that keeps the consumer in its group while a backlog is worked off).
-        let wait = if more_ready { Duration::from_millis(1) } else { cfg.group.max_batch_wait };
-        let polled = poll_batch(&consumer, cfg.group.max_batch, wait, |msg| {
-            // Nothing stays held or in an open transaction while the registry is waited for.
-            let commit = || ctx.release(&consumer).and_then(|_| ctx.commit(&consumer)).map_err(|e| e.to_string());
-            let (event_time, routed) = route(&io, msg, m, Wait { stop: &stop, before: &commit })?;
-            ctx.hold(msg.partition(), msg.offset(), event_time, routed)
-        });
-        let records = match polled {
-            // Shutdown while waiting for the registry: that record stays uncommitted.
-            Err(StageError::Registry(RegistryError::Interrupted)) => break,
-            other => other?,
-        };
-        ctx.failure.take()?;
-        let _span = (records > 0).then(|| tracing::info_span!("batch", stage = "group", records).entered());
-        more_ready = ctx.release(&consumer)?;
-        ctx.commit(&consumer)?;
-    }
-    ctx.commit(&consumer)?;
-    consumer.unsubscribe();
     tracing::info!(consumed = metrics::get(&m.consumed), grouped = metrics::get(&m.grouped),
         dlq = m.dlq_total(), "stage 1 (group) stopped");
     Ok(())
@@ -91,6 +57,15 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
 struct GroupIo {
     input: PulseInput,
     codec: OutputCodec,
+    metrics: Arc<Metrics>,
+}
+
+impl RecordReader for GroupIo {
+    type Record = (i64, Routed);
+
+    fn read<M: Message>(&self, msg: &M, wait: Wait<'_>) -> Result<(i64, Routed), StageError> {
+        route(self, msg, &self.metrics.group, wait)
+    }
 }
 
 /// A validated record's output, held until its turn ([`InputOrder`]).
@@ -126,10 +101,10 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
 }
 
 /// Enqueues a routed record's output.
-fn send(wiring: &GroupWiring, outputs: &StageOutputs, partition: i32, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+fn send(wiring: &GroupWiring, outputs: &StageOutputs, task: &mut Task<()>, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
     match routed {
         Routed::Grouped { tenant_id, value } => {
-            outputs.send(partition, BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
+            task.send(outputs, BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
         }
         Routed::Dlq { reason, key, payload, headers } => {
@@ -137,97 +112,62 @@ fn send(wiring: &GroupWiring, outputs: &StageOutputs, partition: i32, routed: Ro
             if let Some(key) = &key {
                 record = record.key(key);
             }
-            outputs.send(partition, record)?;
+            task.send(outputs, record)?;
             metrics::add(m.dlq_for(reason), 1);
         }
     }
     Ok(())
 }
 
-/// Consumer context holding the offsets handled but not yet committed, so they can be
-/// committed both at the end of a batch and from the revoke callback.
-struct GroupContext {
-    outputs: StageOutputs,
+/// Stage 1's part of the loop: its tasks hold nothing but their producer and offset;
+/// the records read but not yet sent are held across partitions, in event-time order
+/// ([`InputOrder`], like the PartitionGroup of a Kafka Streams task).
+struct Grouping {
     /// Its topics and consumer group ([`Topology`]).
     wiring: GroupWiring,
-    pending: PendingOffsets,
-    failure: FailureSlot<StageError>,
+    order: InputOrder<Routed>,
     metrics: Arc<Metrics>,
-    order: Mutex<InputOrder<Routed>>,
 }
 
-impl GroupContext {
-    /// Holds a routed record until its turn.
-    fn hold(&self, partition: i32, offset: i64, event_time: i64, routed: Routed) -> Result<(), StageError> {
-        self.order.lock().map_err(|_| StageError::Poisoned)?.hold(partition, offset, event_time, routed);
+impl Stage for Grouping {
+    type State = ();
+    type Record = (i64, Routed);
+    const NAME: &'static str = "group";
+
+    fn open(&mut self, partition: i32, committed: &Committed, _output: &TaskOutput) -> Result<(Phase, ()), StageError> {
+        self.order.assign([partition], committed.offset.map(|o| (partition, o)).into_iter().collect());
+        Ok((Phase::Running, ()))
+    }
+
+    fn process(&mut self, _tasks: &mut Tasks<()>, partition: i32, offset: i64, (event_time, routed): (i64, Routed))
+        -> Result<(), StageError> {
+        self.order.hold(partition, offset, event_time, routed);
         Ok(())
     }
 
-    /// Sends what may go now, in event-time order ([`InputOrder::release`]); returns
-    /// whether more could go at once.
-    fn release(&self, consumer: &BaseConsumer<Self>) -> Result<bool, StageError> {
-        let mut order = self.order.lock().map_err(|_| StageError::Poisoned)?;
-        order.release(consumer, |partition, offset, routed| {
-            send(&self.wiring, &self.outputs, partition, routed, &self.metrics.group)?;
-            self.pending.record(partition, offset);
+    /// Sends what may go now, in event-time order ([`InputOrder::release`]).
+    fn punctuate(&mut self, tasks: &mut Tasks<()>, consumer: &StageConsumer) -> Result<bool, StageError> {
+        let (wiring, m) = (&self.wiring, &self.metrics.group);
+        self.order.release(consumer, |partition, offset, routed| {
+            // Held records of a partition leave with its task (`closed`), so this has one.
+            let Some((outputs, task)) = tasks.running(partition) else { return Ok(()) };
+            send(wiring, outputs, task, routed, m)?;
+            task.consumed(offset);
             Ok::<_, StageError>(())
         })
     }
 
-    /// Commits the enqueued outputs with the offsets behind them. A failure stops the
-    /// stage before the offsets move: the records are consumed again.
-    fn commit(&self, consumer: &BaseConsumer<Self>) -> Result<(), StageError> {
-        let pending = self.pending.take();
-        if pending.is_empty() {
-            return Ok(());
-        }
-        tracing::debug!(offsets = ?pending, "committing stage 1");
-        if self.outputs.commit(consumer, &self.wiring.input, &pending, |_| Ok::<_, StageError>(()))? {
+    fn committed(&mut self, offsets: bool) {
+        if offsets {
             metrics::add(&self.metrics.group.commits, 1);
         }
-        Ok(())
     }
-}
 
-impl ClientContext for GroupContext {
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        lag::record(&self.metrics, "group", &statistics);
-    }
-}
-
-impl ConsumerContext for GroupContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked; committing handled records first");
-                if let Err(e) = self.commit(consumer) {
-                    self.failure.set(e);
-                }
-                let partitions = tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>();
-                let dropped = self.order.lock().map_or(0, |mut order| order.revoke(partitions));
-                if dropped > 0 {
-                    // Uncommitted: the partitions' next owner reads them again.
-                    tracing::info!(records = dropped, "held records of revoked partitions dropped");
-                }
-                for elem in tpl.elements() {
-                    self.outputs.revoke(elem.partition());
-                }
-            }
-            Rebalance::Assign(tpl) => {
-                // Before any record is read: fence the partitions' previous owners.
-                for elem in tpl.elements() {
-                    if let Err(e) = self.outputs.assign(elem.partition()) {
-                        self.failure.set(e.into());
-                    }
-                }
-                let resumed_at = order::committed_offsets(consumer, tpl);
-                if let Ok(mut order) = self.order.lock() {
-                    order.assign(tpl.elements().iter().map(|e| e.partition()), resumed_at);
-                }
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                self.metrics.ops.readiness.joined("group");
-            }
-            Rebalance::Error(e) => tracing::warn!("rebalance error: {e}"),
+    fn closed(&mut self, closed: Vec<(i32, ())>) {
+        let dropped = self.order.revoke(closed.into_iter().map(|(p, ())| p));
+        if dropped > 0 {
+            // Uncommitted: the partitions' next owner reads them again.
+            tracing::info!(records = dropped, "held records of revoked partitions dropped");
         }
     }
 }

@@ -1,6 +1,8 @@
 //! The processing stages. Each wraps the pure core (`pulse`, `window`) with Kafka I/O:
 //! stage 1 ([`group`]) validates and re-keys, in event-time order ([`order`]), stage 2
-//! ([`aggregate`]) counts. [`supervise`] replaces a stage that failed on Kafka.
+//! ([`aggregate`]) counts. Both run the same loop ([`runtime`]) over a task per
+//! assigned input partition ([`task`]), acting on rebalances between polls
+//! ([`rebalance`]). [`supervise`] replaces a stage that failed on Kafka.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +13,9 @@ pub mod aggregate;
 pub mod group;
 pub mod merge;
 pub mod order;
+pub mod rebalance;
+pub mod runtime;
+pub mod task;
 pub mod topology;
 
 /// Why a stage stopped with an error. Bad *input* is never one of these: it goes to the
@@ -30,8 +35,6 @@ pub enum StageError {
     Windows { partition: i32, source: crate::window::slots::WindowsChanged },
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::state::CheckpointError),
-    #[error("a stage lock was poisoned by a panic")]
-    Poisoned,
     #[error("topic setup: {0}")]
     Admin(#[from] crate::kafka::admin::AdminError),
     #[error(transparent)]
@@ -63,7 +66,7 @@ impl StageError {
                 )
             }
             Self::Restore { source, .. } => matches!(source, RestoreError::Kafka(_) | RestoreError::Stalled { .. }),
-            Self::Store(_) | Self::Windows { .. } | Self::Checkpoint(_) | Self::Poisoned | Self::Admin(_) | Self::Registry(_)
+            Self::Store(_) | Self::Windows { .. } | Self::Checkpoint(_) | Self::Admin(_) | Self::Registry(_)
             | Self::Encode(_) => false,
         }
     }

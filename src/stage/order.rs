@@ -18,7 +18,6 @@ use rdkafka::TopicPartitionList;
 
 use crate::config::{Config, Guarantee};
 use crate::kafka::backlog;
-use crate::kafka::batch::{log_offset, COMMITTED_TIMEOUT};
 use super::merge::{Merge, Next};
 
 /// Records held per source partition before its fetching pauses.
@@ -142,20 +141,5 @@ fn transaction_span_ms(cfg: &Config) -> i64 {
     match cfg.processing_guarantee {
         Guarantee::ExactlyOnce => (cfg.aggregate.grace.as_millis() as i64 / 2).max(100),
         Guarantee::AtLeastOnce => i64::MAX,
-    }
-}
-
-/// The committed offsets of `tpl`'s partitions (those that have one).
-pub fn committed_offsets<C: ConsumerContext>(consumer: &BaseConsumer<C>, tpl: &TopicPartitionList) -> HashMap<i32, i64> {
-    match consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT) {
-        Ok(committed) => committed
-            .elements()
-            .iter()
-            .filter_map(|e| Some((e.partition(), log_offset(e.offset())?)))
-            .collect(),
-        Err(e) => {
-            tracing::warn!("cannot read the committed offsets ({e}); ordering may wait up to {STARVE_MAX:?} for a partition");
-            HashMap::new()
-        }
     }
 }

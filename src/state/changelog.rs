@@ -96,20 +96,6 @@ pub fn tracking(topic: &str) -> crate::kafka::txn::Tracked {
     crate::kafka::txn::Tracked { topic: topic.to_owned(), metadata: ChangelogEnd::metadata }
 }
 
-/// Brings `store` (of grouped-topic partition `partition`) up to the end of its
-/// changelog partition. `committed_end` is the changelog end named by the partition's
-/// committed input offset (None: unknown, trust `read_committed` to the end). Call only
-/// after fencing the partition's previous owner, so no open transaction of a zombie
-/// can still commit behind the end we read to.
-pub fn restore(
-    cfg: &Config,
-    partition: i32,
-    store: &mut PartitionStore,
-    committed_end: Option<i64>,
-) -> Result<RestoreStats, RestoreError> {
-    restore_with_progress(cfg, partition, store, committed_end, &mut |_| {})
-}
-
 /// How far a running restore got: for the restore-progress gauges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
@@ -121,73 +107,104 @@ pub struct Progress {
     pub done: bool,
 }
 
-/// Records between two progress reports.
-const PROGRESS_EVERY: u64 = 1_000;
-
-/// [`restore`], reporting progress every [`PROGRESS_EVERY`] records and at the end.
-pub fn restore_with_progress(
-    cfg: &Config,
+/// A running restore of one store (of grouped-topic partition `partition`) from its
+/// changelog partition, stepped by the stage's loop between polls ([`Self::step`]) so
+/// a long restore never keeps the consumer from polling (`max.poll.interval.ms`).
+/// Start it only after fencing the partition's previous owner, so no open transaction
+/// of a zombie can still commit behind the end it reads to.
+pub struct ChangelogRestore {
     partition: i32,
-    store: &mut PartitionStore,
+    reader: PartitionsToEnd,
+    /// The changelog end named by the partition's committed input offset (none:
+    /// unknown, trust `read_committed` to the end).
     committed_end: Option<i64>,
-    progress: &mut dyn FnMut(Progress),
-) -> Result<RestoreStats, RestoreError> {
-    let started = Instant::now();
-    let topic = cfg.changelog_topic();
-    let from_offset = store.changelog_position().unwrap_or(0);
-    let ranges = BTreeMap::from([(partition, Range { from: from_offset, end: None })]);
-    let mut reader = PartitionsToEnd::open(cfg, &format!("{}.restore", cfg.application_id), "changelog restore", &topic,
-        ranges, Some(RESTORE_STALL))?;
-    let end = committed_end.or_else(|| {
-        // Only for the progress gauge: an approximate end is fine (the restore itself
-        // reads to end-of-partition).
-        reader.consumer().fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
-    });
-    let to_read = end.map(|e| e.saturating_sub(from_offset).max(0) as u64);
-    let mut read = 0u64;
-    progress(Progress { read, to_read, done: false });
+    from_offset: i64,
+    /// The offset after the last record read.
+    position: i64,
+    read: u64,
+    to_read: Option<u64>,
+    records: u64,
+    /// Keys of records after the committed end: re-written with the committed state.
+    uncommitted: Vec<Vec<u8>>,
+    started: Instant,
+}
 
-    let mut records = 0u64;
-    let mut uncommitted: Vec<Vec<u8>> = Vec::new();
-    let mut position = from_offset;
-    while !reader.is_done() {
-        let Some(msg) = reader.next(Duration::from_millis(500))? else { continue };
-        read += 1;
-        if read.is_multiple_of(PROGRESS_EVERY) {
-            progress(Progress { read, to_read, done: false });
-        }
-        position = msg.offset() + 1;
-        let Some(key) = msg.key() else {
-            tracing::warn!(partition, offset = msg.offset(), "changelog record without a key skipped");
-            continue;
-        };
-        if committed_end.is_some_and(|end| msg.offset() >= end) {
-            uncommitted.push(key.to_vec());
-            continue;
-        }
-        store.apply_change(key, msg.payload())?;
-        records += 1;
-        if records.is_multiple_of(RESTORE_COMMIT_EVERY) {
-            store.commit(Some(position))?;
-        }
+impl ChangelogRestore {
+    /// Starts reading the changelog from `store`'s recorded position.
+    pub fn start(cfg: &Config, partition: i32, store: &PartitionStore, committed_end: Option<i64>) -> Result<Self, RestoreError> {
+        let topic = cfg.changelog_topic();
+        let from_offset = store.changelog_position().unwrap_or(0);
+        let ranges = BTreeMap::from([(partition, Range { from: from_offset, end: None })]);
+        let reader = PartitionsToEnd::open(cfg, &format!("{}.restore", cfg.application_id), "changelog restore", &topic,
+            ranges, Some(RESTORE_STALL))?;
+        let end = committed_end.or_else(|| {
+            // Only for the progress gauge: an approximate end is fine (the restore
+            // itself reads to end-of-partition).
+            reader.consumer().fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
+        });
+        Ok(Self {
+            partition,
+            reader,
+            committed_end,
+            from_offset,
+            position: from_offset,
+            read: 0,
+            to_read: end.map(|e| e.saturating_sub(from_offset).max(0) as u64),
+            records: 0,
+            uncommitted: Vec::new(),
+            started: Instant::now(),
+        })
     }
-    store.commit(Some(position))?;
-    if !uncommitted.is_empty() {
-        tracing::warn!(partition, records = uncommitted.len(), committed_end,
-            "changelog records of uncommitted transactions were delivered (the broker does not hide aborted \
-             transactions); not applied, their keys are re-written with the committed state");
+
+    /// How far the restore got.
+    pub fn progress(&self) -> Progress {
+        Progress { read: self.read, to_read: self.to_read, done: self.reader.is_done() }
     }
-    for key in &uncommitted {
-        store.rewrite(key)?;
+
+    /// Applies changelog records to `store` for about `budget`; once the changelog's
+    /// end is reached, finishes the store (see the module docs on uncommitted records)
+    /// and says what the whole restore did.
+    pub fn step(&mut self, store: &mut PartitionStore, budget: Duration) -> Result<Option<RestoreStats>, RestoreError> {
+        let deadline = Instant::now() + budget;
+        while !self.reader.is_done() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let Some(msg) = self.reader.next(left.min(Duration::from_millis(500)))? else { continue };
+            self.read += 1;
+            self.position = msg.offset() + 1;
+            let Some(key) = msg.key() else {
+                tracing::warn!(partition = self.partition, offset = msg.offset(), "changelog record without a key skipped");
+                continue;
+            };
+            if self.committed_end.is_some_and(|end| msg.offset() >= end) {
+                self.uncommitted.push(key.to_vec());
+                continue;
+            }
+            store.apply_change(key, msg.payload())?;
+            self.records += 1;
+            if self.records.is_multiple_of(RESTORE_COMMIT_EVERY) {
+                store.commit(Some(self.position))?;
+            }
+        }
+        store.commit(Some(self.position))?;
+        if !self.uncommitted.is_empty() {
+            tracing::warn!(partition = self.partition, records = self.uncommitted.len(), committed_end = self.committed_end,
+                "changelog records of uncommitted transactions were delivered (the broker does not hide aborted \
+                 transactions); not applied, their keys are re-written with the committed state");
+        }
+        for key in &self.uncommitted {
+            store.rewrite(key)?;
+        }
+        Ok(Some(RestoreStats {
+            from_offset: self.from_offset,
+            to_offset: self.position,
+            records: self.records,
+            uncommitted: self.uncommitted.len() as u64,
+            elapsed: self.started.elapsed(),
+        }))
     }
-    progress(Progress { read, to_read, done: true });
-    Ok(RestoreStats {
-        from_offset,
-        to_offset: position,
-        records,
-        uncommitted: uncommitted.len() as u64,
-        elapsed: started.elapsed(),
-    })
 }
 
 #[cfg(test)]

@@ -148,11 +148,26 @@ impl Proc {
 
     /// Starts `pulses <command>` (run, rate, ...) like [`Proc::run_in`].
     pub fn start(command: &str, topics: &Topics, config_toml: &str, extra: &[&str], state_dir: tempfile::TempDir) -> Proc {
+        Self::start_with_kafka(command, topics, config_toml, &[], extra, state_dir)
+    }
+
+    /// [`Proc::start`] with more settings in the `[kafka]` table.
+    pub fn start_with_kafka(
+        command: &str,
+        topics: &Topics,
+        config_toml: &str,
+        kafka: &[(&str, &str)],
+        extra: &[&str],
+        state_dir: tempfile::TempDir,
+    ) -> Proc {
         let config = state_dir.path().join("pulses.toml");
         // Test setup only: a killed replica's partitions move once the broker's group
         // coordinator misses its heartbeats for the session timeout; 6 s (the broker's
         // minimum) instead of pulses' 30 s keeps the crash tests short.
-        let config_toml = format!("{config_toml}\n[kafka]\n\"session.timeout.ms\" = \"6000\"\n");
+        let mut config_toml = format!("{config_toml}\n[kafka]\n\"session.timeout.ms\" = \"6000\"\n");
+        for (k, v) in kafka {
+            config_toml.push_str(&format!("{k:?} = {v:?}\n"));
+        }
         std::fs::write(&config, config_toml).expect("write config");
         // Appends, so a restarted replica's log follows its first life's.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.path().join("pulses.log"))

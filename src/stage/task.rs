@@ -1,0 +1,223 @@
+//! Tasks: one per assigned input partition, like Kafka Streams' StreamTask. A task owns
+//! its partition's way out (its transactional producer under exactly_once), the offset
+//! to commit next, and the stage's state for that partition (stage 2: its store and
+//! window operator). [`Tasks`], the task manager, creates, restores, commits and closes
+//! them for the stage's loop ([`super::runtime`]).
+
+use std::collections::BTreeMap;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::BaseRecord;
+use rdkafka::TopicPartitionList;
+
+use super::StageError;
+pub use crate::kafka::batch::Committed;
+use crate::kafka::txn::{CommitUnit, StageOutputs, TaskOutput};
+
+/// Whether a task processes records yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Bringing its state up to date (its partition is paused meanwhile).
+    Restoring,
+    Running,
+}
+
+/// One assigned input partition.
+pub struct Task<S> {
+    pub partition: i32,
+    output: TaskOutput,
+    /// The next input offset to commit: the record after the last one handled.
+    next_offset: Option<i64>,
+    /// The committed offset consumption resumed from, to tell a backlog from an idle
+    /// partition.
+    pub resumed_at: Option<i64>,
+    phase: Phase,
+    /// Records that arrived while restoring (librdkafka may have fetched some before
+    /// the partition was paused): handled first once running.
+    early: Vec<OwnedMessage>,
+    /// The stage's state for this partition.
+    pub state: S,
+}
+
+impl<S> Task<S> {
+    /// Sends `record` as an output of this partition.
+    pub fn send<K, P>(&mut self, outputs: &StageOutputs, record: BaseRecord<'_, K, P, ()>) -> Result<(), StageError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        Ok(outputs.send(&mut self.output, record)?)
+    }
+
+    /// The record at `offset` is handled: commit past it next.
+    pub fn consumed(&mut self, offset: i64) {
+        self.next_offset = Some(offset + 1);
+    }
+
+    /// Its output and its state, apart: to send what the state holds.
+    pub fn parts(&mut self) -> (&mut TaskOutput, &mut S) {
+        (&mut self.output, &mut self.state)
+    }
+
+    /// Its output, e.g. to tell it where a tracked topic stands.
+    pub fn output(&self) -> &TaskOutput {
+        &self.output
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+}
+
+/// The task manager: the tasks of the partitions assigned to one stage consumer, and
+/// the stage's producers.
+pub struct Tasks<S> {
+    topic: String,
+    pub outputs: StageOutputs,
+    tasks: BTreeMap<i32, Task<S>>,
+}
+
+impl<S> Tasks<S> {
+    /// No tasks yet, for input `topic`.
+    pub fn new(topic: &str, outputs: StageOutputs) -> Self {
+        Self { topic: topic.to_owned(), outputs, tasks: BTreeMap::new() }
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn contains(&self, partition: i32) -> bool {
+        self.tasks.contains_key(&partition)
+    }
+
+    /// The running task of `partition`, with the producers to send through.
+    pub fn running(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
+        let task = self.tasks.get_mut(&partition).filter(|t| t.phase == Phase::Running)?;
+        Some((&self.outputs, task))
+    }
+
+    /// The task of `partition`, restoring or running, with the producers.
+    pub fn task(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
+        Some((&self.outputs, self.tasks.get_mut(&partition)?))
+    }
+
+    /// Every running task, with the producers to send through.
+    pub fn all_running(&mut self) -> (&StageOutputs, impl Iterator<Item = &mut Task<S>>) {
+        (&self.outputs, self.tasks.values_mut().filter(|t| t.phase == Phase::Running))
+    }
+
+    /// Every task, restoring or running.
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut Task<S>> {
+        self.tasks.values_mut()
+    }
+
+    /// Partitions whose task is restoring.
+    pub fn restoring(&self) -> Vec<i32> {
+        self.tasks.values().filter(|t| t.phase == Phase::Restoring).map(|t| t.partition).collect()
+    }
+
+    /// Takes over `partitions`: fences their previous owners (creating each task's
+    /// producer), then reads what the group committed for them (after the fence, so
+    /// no zombie commits behind it), then opens each task's state with `open`. A task
+    /// that starts [`Phase::Restoring`] has its partition paused until it runs.
+    pub fn assign<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[i32],
+        mut open: impl FnMut(i32, &Committed, &TaskOutput) -> Result<(Phase, S), StageError>,
+    ) -> Result<(), StageError> {
+        let new: Vec<i32> = partitions.iter().copied().filter(|p| !self.contains(*p)).collect();
+        let mut outputs = Vec::with_capacity(new.len());
+        for &p in &new {
+            outputs.push((p, self.outputs.assign(p)?));
+        }
+        let committed = crate::kafka::batch::committed(consumer, &self.topic, &new);
+        for (partition, output) in outputs {
+            let committed = committed.get(&partition).cloned().unwrap_or_default();
+            let (phase, state) = open(partition, &committed, &output)?;
+            if phase == Phase::Restoring {
+                consumer.pause(&self.one(partition))?;
+            }
+            let task = Task {
+                partition,
+                output,
+                next_offset: None,
+                resumed_at: committed.offset,
+                phase,
+                early: Vec::new(),
+                state,
+            };
+            self.tasks.insert(partition, task);
+        }
+        Ok(())
+    }
+
+    /// A restoring task is up to date: it runs, records that arrived meanwhile are
+    /// returned for handling, and its partition is fetched again.
+    pub fn run<C: ConsumerContext>(&mut self, consumer: &BaseConsumer<C>, partition: i32) -> Result<Vec<OwnedMessage>, StageError> {
+        let Some(task) = self.tasks.get_mut(&partition) else { return Ok(Vec::new()) };
+        task.phase = Phase::Running;
+        let early = std::mem::take(&mut task.early);
+        consumer.resume(&self.one(partition))?;
+        Ok(early)
+    }
+
+    /// Keeps a record that arrived for a restoring task; false if `partition` has no
+    /// task (not ours: its owner reads it from the committed offset).
+    pub fn hold_early(&mut self, partition: i32, msg: OwnedMessage) -> bool {
+        match self.tasks.get_mut(&partition) {
+            Some(task) => {
+                task.early.push(msg);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes the tasks of `partitions` (after their last commit), giving up their
+    /// producers, and hands their states back.
+    pub fn close(&mut self, partitions: &[i32]) -> Vec<(i32, S)> {
+        let mut closed = Vec::new();
+        for p in partitions {
+            if let Some(task) = self.tasks.remove(p) {
+                self.outputs.revoke(task.output);
+                closed.push((*p, task.state));
+            }
+        }
+        closed
+    }
+
+    /// Commits the running tasks' outputs with their offsets, then lets `write_state`
+    /// record each task's local state with where its tracked topic (changelog) now
+    /// ends, then (at_least_once) commits the offsets. Returns whether offsets were
+    /// committed.
+    pub fn commit<C: ConsumerContext>(
+        &mut self,
+        consumer: &BaseConsumer<C>,
+        mut write_state: impl FnMut(&mut Task<S>, Option<i64>) -> Result<(), StageError>,
+    ) -> Result<bool, StageError> {
+        let running = self.tasks.values_mut().filter(|t| t.phase == Phase::Running);
+        let units = running.map(|t| CommitUnit { output: &mut t.output, next_offset: t.next_offset.take() });
+        let durable = self.outputs.commit(consumer, &self.topic, units)?;
+        for task in self.tasks.values_mut().filter(|t| t.phase == Phase::Running) {
+            write_state(task, durable.tracked_next(task.partition))?;
+        }
+        Ok(self.outputs.confirm(consumer, &self.topic, durable)?)
+    }
+
+    fn one(&self, partition: i32) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&self.topic, partition);
+        tpl
+    }
+}
