@@ -336,50 +336,84 @@ fn kill_9_doubles_nothing_under_exactly_once_and_may_under_at_least_once() {
 }
 
 /// A restore runs in the stage's loop, between polls, not inside the rebalance
-/// callback: a replica restoring a million-key store for longer than
-/// `max.poll.interval.ms` stays in its group (one assignment, no missed poll), and the
-/// restored state counts (pulse ids it holds are duplicates).
+/// callback: while one partition restores a million-key store for longer than
+/// `max.poll.interval.ms`, the replica stays in its group (one assignment, no missed
+/// poll) and its other partition is counted and committed meanwhile; the restored
+/// state counts (pulse ids it holds are duplicates).
 #[test]
-fn a_restore_longer_than_max_poll_interval_keeps_the_member_in_its_group() {
+fn a_long_restore_keeps_the_member_in_its_group_and_the_other_partitions_flowing() {
     const KEYS: usize = 1_000_000;
     const MAX_POLL_MS: u64 = 6_000;
-    let t = Topics::create_with("longrestore", 1, 1);
+    let t = Topics::create_with("longrestore", 1, 2);
     // A registry wait must fit in the low poll interval too (pulses refuses otherwise).
     let config = format!("{}\n[schema_registry]\nrequest_timeout = \"1s\"\nretry_max_backoff = \"1s\"\nretry_max = \"2s\"\n",
         config("1h", "1h"));
     let base = (now_ms() / 60_000 - 20) * 60_000;
 
-    // Life 1 creates the changelog topic; then a million pulse ids of tenant-0 are
-    // written to it as counted ("d" tenant\0pulse_id -> stream time, 8 bytes sortable).
+    // Which grouped partition each tenant is on: keyed records through the Java
+    // client's partitioner (murmur2, as pulses produces) to a topic of as many partitions.
+    let scratch = format!("{}.scratch", t.app);
+    create_topics(&[(&scratch, 2)]);
+    let keyed: TestProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("partitioner", "murmur2_random")
+        .create_with_context(CheckedDelivery::default())
+        .expect("producer");
+    for i in 0..6 {
+        send(&keyed, rdkafka::producer::BaseRecord::to(&scratch).key(format!("tenant-{i}").as_bytes()).payload(&b"x"[..]));
+    }
+    flush(&keyed);
+    let partition_of: BTreeMap<String, i32> = read_all(&scratch).iter().map(|r| (r.key_str(), r.partition)).collect();
+    let seeded_partition = partition_of["tenant-0"];
+    assert!((0..6).any(|i| partition_of[&format!("tenant-{i}")] != seeded_partition), "a tenant on the other partition");
+
+    // Life 1 creates the changelog topic; it commits nothing (no pulses yet), so the
+    // restore below reads the whole changelog as committed.
     let mut p = Proc::run(&t, &config, &[]);
     let changelog = format!("{}-windows-changelog", t.app);
-    wait_for("the changelog topic", DEADLINE, || (!partitions(&changelog).is_empty()).then_some(()));
+    wait_for("the changelog topic", DEADLINE, || (partitions(&changelog).len() == 2).then_some(()));
     assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0));
+    drop(p);
+
+    // A million pulse ids of tenant-0, as counted ("d" tenant\0pulse_id -> stream time,
+    // 8 bytes sortable), on tenant-0's changelog partition.
     let seen_at = ((base as u64) ^ (1 << 63)).to_be_bytes();
     let producer = producer();
     for i in 0..KEYS {
         let key = [b"dtenant-0\0seed-".as_slice(), i.to_string().as_bytes()].concat();
-        send(&producer, rdkafka::producer::BaseRecord::to(&changelog).key(&key[..]).payload(&seen_at[..]).partition(0));
+        let record = rdkafka::producer::BaseRecord::to(&changelog).key(&key[..]).payload(&seen_at[..]);
+        send(&producer, record.partition(seeded_partition));
     }
     flush(&producer);
 
     // A new replica (no local state) restores all of it, with a low max.poll.interval.ms.
     let kafka = [("max.poll.interval.ms", "6000")];
     let mut p = Proc::start_with_kafka("run", &t, &config, &kafka, &[], tempfile::tempdir().expect("tempdir"));
-    let fresh = pulses("fresh", 3, 40, base, 1_000);
+    let fresh = pulses("fresh", 6, 40, base, 1_000);
     let seeded: Vec<P> = (0..200).map(|i| P { id: format!("seed-{i}"), tenant: "tenant-0".into(), ..fresh[0].clone() }).collect();
-    let push = pulses("push", 3, 1, base + 180_000, 1);
     produce_pulses(&t.source, &fresh);
     produce_pulses(&t.source, &seeded);
+    wait_all_committed(&format!("{}.group", t.app), &t.source);
+
+    // The other partition is counted and committed while tenant-0's still restores.
+    let other_partition = 1 - seeded_partition;
+    let grouped_end = data_ends(&t.grouped)[&other_partition];
+    wait_for("the other partition committed", DEADLINE, || {
+        (committed(&format!("{}.aggregate", t.app), &t.grouped).get(&other_partition) >= Some(&grouped_end)).then_some(())
+    });
+    let restored_line = format!("partition={seeded_partition} ");
+    let still_restoring = !p.log().lines().any(|l| l.contains("state store restored") && l.contains(&restored_line));
+    assert!(still_restoring, "partition {other_partition} was committed while partition {seeded_partition} restored");
+
+    let push = pulses("push", 6, 1, base + 180_000, 1);
     produce_pulses(&t.source, &push);
     wait_pipeline_done(&t);
-
     let log = p.log();
     let life = latest_life(&log);
     assert_eq!(restored_records(life), KEYS as u64, "the whole changelog was restored");
     let restore_ms: u64 = life
         .lines()
-        .find(|l| l.contains("state store restored"))
+        .find(|l| l.contains("state store restored") && l.contains(&restored_line))
         .and_then(|l| l.split("restore_ms=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
         .expect("restore_ms in the log");
     eprintln!("restored {KEYS} keys in {restore_ms} ms (max.poll.interval.ms = {MAX_POLL_MS})");
@@ -389,9 +423,8 @@ fn a_restore_longer_than_max_poll_interval_keeps_the_member_in_its_group() {
     assert!(!life.contains("maximum poll interval"), "no missed poll interval");
     assert!(!life.contains("stage failed"), "no stage replaced");
 
-    let counted: Vec<P> = fresh.iter().chain(&push).cloned().collect();
-    let closed_before = base + 180_000 - 5_000;
     // The 200 seeded ids were counted before (the restored state says so): not again.
-    assert_exact(&t, &counted, closed_before);
+    let counted: Vec<P> = fresh.iter().chain(&push).cloned().collect();
+    assert_exact(&t, &counted, base + 180_000 - 5_000);
     assert_eq!(p.terminate(Duration::from_secs(10)).code(), Some(0));
 }
