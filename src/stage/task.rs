@@ -60,14 +60,6 @@ impl<S> Task<S> {
         (&mut self.output, &mut self.state)
     }
 
-    /// Its output, e.g. to tell it where a tracked topic stands.
-    pub fn output(&self) -> &TaskOutput {
-        &self.output
-    }
-
-    pub fn phase(&self) -> Phase {
-        self.phase
-    }
 }
 
 /// The task manager: the tasks of the partitions assigned to one stage consumer, and
@@ -84,19 +76,11 @@ impl<S> Tasks<S> {
         Self { topic: topic.to_owned(), outputs, tasks: BTreeMap::new() }
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.tasks.is_empty()
-    }
-
     pub fn len(&self) -> usize {
         self.tasks.len()
     }
 
-    pub fn contains(&self, partition: i32) -> bool {
+    fn contains(&self, partition: i32) -> bool {
         self.tasks.contains_key(&partition)
     }
 
