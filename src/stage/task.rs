@@ -59,7 +59,6 @@ impl<S> Task<S> {
     pub fn parts(&mut self) -> (&mut TaskOutput, &mut S) {
         (&mut self.output, &mut self.state)
     }
-
 }
 
 /// The task manager: the tasks of the partitions assigned to one stage consumer, and
