@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use common::agg::*;
@@ -25,6 +25,24 @@ fn restored_records(log: &str) -> u64 {
 /// The part of a replica's log written by its latest life.
 fn latest_life(log: &str) -> &str {
     log.rfind("stage 2 (aggregate) started").map_or(log, |i| &log[i..])
+}
+
+/// The grouped partitions stage 2 of a life (`log`) owns now: its assignments less
+/// its revocations and losses, in order (`partitions=[..]` of those lines).
+fn stage2_partitions(log: &str) -> BTreeSet<i32> {
+    let mut owned = BTreeSet::new();
+    for line in log.lines().filter(|l| l.contains("aggregate")) {
+        let Some(list) = line.split("partitions=[").nth(1).and_then(|r| r.split(']').next()) else { continue };
+        let listed = list.split(',').filter_map(|p| p.trim().parse::<i32>().ok());
+        if line.contains("partitions assigned") {
+            owned.extend(listed);
+        } else if line.contains("partitions revoked") || line.contains("partitions lost") {
+            listed.for_each(|p| {
+                owned.remove(&p);
+            });
+        }
+    }
+    owned
 }
 
 fn pulses(prefix: &str, tenants: usize, per_tenant: i64, base: i64, step_ms: i64) -> Vec<P> {
@@ -231,15 +249,37 @@ fn crash_run(guarantee: &str) -> CrashRun {
     let mut replicas: Vec<Proc> = (0..3).map(|_| Proc::run(&t, &config, &[])).collect();
     let mut kills = 0;
     let mut lives: Vec<String> = Vec::new(); // logs of killed lives, for the restore count
+    let changelog = format!("{}-windows-changelog", t.app);
     for (i, chunk) in chunks.iter().enumerate() {
         let before = stage2_committed();
-        produce_pulses(&t.source, chunk);
         match i {
-            // Kill the first replica mid-stream; it comes back on its own state dir.
+            // Kill a replica mid-stream; the first one comes back on its own state dir.
             4 | 9 | 15 => {
-                busy(before);
-                let mut victim = replicas.remove(0);
-                victim.kill9();
+                let victim = std::thread::scope(|s| {
+                    // The chunk goes in slices while the victim is chosen, so input still
+                    // flows (and transactions are open) when the kill lands.
+                    s.spawn(|| {
+                        for slice in chunk.chunks(500) {
+                            produce_pulses(&t.source, slice);
+                            std::thread::sleep(Duration::from_millis(50)); // pacing, not waiting
+                        }
+                    });
+                    busy(before);
+                    // Under exactly_once, one whose stage 2 has a transaction open on the
+                    // broker (its changelog partition is its input partition): the kill
+                    // leaves that transaction for the next owner's fence to abort.
+                    let at = if guarantee == "exactly_once" {
+                        wait_for("a replica with a stage-2 transaction open", DEADLINE, || {
+                            let open = open_transactions(&changelog);
+                            replicas.iter().position(|r| stage2_partitions(latest_life(&r.log())).iter().any(|p| open.contains(p)))
+                        })
+                    } else {
+                        0
+                    };
+                    let mut victim = replicas.remove(at);
+                    victim.kill9();
+                    victim
+                });
                 kills += 1;
                 if i == 4 {
                     // Its log file lives in the state dir and goes on with the next life.
@@ -250,8 +290,11 @@ fn crash_run(guarantee: &str) -> CrashRun {
                 }
             }
             // A fresh replica, no local state: everything it owns comes from the changelog.
-            12 => replicas.push(Proc::run(&t, &config, &[])),
-            _ => {}
+            12 => {
+                produce_pulses(&t.source, chunk);
+                replicas.push(Proc::run(&t, &config, &[]));
+            }
+            _ => produce_pulses(&t.source, chunk),
         }
     }
     assert_eq!(kills, 3, "three SIGKILLs during the run");

@@ -439,6 +439,15 @@ pub fn end_offsets(topic: &str) -> Vec<(i32, i64)> {
     read_to_end(topic).1.into_iter().collect()
 }
 
+/// Partitions of `topic` with a transaction open right now: their last stable offset
+/// (the end a `read_committed` client is told; librdkafka asks ListOffsets with the
+/// client's isolation level) is behind the log end.
+pub fn open_transactions(topic: &str) -> Vec<i32> {
+    let (stable, all) = (reader("read_committed"), reader("read_uncommitted"));
+    let end = |c: &BaseConsumer, p: i32| retrying(&format!("end of {topic}/{p}"), || c.fetch_watermarks(topic, p, Duration::from_secs(30))).1;
+    partitions(topic).into_iter().filter(|&p| end(&stable, p) < end(&all, p)).collect()
+}
+
 /// Committed offsets of `group` on `topic`, by partition (missing: none committed).
 pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
     let c: BaseConsumer =
