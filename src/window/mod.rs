@@ -5,7 +5,8 @@
 //! - [`aggregate`]: the exact accumulator and the emitted aggregate record;
 //! - [`slots`]: which configured window each stored window belongs to, across
 //!   configuration changes;
-//! - [`operator`]: the window operator that ties them together over a [`WindowStore`].
+//! - [`operator`]: the window operator that ties them together over a [`WindowStore`],
+//!   through a write-back cache of open windows (`cache`, `keys`).
 //!
 //! Semantics (SPEC §4): a window `[start, end)` closes when the watermark reaches
 //! `end + grace` and is emitted once with `final: true`. A pulse for a closed window
@@ -15,6 +16,8 @@
 
 pub mod aggregate;
 pub mod assign;
+mod cache;
+mod keys;
 #[cfg(any(test, feature = "bench-doubles"))]
 pub mod memory;
 pub mod operator;

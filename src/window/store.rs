@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::aggregate::{Accumulator, GroupKey};
@@ -56,6 +57,22 @@ pub struct WindowState {
 impl WindowState {
     pub fn new(acc: Accumulator) -> Self {
         Self { acc, next_revision: 0, updated_since_emit: true, last_emit_wall_ms: i64::MIN }
+    }
+
+    /// `state` with a pulse of `amount` at `event_ms` added (a new window's state if
+    /// there is none), or None if the sum would be inexact.
+    pub fn with_pulse(state: Option<Self>, amount: Decimal, event_ms: i64) -> Option<Self> {
+        let Some(mut st) = state else { return Some(Self::new(Accumulator::first(amount, event_ms))) };
+        st.add_pulse(amount, event_ms).then_some(st)
+    }
+
+    /// Adds a pulse; false, with the state unchanged, if the sum would be inexact.
+    pub fn add_pulse(&mut self, amount: Decimal, event_ms: i64) -> bool {
+        if self.acc.add(amount, event_ms).is_err() {
+            return false;
+        }
+        self.updated_since_emit = true;
+        true
     }
 }
 
