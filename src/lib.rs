@@ -21,6 +21,7 @@ pub mod rate;
 pub mod replay;
 pub mod registry;
 pub mod state;
+pub mod serve;
 pub mod stage;
 pub mod window;
 pub mod stub;

@@ -3,9 +3,11 @@
 
 mod bench;
 mod check;
+mod keys;
 mod rate;
 mod replay;
 mod run;
+mod serve;
 mod stub;
 mod topology;
 
@@ -70,6 +72,12 @@ enum Command {
     /// both stages under exactly_once and at_least_once.
     #[command(long_about = bench::LONG_ABOUT)]
     Bench(bench::BenchArgs),
+    /// HTTP API: take pulses over HTTP (POST /v1/pulses) with API keys.
+    #[command(long_about = serve::LONG_ABOUT)]
+    Serve(serve::ServeArgs),
+    /// Create, list and revoke the API keys of `pulses serve`.
+    #[command(long_about = keys::LONG_ABOUT)]
+    Keys(keys::KeysArgs),
 }
 
 /// Flags common to the Kafka-facing commands. Each overrides the config file; each
@@ -93,8 +101,9 @@ pub struct CommonArgs {
     /// Directory for RocksDB state and checkpoints [config default: state]
     #[arg(long, env = "PULSES_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Listen address of `pulses run`'s HTTP endpoint: /metrics, /healthz, /readyz; port 0
-    /// picks a free one [config default: 127.0.0.1:9464]
+    /// Listen address of the HTTP endpoint; port 0 picks a free one. `run`: /metrics,
+    /// /healthz, /readyz [config: http_addr, default 127.0.0.1:9464]; `serve`: the API
+    /// and those [config: serve.http_addr, default 127.0.0.1:8080]
     #[arg(long, env = "PULSES_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<String>,
     /// Topic producers write pulses to [config default: source.pulses]
@@ -180,6 +189,8 @@ pub fn main() -> ExitCode {
         Command::Replay(args) => replay::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Keys(args) => keys::run(args),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -199,18 +210,23 @@ pub(crate) fn shutdown_on_signal(rt: &tokio::runtime::Runtime) -> std::sync::Arc
     let flag = std::sync::Arc::new(AtomicBool::new(false));
     let f = std::sync::Arc::clone(&flag);
     rt.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL only");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight work"),
-            _ = int.recv() => tracing::info!("SIGINT: finishing in-flight work"),
-        }
+        terminated().await;
         f.store(true, Ordering::Release);
     });
     flag
+}
+
+/// Resolves on SIGTERM or SIGINT (never, if the handlers cannot be installed).
+pub(crate) async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL only");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight work"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight work"),
+    }
 }
 
 #[cfg(test)]

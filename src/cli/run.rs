@@ -9,7 +9,7 @@ use clap::{Args, ValueEnum};
 use super::CommonArgs;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
-use crate::ops::http;
+use crate::ops::{http, prometheus};
 use crate::ops::metrics::Metrics;
 use crate::stage::topology::Topology;
 use crate::stage::{self, StageError};
@@ -124,7 +124,15 @@ fn serve_http(rt: &tokio::runtime::Runtime, cfg: &Config, metrics: &Arc<Metrics>
     if let Some(addr) = http::local_addr(&listener) {
         tracing::info!(%addr, "HTTP endpoint listening on http://{addr} (/metrics /healthz /readyz)");
     }
-    rt.spawn(http::serve(listener, Arc::clone(metrics), Arc::new(cfg.clone())));
+    let registry = Arc::new(prometheus::pipeline_registry(Arc::clone(metrics), cfg));
+    let readiness = Arc::clone(metrics);
+    let app = http::ops_only(http::Ops { registry, ready: Arc::new(move || readiness.ops.readiness.status()) });
+    // Until the process exits: probes answer while the stages stop.
+    rt.spawn(async move {
+        if let Err(e) = http::serve(listener, app, std::future::pending()).await {
+            tracing::error!("HTTP endpoint stopped: {e}");
+        }
+    });
     Ok(())
 }
 

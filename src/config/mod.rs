@@ -59,6 +59,41 @@ pub struct Config {
     pub output_format: OutputFormat,
     /// Confluent Schema Registry for Avro input and output (SPEC §6).
     pub schema_registry: SchemaRegistryConfig,
+    /// `pulses serve` (SPEC §8).
+    pub serve: ServeSettings,
+}
+
+/// `pulses serve` settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeSettings {
+    /// Listen address (`--http-addr` wins).
+    pub http_addr: String,
+    /// How long a request waits for the broker to acknowledge its pulses before it is
+    /// answered 503 (also the producer's `message.timeout.ms`).
+    #[serde(deserialize_with = "duration")]
+    pub ack_timeout: Duration,
+    /// Requests answered at once; beyond it, 429.
+    pub max_in_flight_requests: usize,
+    /// Request body bytes held at once; beyond it, 429 (a body without Content-Length
+    /// counts as the largest allowed, 5 MiB).
+    pub max_in_flight_bytes: usize,
+}
+
+impl ServeSettings {
+    /// Largest request body (SPEC §8).
+    pub const MAX_BODY_BYTES: usize = 5 * 1024 * 1024;
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            http_addr: "127.0.0.1:8080".into(),
+            ack_timeout: Duration::from_secs(10),
+            max_in_flight_requests: 256,
+            max_in_flight_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// What a crash or rebalance may do to the outputs (SPEC §4).
@@ -184,6 +219,7 @@ impl Default for Config {
             windows: WindowSpec::defaults(),
             output_format: OutputFormat::Json,
             schema_registry: SchemaRegistryConfig::default(),
+            serve: ServeSettings::default(),
         }
     }
 }
@@ -259,6 +295,17 @@ impl Config {
     /// Checks what serde cannot: non-empty names, sane sizes.
     pub fn check(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let serve = &self.serve;
+        if serve.max_in_flight_requests == 0 {
+            return invalid("serve.max_in_flight_requests must be at least 1".into());
+        }
+        let body = ServeSettings::MAX_BODY_BYTES;
+        if !(body..=u32::MAX as usize).contains(&serve.max_in_flight_bytes) {
+            return invalid(format!("serve.max_in_flight_bytes must be from {body} (one largest request) to {}", u32::MAX));
+        }
+        if serve.ack_timeout < Duration::from_millis(100) {
+            return invalid("serve.ack_timeout must be at least 100ms".into());
+        }
         if self.bootstrap_servers.trim().is_empty() {
             return invalid("bootstrap_servers is empty".into());
         }

@@ -1,165 +1,180 @@
-//! `/metrics` in the Prometheus text exposition format (version 0.0.4), written by
-//! hand: a few dozen series do not need a metrics framework.
+//! `/metrics` of `pulses run` in the Prometheus text format (version 0.0.4), encoded
+//! by `prometheus-client`. The stages count in plain atomics ([`Metrics`]), cheap on
+//! the hot path; this collector reads them at scrape time, as a Kafka Streams metrics
+//! reporter reads its sensors.
 
-use std::fmt::Write;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use super::metrics::{get, HistogramSnapshot, Metrics, TxnOutcome};
 use crate::config::Config;
 use crate::pulse::RejectReason;
 
 /// The content type Prometheus expects for this format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
-/// Renders every metric of the process. `cfg` names the topics in the labels.
-pub fn render(m: &Metrics, cfg: &Config) -> String {
-    let mut out = Exposition::default();
-    let (g, a, ops) = (&m.group, &m.aggregate, &m.ops);
-    let t = &cfg.topics;
-
-    out.family("pulses_records_consumed_total", "counter", "Records read from the stage's input topic.");
-    out.sample("pulses_records_consumed_total", &[("stage", "group"), ("topic", &t.source)], get(&g.consumed));
-    out.sample("pulses_records_consumed_total", &[("stage", "aggregate"), ("topic", &t.grouped)], get(&a.consumed));
-
-    out.family("pulses_records_produced_total", "counter",
-        "Records a stage wrote to its main output topic (grouped pulses; window aggregates, interim, final and corrections).");
-    out.sample("pulses_records_produced_total", &[("stage", "group"), ("topic", &t.grouped)], get(&g.grouped));
-    out.sample("pulses_records_produced_total", &[("stage", "aggregate"), ("topic", &t.aggregated)], get(&a.emitted));
-
-    out.family("pulses_dlq_records_total", "counter", "Invalid records sent to the DLQ, by error.reason.");
-    for (reason, c) in RejectReason::ALL.iter().zip(&g.dlq) {
-        out.sample("pulses_dlq_records_total", &[("topic", &t.dlq), ("reason", reason.as_str())], get(c));
+/// Renders every metric of `registry`.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; a collector's error would be a bug of ours.
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut out, registry) {
+        tracing::error!("encoding /metrics: {e}");
     }
-
-    out.family("pulses_late_records_total", "counter", "Pulses sent to the late topic (counted in no window).");
-    out.sample("pulses_late_records_total", &[("topic", &t.late)], get(&a.late));
-    out.family("pulses_corrections_total", "counter", "Aggregates re-emitted with revision + 1 after a late pulse.");
-    out.sample("pulses_corrections_total", &[], get(&a.corrections));
-    out.family("pulses_duplicates_total", "counter", "Pulses not counted again: their pulse_id was already counted for the tenant.");
-    out.sample("pulses_duplicates_total", &[], get(&a.duplicates));
-    out.family("pulses_changelog_records_total", "counter", "State changes written to the changelog topic.");
-    out.sample("pulses_changelog_records_total", &[("topic", &cfg.changelog_topic())], get(&a.changelog_records));
-
-    out.family("pulses_offset_commits_total", "counter", "Batches whose input offsets were committed.");
-    out.sample("pulses_offset_commits_total", &[("stage", "group")], get(&g.commits));
-    out.sample("pulses_offset_commits_total", &[("stage", "aggregate")], get(&a.commits));
-
-    out.family("pulses_transactions_total", "counter", "Kafka transactions (exactly_once), by stage and outcome: committed, or aborted (a step failed, or a revoked partition's transaction was open).");
-    if let Ok(txns) = ops.transactions.lock() {
-        for ((stage, outcome), n) in txns.iter() {
-            out.sample("pulses_transactions_total", &[("stage", stage), ("outcome", outcome.as_str())], *n);
-        }
-        for stage in ["group", "aggregate"] {
-            for outcome in [TxnOutcome::Committed, TxnOutcome::Aborted] {
-                if !txns.contains_key(&(stage.to_owned(), outcome)) {
-                    out.sample("pulses_transactions_total", &[("stage", stage), ("outcome", outcome.as_str())], 0);
-                }
-            }
-        }
-    }
-
-    out.family("pulses_stage_restarts_total", "counter",
-        "Times a stage failed on Kafka (broker outage, lost group membership, failed transaction) and was replaced in-process; its uncommitted work was redone from the last commit.");
-    if let Ok(restarts) = ops.stage_restarts.lock() {
-        for stage in ["group", "aggregate"] {
-            out.sample("pulses_stage_restarts_total", &[("stage", stage)], restarts.get(stage).copied().unwrap_or(0));
-        }
-    }
-
-    out.family("pulses_consumer_lag", "gauge",
-        "Records the stage still has to read in a partition: its last stable offset minus the stage's position (librdkafka statistics, every 5 s; -1 unknown).");
-    if let Ok(lag) = ops.lag.lock() {
-        for ((stage, topic, partition), n) in lag.iter() {
-            out.sample_i("pulses_consumer_lag", &[("stage", stage), ("topic", topic), ("partition", &partition.to_string())], *n);
-        }
-    }
-
-    out.histograms("pulses_window_close_delay_seconds",
-        "Wall-clock time from the moment stage 2 saw a partition's watermark pass window_end + grace (and emitted the \
-         final aggregate) to the commit of the transaction that published it. Revision 0 only.",
-        &ops.close_delay.snapshot());
-    out.histograms("pulses_end_to_end_latency_seconds",
-        "Commit wall time of a final aggregate (revisions included) minus its last_event_time: how long after the \
-         newest pulse it counts the result is readable downstream. Includes the window size and grace.",
-        &ops.end_to_end.snapshot());
-    out.histograms("pulses_checkpoint_duration_seconds", "Time to write one partition's checkpoint (RocksDB snapshot).",
-        &[(String::new(), ops.checkpoint_duration.snapshot())]);
-
-    out.family("pulses_restored_records_total", "counter", "Changelog records applied while restoring stores.");
-    out.sample("pulses_restored_records_total", &[], get(&a.restored_records));
-    if let Ok(restore) = ops.restore.lock() {
-        out.family("pulses_restore_records_restored", "gauge", "Changelog records read by the latest restore of a partition's store.");
-        for (p, r) in restore.iter() {
-            out.sample("pulses_restore_records_restored", &[("partition", &p.to_string())], r.restored);
-        }
-        out.family("pulses_restore_records_to_restore", "gauge",
-            "Changelog offsets the latest restore of a partition's store has to read (includes transaction markers).");
-        for (p, r) in restore.iter() {
-            out.sample("pulses_restore_records_to_restore", &[("partition", &p.to_string())], r.to_restore);
-        }
-        out.family("pulses_restore_done", "gauge", "1 once the latest restore of a partition's store finished.");
-        for (p, r) in restore.iter() {
-            out.sample("pulses_restore_done", &[("partition", &p.to_string())], u64::from(r.done));
-        }
-    }
-
-    out.family("pulses_ready", "gauge", "1 when /readyz answers 200: stages joined, assigned stores restored.");
-    out.sample("pulses_ready", &[], u64::from(ops.readiness.status().is_ok()));
-    out.text
+    out
 }
 
-/// The text being written.
-#[derive(Default)]
-struct Exposition {
-    text: String,
+/// A registry holding the pipeline's metrics.
+pub fn pipeline_registry(metrics: Arc<Metrics>, cfg: &Config) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(PipelineMetrics { metrics, cfg: Arc::new(cfg.clone()) }));
+    registry
 }
 
-impl Exposition {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.text, "# HELP {name} {}", help.replace('\\', "\\\\").replace('\n', "\\n"));
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
+/// The stages' counters, gauges and histograms. `cfg` names the topics in the labels.
+#[derive(Debug)]
+struct PipelineMetrics {
+    metrics: Arc<Metrics>,
+    cfg: Arc<Config>,
+}
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.line(name, labels, &value.to_string());
-    }
+type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-    fn sample_i(&mut self, name: &str, labels: &[(&str, &str)], value: i64) {
-        self.line(name, labels, &value.to_string());
-    }
-
-    fn line(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
-        self.text.push_str(name);
-        if !labels.is_empty() {
-            self.text.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.text.push(',');
-                }
-                let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
-                let _ = write!(self.text, "{k}=\"{v}\"");
-            }
-            self.text.push('}');
+/// Encodes one family: a name (counters without their `_total`, which the encoder
+/// adds), its help, its kind and its samples.
+fn family<'a>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels<'a>, i64)>,
+) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        let family = metric.encode_family(&labels)?;
+        match kind {
+            MetricType::Counter => ConstCounter::new(value.max(0) as u64).encode(family)?,
+            _ => ConstGauge::new(value).encode(family)?,
         }
-        let _ = writeln!(self.text, " {value}");
     }
+    Ok(())
+}
 
-    /// One histogram family; a non-empty label value becomes `window="…"`.
-    fn histograms(&mut self, name: &str, help: &str, series: &[(String, HistogramSnapshot)]) {
-        self.family(name, "histogram", help);
-        for (window, h) in series {
-            let base: Vec<(&str, &str)> = if window.is_empty() { vec![] } else { vec![("window", window.as_str())] };
-            for (bound, n) in &h.buckets {
-                let le = bound.to_string();
-                let mut labels = base.clone();
-                labels.push(("le", &le));
-                self.sample(&format!("{name}_bucket"), &labels, *n);
-            }
-            let mut labels = base.clone();
-            labels.push(("le", "+Inf"));
-            self.sample(&format!("{name}_bucket"), &labels, h.count);
-            self.line(&format!("{name}_sum"), &base, &h.sum_seconds.to_string());
-            self.sample(&format!("{name}_count"), &base, h.count);
+/// One histogram family; a non-empty label value becomes `window="…"`.
+fn histograms(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: &[(String, HistogramSnapshot)]) -> std::fmt::Result {
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+    for (window, h) in series {
+        let labels: Labels<'_> = if window.is_empty() { vec![] } else { vec![("window", window.as_str())] };
+        // The snapshot's buckets are cumulative; the encoder wants each bucket's own count.
+        let mut below = 0;
+        let buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .map(|&(bound, cumulative)| (bound, cumulative - std::mem::replace(&mut below, cumulative)))
+            .collect();
+        metric.encode_family(&labels)?.encode_histogram::<Labels<'_>>(h.sum_seconds, h.count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+fn n(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+impl Collector for PipelineMetrics {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let (m, cfg) = (&self.metrics, &self.cfg);
+        let (g, a, ops) = (&m.group, &m.aggregate, &m.ops);
+        let t = &cfg.topics;
+        use MetricType::{Counter, Gauge};
+
+        family(&mut e, "pulses_records_consumed", "Records read from the stage's input topic.", Counter, [
+            (vec![("stage", "group"), ("topic", t.source.as_str())], n(get(&g.consumed))),
+            (vec![("stage", "aggregate"), ("topic", t.grouped.as_str())], n(get(&a.consumed))),
+        ])?;
+        family(&mut e, "pulses_records_produced",
+            "Records a stage wrote to its main output topic (grouped pulses; window aggregates, interim, final and corrections).",
+            Counter, [
+                (vec![("stage", "group"), ("topic", t.grouped.as_str())], n(get(&g.grouped))),
+                (vec![("stage", "aggregate"), ("topic", t.aggregated.as_str())], n(get(&a.emitted))),
+            ])?;
+        family(&mut e, "pulses_dlq_records", "Invalid records sent to the DLQ, by error.reason.", Counter,
+            RejectReason::ALL.iter().zip(&g.dlq).map(|(reason, c)| (vec![("topic", t.dlq.as_str()), ("reason", reason.as_str())], n(get(c)))))?;
+        family(&mut e, "pulses_late_records", "Pulses sent to the late topic (counted in no window).", Counter,
+            [(vec![("topic", t.late.as_str())], n(get(&a.late)))])?;
+        family(&mut e, "pulses_corrections", "Aggregates re-emitted with revision + 1 after a late pulse.", Counter,
+            [(vec![], n(get(&a.corrections)))])?;
+        family(&mut e, "pulses_duplicates", "Pulses not counted again: their pulse_id was already counted for the tenant.", Counter,
+            [(vec![], n(get(&a.duplicates)))])?;
+        let changelog = cfg.changelog_topic();
+        family(&mut e, "pulses_changelog_records", "State changes written to the changelog topic.", Counter,
+            [(vec![("topic", changelog.as_str())], n(get(&a.changelog_records)))])?;
+        family(&mut e, "pulses_offset_commits", "Batches whose input offsets were committed.", Counter, [
+            (vec![("stage", "group")], n(get(&g.commits))),
+            (vec![("stage", "aggregate")], n(get(&a.commits))),
+        ])?;
+
+        let txns = ops.transactions.lock().map(|t| t.clone()).unwrap_or_default();
+        let outcomes = ["group", "aggregate"].into_iter().flat_map(|stage| {
+            [TxnOutcome::Committed, TxnOutcome::Aborted].into_iter().map(move |o| (stage, o))
+        });
+        let mut samples: Vec<(Labels<'_>, i64)> = Vec::new();
+        for ((stage, outcome), v) in txns.iter() {
+            samples.push((vec![("stage", stage.as_str()), ("outcome", outcome.as_str())], n(*v)));
         }
+        for (stage, outcome) in outcomes.filter(|(s, o)| !txns.contains_key(&(s.to_string(), *o))) {
+            samples.push((vec![("stage", stage), ("outcome", outcome.as_str())], 0));
+        }
+        family(&mut e, "pulses_transactions",
+            "Kafka transactions (exactly_once), by stage and outcome: committed, or aborted (a step failed, or a revoked partition's transaction was open).",
+            Counter, samples)?;
+
+        let restarts = ops.stage_restarts.lock().map(|r| r.clone()).unwrap_or_default();
+        family(&mut e, "pulses_stage_restarts",
+            "Times a stage failed on Kafka (broker outage, lost group membership, failed transaction) and was replaced in-process; its uncommitted work was redone from the last commit.",
+            Counter, ["group", "aggregate"].map(|s| (vec![("stage", s)], n(restarts.get(s).copied().unwrap_or(0)))))?;
+
+        let lag = ops.lag.lock().map(|l| l.clone()).unwrap_or_default();
+        let partitions: Vec<String> = lag.keys().map(|(_, _, p)| p.to_string()).collect();
+        family(&mut e, "pulses_consumer_lag",
+            "Records the stage still has to read in a partition: its last stable offset minus the stage's position (librdkafka statistics, every 5 s; -1 unknown).",
+            Gauge, lag.iter().zip(&partitions).map(|(((stage, topic, _), v), p)| {
+                (vec![("stage", stage.as_str()), ("topic", topic.as_str()), ("partition", p.as_str())], *v)
+            }))?;
+
+        histograms(&mut e, "pulses_window_close_delay_seconds",
+            "Wall-clock time from the moment stage 2 saw a partition's watermark pass window_end + grace (and emitted the \
+             final aggregate) to the commit of the transaction that published it. Revision 0 only.",
+            &ops.close_delay.snapshot())?;
+        histograms(&mut e, "pulses_end_to_end_latency_seconds",
+            "Commit wall time of a final aggregate (revisions included) minus its last_event_time: how long after the \
+             newest pulse it counts the result is readable downstream. Includes the window size and grace.",
+            &ops.end_to_end.snapshot())?;
+        histograms(&mut e, "pulses_checkpoint_duration_seconds", "Time to write one partition's checkpoint (RocksDB snapshot).",
+            &[(String::new(), ops.checkpoint_duration.snapshot())])?;
+
+        family(&mut e, "pulses_restored_records", "Changelog records applied while restoring stores.", Counter,
+            [(vec![], n(get(&a.restored_records)))])?;
+        let restore = ops.restore.lock().map(|r| r.clone()).unwrap_or_default();
+        let partitions: Vec<String> = restore.keys().map(i32::to_string).collect();
+        let per_partition = |f: fn(&super::metrics::RestoreProgress) -> u64| {
+            restore.values().zip(&partitions).map(move |(r, p)| (vec![("partition", p.as_str())], n(f(r))))
+        };
+        family(&mut e, "pulses_restore_records_restored", "Changelog records read by the latest restore of a partition's store.",
+            Gauge, per_partition(|r| r.restored))?;
+        family(&mut e, "pulses_restore_records_to_restore",
+            "Changelog offsets the latest restore of a partition's store has to read (includes transaction markers).",
+            Gauge, per_partition(|r| r.to_restore))?;
+        family(&mut e, "pulses_restore_done", "1 once the latest restore of a partition's store finished.", Gauge,
+            per_partition(|r| u64::from(r.done)))?;
+
+        family(&mut e, "pulses_ready", "1 when /readyz answers 200: stages joined, assigned stores restored.", Gauge,
+            [(vec![], i64::from(ops.readiness.status().is_ok()))])
     }
 }
 
@@ -170,17 +185,19 @@ mod tests {
 
     #[test]
     fn renders_counters_with_labels_help_and_type() {
-        let m = Metrics::default();
+        let m = Arc::new(Metrics::default());
         add(&m.group.consumed, 7);
         add(m.group.dlq_for(RejectReason::NegativeAmount), 2);
         m.ops.close_delay.observe_ms("minute", 120);
-        let text = render(&m, &Config::default());
-        assert!(text.contains("# TYPE pulses_records_consumed_total counter\n"));
+        let text = render(&pipeline_registry(Arc::clone(&m), &Config::default()));
+        assert!(text.contains("# TYPE pulses_records_consumed_total counter\n"), "{text}");
         assert!(text.contains("pulses_records_consumed_total{stage=\"group\",topic=\"source.pulses\"} 7\n"));
         assert!(text.contains("pulses_dlq_records_total{topic=\"source.pulses.dlq\",reason=\"negative_amount\"} 2\n"));
         assert!(text.contains("pulses_dlq_records_total{topic=\"source.pulses.dlq\",reason=\"invalid_json\"} 0\n"));
-        assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"0.1\"} 0\n"));
+        assert!(text.contains("pulses_transactions_total{stage=\"aggregate\",outcome=\"aborted\"} 0\n"));
+        assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"0.1\"} 0\n"), "{text}");
         assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"0.25\"} 1\n"));
+        assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"+Inf\"} 1\n"));
         assert!(text.contains("pulses_window_close_delay_seconds_count{window=\"minute\"} 1\n"));
         assert!(text.contains("pulses_ready 0\n"));
         // Every sample line belongs to a family declared before it.

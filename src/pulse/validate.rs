@@ -149,7 +149,9 @@ pub fn normalise(raw: RawPulse<'_>, ctx: &RecordContext<'_>) -> Result<GroupedPu
     })
 }
 
-fn identifier(field: &str, value: Option<&str>) -> Result<String, Rejection> {
+/// Checks an identifier field (tenant_id, product_sku, use_unit): present, non-empty,
+/// at most [`MAX_ID_LEN`], of the allowed characters.
+pub fn identifier(field: &str, value: Option<&str>) -> Result<String, Rejection> {
     let v = value.ok_or_else(|| Rejection::new(RejectReason::MissingField, format!("{field} is required")))?;
     if v.is_empty() {
         return Err(Rejection::new(RejectReason::InvalidField, format!("{field} is empty")));

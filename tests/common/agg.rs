@@ -143,3 +143,18 @@ pub fn wait_pipeline_done(t: &Topics) {
     wait_all_committed(&format!("{}.aggregate", t.app), &t.grouped);
 }
 
+/// Waits for every window of `counted` closed before `closed_before` to be emitted,
+/// then asserts the finals equal the fold exactly.
+pub fn assert_exact(t: &Topics, counted: &[P], closed_before: i64) {
+    let expected = fold(counted, WINDOWS, closed_before);
+    wait_for("every expected window emitted", DEADLINE, || {
+        let (got, _) = latest_finals(&t.aggregated);
+        expected.keys().all(|k| got.contains_key(k)).then_some(())
+    });
+    let (got, emitted) = latest_finals(&t.aggregated); // also: no (aggregate_id, revision) twice
+    let got: BTreeMap<AggKey, Expect> = got.into_iter().map(|(k, (_, e))| (k, e)).collect();
+    for (k, e) in &expected {
+        assert_eq!(got.get(k), Some(e), "aggregate {k:?}");
+    }
+    assert_eq!(got.len(), expected.len(), "no unexpected final aggregates ({emitted} records)");
+}

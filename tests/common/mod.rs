@@ -5,7 +5,9 @@
 pub mod agg;
 pub mod collector;
 pub mod http;
+pub mod own_broker;
 pub mod registry;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

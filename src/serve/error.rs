@@ -1,0 +1,77 @@
+//! Errors of the HTTP API, as SPEC §8 writes them: a status and
+//! `{"error":"<code>","detail":"…"}`, plus per-pulse reasons for invalid pulses.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+/// Why one pulse of a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PulseError {
+    pub index: usize,
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub detail: String,
+    /// Invalid pulses, for `invalid_pulse`.
+    pub errors: Vec<PulseError>,
+    /// Seconds a client should wait before retrying (503, 429).
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self { status, code, detail: detail.into(), errors: Vec::new(), retry_after: None }
+    }
+
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+    }
+
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, detail)
+    }
+
+    pub fn forbidden_tenant(tenant: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden_tenant", format!("this API key may not act for tenant {tenant:?}"))
+    }
+
+    pub fn invalid_pulses(errors: Vec<PulseError>) -> Self {
+        let detail = format!("{} invalid pulse(s); nothing was accepted", errors.len());
+        Self { errors, ..Self::bad_request("invalid_pulse", detail) }
+    }
+
+    pub fn unavailable(detail: impl Into<String>, retry_after: u64) -> Self {
+        Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail) }
+    }
+
+    pub fn too_many_requests(detail: impl Into<String>) -> Self {
+        Self { retry_after: Some(1), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", detail) }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    errors: &'a [PulseError],
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Body { error: self.code, detail: &self.detail, errors: &self.errors };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

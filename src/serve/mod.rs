@@ -1,0 +1,159 @@
+//! `pulses serve` (SPEC §8): the HTTP front door for services that do not speak Kafka.
+//! It keeps no state Kafka does not hold, so any number of replicas can run behind a
+//! load balancer.
+//!
+//! - [`ingest`]: `POST /v1/pulses`, where a pulse enters over HTTP;
+//! - [`keys`]: what an API key is and how its secret is checked (pure);
+//! - [`key_table`]: the keys topic, written by `pulses keys`, followed by every replica;
+//! - [`metrics`]: requests, latency, pulses accepted and rejected;
+//! - [`error`]: the JSON error answers.
+
+pub mod error;
+pub mod ingest;
+pub mod key_table;
+pub mod keys;
+pub mod metrics;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use rdkafka::producer::FutureProducer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::{Config, ServeSettings};
+use crate::kafka::clients;
+use crate::ops::http::{self, Ops};
+use error::ApiError;
+use key_table::KeyTable;
+use keys::Caller;
+use metrics::ServeMetrics;
+
+/// API key header.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// What every request handler shares.
+pub struct App {
+    pub cfg: Arc<Config>,
+    pub settings: ServeSettings,
+    pub keys: Arc<KeyTable>,
+    pub producer: FutureProducer,
+    pub metrics: Arc<ServeMetrics>,
+    pub limits: Limits,
+}
+
+impl App {
+    /// Who the request's `X-API-Key` acts for; 401 if nobody.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let secret = headers.get(API_KEY_HEADER).map(|v| v.to_str().unwrap_or(""));
+        keys::authenticate(secret, |id| self.keys.get(id)).map_err(|why| {
+            tracing::debug!("API key refused: {why}");
+            ApiError::unauthorized(format!("a valid {API_KEY_HEADER} header is required ({why})"))
+        })
+    }
+}
+
+/// Bounds on the work in flight: requests, and the bytes of their bodies. Beyond
+/// either, a request gets 429 at once instead of waiting in memory.
+pub struct Limits {
+    requests: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_bytes: usize,
+}
+
+impl Limits {
+    pub fn new(requests: usize, bytes: usize) -> Self {
+        Self { requests: Arc::new(Semaphore::new(requests)), bytes: Arc::new(Semaphore::new(bytes)), max_bytes: bytes }
+    }
+
+    /// A place for one more request, held until it is answered.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        Arc::clone(&self.requests)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::too_many_requests("too many requests in flight; retry shortly"))
+    }
+
+    /// `n` bytes of the in-flight budget, held until the request is answered.
+    pub fn reserve_bytes(&self, n: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+        let n = u32::try_from(n.min(self.max_bytes)).unwrap_or(u32::MAX);
+        Arc::clone(&self.bytes)
+            .try_acquire_many_owned(n)
+            .map_err(|_| ApiError::too_many_requests("too many request bytes in flight; retry shortly"))
+    }
+}
+
+/// The routes of `pulses serve`, with the operational ones, counted by `metrics`.
+pub fn router(app: Arc<App>, ops: Ops) -> Router {
+    let admitted = Arc::clone(&app);
+    let api = Router::new()
+        .route("/v1/pulses", post(ingest::post_pulses))
+        .with_state(Arc::clone(&app))
+        // Every API request holds a place among those in flight while it is answered.
+        .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let admitted = Arc::clone(&admitted);
+            async move {
+                match admitted.limits.admit() {
+                    Ok(_place) => next.run(request).await,
+                    Err(e) => axum::response::IntoResponse::into_response(e),
+                }
+            }
+        }));
+    api.merge(http::ops_routes(ops))
+        .fallback(|| async { ApiError::new(axum::http::StatusCode::NOT_FOUND, "not_found", "no such route; see SPEC §8") })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&app.metrics), metrics::track))
+}
+
+/// The ingest producer: idempotent, acks=all, giving up on a record after the ack
+/// timeout (the client has had its 503 by then).
+pub fn producer(cfg: &Config, settings: &ServeSettings) -> Result<FutureProducer, rdkafka::error::KafkaError> {
+    let mut c = clients::producer_config(cfg);
+    c.set("message.timeout.ms", settings.ack_timeout.as_millis().to_string());
+    c.create()
+}
+
+/// A registry with the serve metrics, and whether the process is ready: keys loaded.
+pub fn registry(keys: &Arc<KeyTable>) -> (Registry, Arc<ServeMetrics>, http::ReadyCheck) {
+    let mut registry = Registry::default();
+    let metrics = Arc::new(ServeMetrics::register(&mut registry));
+    let table = Arc::clone(keys);
+    let ready: http::ReadyCheck =
+        Arc::new(move || if table.caught_up() { Ok(()) } else { Err("loading API keys".into()) });
+    (registry, metrics, ready)
+}
+
+/// Runs the server on `listener` until `shutdown`; then finishes the requests in
+/// flight, flushes the producer and stops following the keys.
+pub async fn run(
+    cfg: Arc<Config>,
+    settings: ServeSettings,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    key_table::ensure_topic(&cfg).await?;
+    let keys = Arc::new(KeyTable::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let follower = key_table::follow(&cfg, Arc::clone(&keys), Arc::clone(&stop))?;
+    let (registry, metrics, ready) = registry(&keys);
+    let producer = producer(&cfg, &settings).context("creating the ingest producer")?;
+    let limits = Limits::new(settings.max_in_flight_requests, settings.max_in_flight_bytes);
+    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits });
+    let ops = Ops { registry: Arc::new(registry), ready };
+    http::serve(listener, router(Arc::clone(&app), ops), shutdown).await.context("serving HTTP")?;
+    tracing::info!("HTTP server stopped; flushing the producer");
+    let flushed = {
+        let producer = app.producer.clone();
+        let within = app.settings.ack_timeout;
+        tokio::task::spawn_blocking(move || clients::flush(&producer, within)).await
+    };
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+    match flushed {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::anyhow!("flushing the ingest producer: {e}")),
+        Err(e) => Err(anyhow::anyhow!("flushing the ingest producer: {e}")),
+    }
+}
