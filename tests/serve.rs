@@ -109,6 +109,13 @@ fn fifty_clients_post_200000_pulses_to_two_replicas_and_the_totals_are_exact() {
     eprintln!("{} pulses in {} requests from {CLIENTS} clients to 2 replicas in {elapsed:?} ({:.0} pulses/s)",
         all.len(), batches.len(), all.len() as f64 / elapsed.as_secs_f64());
 
+    for addr in [&addr_a, &addr_b] {
+        let m = common::http::scrape(addr);
+        let accepted = m["pulses_ingest_pulses_accepted_total"];
+        eprintln!("{addr}: {accepted} pulses accepted; POST /v1/pulses p50 <= {} s, p95 <= {} s (histogram buckets)",
+            quantile_bound(&m, 0.50), quantile_bound(&m, 0.95));
+    }
+
     let pushed = push(tenants, base + 900_000);
     produce_pulses(&t.source, &pushed);
     wait_pipeline_done(&t);
@@ -117,6 +124,21 @@ fn fifty_clients_post_200000_pulses_to_two_replicas_and_the_totals_are_exact() {
     let grouped = read_all(&t.grouped).len();
     assert_eq!(grouped, counted.len(), "every pulse written to source.pulses once");
     assert_eq!(run.terminate(Duration::from_secs(30)).code(), Some(0));
+}
+
+/// The upper bound of the latency bucket holding quantile `q` of POST /v1/pulses.
+fn quantile_bound(metrics: &std::collections::BTreeMap<String, f64>, q: f64) -> String {
+    let prefix = "pulses_http_request_duration_seconds_bucket{route=\"/v1/pulses\",le=\"";
+    let mut buckets: Vec<(f64, f64, &str)> = metrics
+        .iter()
+        .filter_map(|(k, v)| {
+            let le = k.strip_prefix(prefix)?.strip_suffix("\"}")?;
+            Some((if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? }, *v, le))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    buckets.iter().find(|b| b.1 >= q * total).map_or("?".into(), |b| b.2.to_owned())
 }
 
 #[test]
