@@ -59,10 +59,10 @@ struct OpenBucket {
     all_cached: bool,
 }
 
-/// A change a pulse made to one cached window. The operator keeps it until all the
-/// pulse's windows took it, then [keeps](WindowCache::keep) it, or, if one refused,
-/// [undoes](WindowCache::undo) it.
-pub(super) enum Pending {
+/// A change a pulse made to one cached window, kept until all the pulse's windows
+/// took it ([`WindowCache::keep_changes`]) or one refused it
+/// ([`WindowCache::undo_changes`]).
+enum Pending {
     /// A cached window, updated in place; `prior` is what it was.
     Updated { at: WindowRef, prior: Prior },
     /// A window newly in the cache (new, or read from the store), in a bucket that
@@ -71,7 +71,7 @@ pub(super) enum Pending {
 }
 
 /// A cached window as it was before a pulse changed it.
-pub(super) struct Prior {
+struct Prior {
     state: WindowState,
     dirty: bool,
     used: u32,
@@ -97,6 +97,8 @@ pub(super) struct WindowCache {
     dirty: Vec<WindowRef>,
     flushes: u32,
     keys: KeyTable,
+    /// The changes of the pulse being counted.
+    pending: Vec<Pending>,
 }
 
 impl WindowCache {
@@ -109,6 +111,7 @@ impl WindowCache {
             dirty: Vec::new(),
             flushes: 0,
             keys: KeyTable::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -142,15 +145,11 @@ impl WindowCache {
     }
 
     /// Adds a pulse of `amount` at `event_ms` to the open window `at`: in place if
-    /// cached, else read from the store (or new) into the cache. None, with nothing
-    /// changed, if the sum would be inexact.
-    pub fn add<S: WindowStore>(
-        &mut self,
-        at: WindowRef,
-        amount: Decimal,
-        event_ms: i64,
-        store: &mut S,
-    ) -> Result<Option<Pending>, S::Error> {
+    /// cached, else read from the store (or new) into the cache. False, with nothing
+    /// changed, if the sum would be inexact. The change is pending until
+    /// [`keep_changes`](Self::keep_changes) or [`undo_changes`](Self::undo_changes).
+    #[inline]
+    pub fn add<S: WindowStore>(&mut self, at: WindowRef, amount: Decimal, event_ms: i64, store: &mut S) -> Result<bool, S::Error> {
         let (open, new_bucket) = match self.open.entry(at.bucket) {
             btree_map::Entry::Occupied(e) => (e.into_mut(), false),
             btree_map::Entry::Vacant(e) => (e.insert(OpenBucket { all_cached: true, ..Default::default() }), true),
@@ -160,10 +159,10 @@ impl WindowCache {
                 let c = e.get_mut();
                 let prior = Prior { state: c.state.clone(), dirty: c.dirty, used: c.used };
                 if !c.state.add_pulse(amount, event_ms) {
-                    return Ok(None);
+                    return Ok(false);
                 }
                 c.touch(self.flushes);
-                Ok(Some(Pending::Updated { at, prior }))
+                self.pending.push(Pending::Updated { at, prior });
             }
             hash_map::Entry::Vacant(e) => {
                 // Not cached: the store has it only if its bucket is not all cached.
@@ -173,43 +172,49 @@ impl WindowCache {
                     if new_bucket {
                         self.open.remove(&at.bucket);
                     }
-                    return Ok(None);
+                    return Ok(false);
                 };
                 e.insert(Cached { state, dirty: true, stored: in_store, used: self.flushes });
-                Ok(Some(Pending::Cached { at, new_bucket }))
+                self.pending.push(Pending::Cached { at, new_bucket });
             }
         }
+        Ok(true)
     }
 
-    /// Keeps a change: the window is written at the next flush.
-    pub fn keep(&mut self, change: Pending) {
-        match change {
-            Pending::Updated { at, prior } => {
-                if !prior.dirty {
+    /// Keeps the pending changes: their windows are written at the next flush.
+    #[inline]
+    pub fn keep_changes(&mut self) {
+        for change in self.pending.drain(..) {
+            match change {
+                Pending::Updated { at, prior } => {
+                    if !prior.dirty {
+                        self.dirty.push(at);
+                    }
+                }
+                Pending::Cached { at, .. } => {
                     self.dirty.push(at);
+                    self.cached += 1;
+                    self.keys.window_added(at.group);
                 }
-            }
-            Pending::Cached { at, .. } => {
-                self.dirty.push(at);
-                self.cached += 1;
-                self.keys.window_added(at.group);
             }
         }
     }
 
-    /// Undoes a change (changes of one pulse newest first).
-    pub fn undo(&mut self, change: Pending) {
-        match change {
-            Pending::Updated { at, prior } => {
-                if let Some(c) = self.cached_mut(at) {
-                    (c.state, c.dirty, c.used) = (prior.state, prior.dirty, prior.used);
+    /// Undoes the pending changes, newest first.
+    pub fn undo_changes(&mut self) {
+        while let Some(change) = self.pending.pop() {
+            match change {
+                Pending::Updated { at, prior } => {
+                    if let Some(c) = self.cached_mut(at) {
+                        (c.state, c.dirty, c.used) = (prior.state, prior.dirty, prior.used);
+                    }
                 }
-            }
-            Pending::Cached { at, new_bucket } => {
-                if new_bucket {
-                    self.open.remove(&at.bucket);
-                } else if let Some(open) = self.open.get_mut(&at.bucket) {
-                    open.cached.remove(&at.group);
+                Pending::Cached { at, new_bucket } => {
+                    if new_bucket {
+                        self.open.remove(&at.bucket);
+                    } else if let Some(open) = self.open.get_mut(&at.bucket) {
+                        open.cached.remove(&at.group);
+                    }
                 }
             }
         }
@@ -234,12 +239,11 @@ impl WindowCache {
     /// Writes the changed windows into the store; then, beyond the capacity, evicts
     /// least recently used clean windows that are not `pinned`. Call before committing.
     pub fn flush<S: WindowStore>(&mut self, store: &mut S, pinned: impl Fn(&Bucket, &WindowState) -> bool) -> Result<(), S::Error> {
-        for at in std::mem::take(&mut self.dirty) {
+        for at in self.dirty.drain(..) {
             // Closed windows are gone from the cache (and were written when closed).
-            let key = || self.keys.window_key(at.bucket, at.group);
             if let Some(c) = self.open.get_mut(&at.bucket).and_then(|o| o.cached.get_mut(&at.group)) {
                 if c.dirty {
-                    store.put_open(&key(), &c.state)?;
+                    store.put_open(&self.keys.window_key(at.bucket, at.group), &c.state)?;
                     c.dirty = false;
                     c.stored = true;
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::aggregate::{GroupKey, GroupKeyRef, WindowAggregate};
 use super::assign::window_bounds;
-use super::cache::{Closing, Pending, WindowCache, WindowRef};
+use super::cache::{Closing, WindowCache, WindowRef};
 use super::keys::GroupId;
 use super::slots::{WindowSlots, WindowsChanged};
 use super::store::{Bucket, WindowKey, WindowState, WindowStore};
@@ -71,19 +71,10 @@ pub struct WindowOperator {
     watermark: Watermark,
     windows: WindowCache,
     watermark_dirty: bool,
-    /// The bounds of the last pulse's windows, and what counting it changed: reused
-    /// from pulse to pulse.
+    /// The bounds of the last pulse's windows, and the closed windows counting it
+    /// corrects (written once all its windows took it): reused from pulse to pulse.
     bounds: Vec<(i64, i64)>,
-    changes: Vec<Change>,
-}
-
-/// One window a pulse changed, kept until all its windows took it (then the change is
-/// kept) or one refused it (then every change is undone).
-enum Change {
-    /// An open window, in the cache.
-    Open(Pending),
-    /// A closed window: a correction, written when kept.
-    Corrected { key: WindowKey, state: WindowState },
+    corrections: Vec<(WindowKey, WindowState)>,
 }
 
 impl WindowOperator {
@@ -107,7 +98,7 @@ impl WindowOperator {
             windows: WindowCache::new(buckets, DEFAULT_CACHE_WINDOWS),
             watermark_dirty: false,
             bounds: Vec::new(),
-            changes: Vec::new(),
+            corrections: Vec::new(),
         })
     }
 
@@ -166,11 +157,10 @@ impl WindowOperator {
             return Ok(());
         }
         let group = self.windows.intern(GroupKeyRef::new(&pulse.tenant_id, &pulse.product_sku, &pulse.use_unit));
-        let mut changes = std::mem::take(&mut self.changes);
-        let counted = self.count(pulse, group, store, &mut changes);
+        let counted = self.count(pulse, group, store);
         if !matches!(counted, Ok(true)) {
-            self.undo(&mut changes);
-            self.changes = changes;
+            self.windows.undo_changes();
+            self.corrections.clear();
             counted?;
             out.push(Output::Late { pulse: pulse.clone(), reason: LateReason::InexactSum });
             return Ok(());
@@ -178,33 +168,21 @@ impl WindowOperator {
         self.watermark.observe(pulse.event_time, wall_ms);
         self.watermark_dirty = true;
         store.mark_seen(&pulse.tenant_id, &pulse.pulse_id, self.watermark.current)?;
-        for change in changes.drain(..) {
-            match change {
-                Change::Open(pending) => self.windows.keep(pending),
-                Change::Corrected { key, mut state } => {
-                    // Re-emit the closed window with the next revision.
-                    let record = record(&self.slots, key.bucket(), &key.key, &state, true, wall_ms);
-                    out.push(Output::Aggregate { record, correction: true });
-                    state.next_revision += 1;
-                    store.put_closed(&key, &state)?;
-                }
-            }
+        self.windows.keep_changes();
+        for (key, mut state) in self.corrections.drain(..) {
+            // Re-emit the closed window with the next revision.
+            let record = record(&self.slots, key.bucket(), &key.key, &state, true, wall_ms);
+            out.push(Output::Aggregate { record, correction: true });
+            state.next_revision += 1;
+            store.put_closed(&key, &state)?;
         }
-        self.changes = changes;
         self.close_ready(wall_ms, store, out)
     }
 
     /// Adds `pulse` to each of its windows (bounds in `self.bounds`): open ones through
-    /// the cache, closed ones as corrections to write. Every change goes into
-    /// `changes`; false if a sum would be inexact (the caller then undoes them, as it
-    /// does on an error).
-    fn count<S: WindowStore>(
-        &mut self,
-        pulse: &GroupedPulse,
-        group: GroupId,
-        store: &mut S,
-        changes: &mut Vec<Change>,
-    ) -> Result<bool, S::Error> {
+    /// the cache (pending there), closed ones as corrections to write. False if a sum
+    /// would be inexact (the caller then undoes the changes, as it does on an error).
+    fn count<S: WindowStore>(&mut self, pulse: &GroupedPulse, group: GroupId, store: &mut S) -> Result<bool, S::Error> {
         let (amount, event_ms) = (pulse.used_amount, pulse.event_time);
         let w = self.watermark.current;
         let started = self.watermark.is_started();
@@ -214,22 +192,14 @@ impl WindowOperator {
             if started && end.saturating_add(grace) <= w {
                 let key = self.windows.window_key(bucket, group);
                 let Some(state) = WindowState::with_pulse(store.get_closed(&key)?, amount, event_ms) else { return Ok(false) };
-                changes.push(Change::Corrected { key, state });
+                self.corrections.push((key, state));
                 continue;
             }
-            let Some(pending) = self.windows.add(WindowRef { bucket, group }, amount, event_ms, store)? else { return Ok(false) };
-            changes.push(Change::Open(pending));
-        }
-        Ok(true)
-    }
-
-    /// Undoes the changes of a pulse that was not counted, newest first.
-    fn undo(&mut self, changes: &mut Vec<Change>) {
-        while let Some(change) = changes.pop() {
-            if let Change::Open(pending) = change {
-                self.windows.undo(pending);
+            if !self.windows.add(WindowRef { bucket, group }, amount, event_ms, store)? {
+                return Ok(false);
             }
         }
+        Ok(true)
     }
 
     /// Time passes without input: advance an idle partition's watermark, emit due
