@@ -44,9 +44,11 @@ ensure_cargo() {
 }
 
 # Debian packages a fresh machine needs for the build (clang for RocksDB's bindgen),
-# the broker (a Java 17 runtime, Maven to fetch Kafka's jars) and kcat.
+# the broker (a Java 17 runtime, Maven to fetch Kafka's jars), kcat, and the browser of
+# the dashboard test (chromium, driven headless by chromedriver).
 PULSES_APT_PACKAGES=(kcat clang libclang-dev cmake build-essential pkg-config python3 python3-pip
-                     zlib1g-dev ca-certificates procps maven openjdk-17-jre-headless)
+                     zlib1g-dev ca-certificates procps maven openjdk-17-jre-headless
+                     chromium chromium-driver)
 
 # Installs whichever of PULSES_APT_PACKAGES are missing (as root, or with sudo -n).
 # A command that is already on PATH (java, mvn installed another way) counts as present.

@@ -9,19 +9,28 @@ use super::CommonArgs;
 use crate::ops::http;
 
 pub const LONG_ABOUT: &str = "\
-Serve the HTTP API (SPEC §8): POST /v1/pulses takes one pulse or a JSON array of up to
+Serve the HTTP API (SPEC §8) and the usage dashboard (GET /). POST /v1/pulses takes one pulse or a JSON array of up to
 10,000 (5 MiB), checks each as stage 1 does, and answers 202 only once the broker has
 acknowledged every one (idempotent producer, acks=all); 503 with Retry-After if it does
 not within serve.ack_timeout (retry with the same pulse_ids: they are de-duplicated
 downstream). Requests need an X-API-Key from `pulses keys create`; a tenant key may only
 write its own tenant's pulses. Also serves /metrics, /healthz and /readyz (ready once the
 API keys are loaded). SIGTERM stops accepting, finishes the requests in flight, flushes
-the producer and exits 0. Settings: the [serve] section of the config file.";
+the producer and exits 0.
+
+GET /v1/usage and POST /v1/quota/check answer from this replica's copy of the
+aggregates topic (RocksDB under --state-dir/serve-view, resumed from its stored
+positions after a restart); /readyz waits until that copy has caught up. Quotas come
+from --quotas FILE. Settings: the [serve] section of the config file.";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     common: CommonArgs,
+    /// Quota file (see topology/quotas.toml), reloaded when it changes or on SIGHUP
+    /// [config: serve.quotas; default: none, every quota check is allowed]
+    #[arg(long, env = "PULSES_QUOTAS", value_name = "FILE")]
+    quotas: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -29,6 +38,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // `--http-addr` (or PULSES_HTTP_ADDR) wins over the [serve] section's address.
     let addr = args.common.http_addr.clone().unwrap_or_else(|| cfg.serve.http_addr.clone());
     cfg.http_addr.clone_from(&addr);
+    if let Some(q) = args.quotas {
+        cfg.serve.quotas = Some(q);
+    }
     let settings = cfg.serve.clone();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {

@@ -78,6 +78,8 @@ pub struct ServeSettings {
     /// Request body bytes held at once; beyond it, 429 (a body without Content-Length
     /// counts as the largest allowed, 5 MiB).
     pub max_in_flight_bytes: usize,
+    /// The quota file (`--quotas` wins); none: no quotas, every check is allowed.
+    pub quotas: Option<PathBuf>,
 }
 
 impl ServeSettings {
@@ -92,6 +94,7 @@ impl Default for ServeSettings {
             ack_timeout: Duration::from_secs(10),
             max_in_flight_requests: 256,
             max_in_flight_bytes: 256 * 1024 * 1024,
+            quotas: None,
         }
     }
 }

@@ -44,6 +44,25 @@ pub struct ServeMetrics {
     pub in_flight: Gauge,
 }
 
+/// The usage view's lag and reads, read at scrape time.
+#[derive(Debug)]
+struct ViewMetrics(Arc<super::view::UsageView>);
+
+impl prometheus_client::collector::Collector for ViewMetrics {
+    fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let as_of = self.0.as_of();
+        let lag = ConstGauge::new(as_of.lag);
+        lag.encode(e.encode_descriptor("pulses_view_lag", "Aggregate records the usage view has yet to read (all partitions).", None, lag.metric_type())?)?;
+        let at = ConstGauge::new(as_of.updated_at_ms as f64 / 1000.0);
+        at.encode(e.encode_descriptor("pulses_view_updated_at_seconds", "When the usage view's lag was last measured (Unix time).", None, at.metric_type())?)?;
+        let read = ConstCounter::new(self.0.records_read.load(std::sync::atomic::Ordering::Relaxed));
+        read.encode(e.encode_descriptor("pulses_view_records_read", "Aggregate records the usage view read since this process started (a restart resumes from stored positions).", None, read.metric_type())?)
+    }
+}
+
 fn latency_histogram() -> Histogram {
     // 1 ms to about 16 s.
     Histogram::new(exponential_buckets(0.001, 2.0, 15))
@@ -51,7 +70,7 @@ fn latency_histogram() -> Histogram {
 
 impl ServeMetrics {
     /// New metrics, registered in `registry`.
-    pub fn register(registry: &mut Registry) -> Self {
+    pub fn register(registry: &mut Registry, view: Arc<super::view::UsageView>) -> Self {
         let m = Self {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -78,6 +97,7 @@ impl ServeMetrics {
             "Requests answered 503 because the broker did not acknowledge their pulses (failed, or not in time).",
             m.producer_errors.clone(),
         );
+        registry.register_collector(Box::new(ViewMetrics(view)));
         m
     }
 }

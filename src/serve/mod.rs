@@ -3,22 +3,30 @@
 //! load balancer.
 //!
 //! - [`ingest`]: `POST /v1/pulses`, where a pulse enters over HTTP;
+//! - [`view`]: the usage view, every replica's copy of the aggregates topic;
+//! - [`usage`]: `GET /v1/usage`, `POST /v1/quota/check`, `GET /v1/me`, from the view;
+//! - [`quota`]: the quota file and the check (pure);
+//! - [`dashboard`]: `GET /`, the usage dashboard, embedded;
 //! - [`keys`]: what an API key is and how its secret is checked (pure);
 //! - [`key_table`]: the keys topic, written by `pulses keys`, followed by every replica;
-//! - [`metrics`]: requests, latency, pulses accepted and rejected;
+//! - [`metrics`]: requests, latency, pulses accepted and rejected, the view's lag;
 //! - [`error`]: the JSON error answers.
 
+pub mod dashboard;
 pub mod error;
 pub mod ingest;
 pub mod key_table;
 pub mod keys;
 pub mod metrics;
+pub mod quota;
+pub mod usage;
+pub mod view;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::http::HeaderMap;
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::Router;
 use prometheus_client::registry::Registry;
 use rdkafka::producer::FutureProducer;
@@ -31,6 +39,8 @@ use error::ApiError;
 use key_table::KeyTable;
 use keys::Caller;
 use metrics::ServeMetrics;
+use quota::QuotaStore;
+use view::UsageView;
 
 /// API key header.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -43,6 +53,10 @@ pub struct App {
     pub producer: FutureProducer,
     pub metrics: Arc<ServeMetrics>,
     pub limits: Limits,
+    pub view: Arc<UsageView>,
+    pub quotas: QuotaStore,
+    /// The finest configured window: quotas sum it.
+    pub finest_window: String,
 }
 
 impl App {
@@ -90,6 +104,9 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
     let admitted = Arc::clone(&app);
     let api = Router::new()
         .route("/v1/pulses", post(ingest::post_pulses))
+        .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/quota/check", post(usage::post_quota_check))
+        .route("/v1/me", get(usage::get_me))
         .with_state(Arc::clone(&app))
         // Every API request holds a place among those in flight while it is answered.
         .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {
@@ -102,6 +119,7 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
             }
         }));
     api.merge(http::ops_routes(ops))
+        .merge(dashboard::routes())
         .fallback(|| async { ApiError::new(axum::http::StatusCode::NOT_FOUND, "not_found", "no such route; see SPEC §8") })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&app.metrics), metrics::track))
 }
@@ -114,18 +132,22 @@ pub fn producer(cfg: &Config, settings: &ServeSettings) -> Result<FutureProducer
     c.create()
 }
 
-/// A registry with the serve metrics, and whether the process is ready: keys loaded.
-pub fn registry(keys: &Arc<KeyTable>) -> (Registry, Arc<ServeMetrics>, http::ReadyCheck) {
+/// A registry with the serve metrics, and whether the process is ready: keys loaded
+/// and the usage view caught up with the aggregates topic.
+pub fn registry(keys: &Arc<KeyTable>, view: &Arc<UsageView>) -> (Registry, Arc<ServeMetrics>, http::ReadyCheck) {
     let mut registry = Registry::default();
-    let metrics = Arc::new(ServeMetrics::register(&mut registry));
-    let table = Arc::clone(keys);
-    let ready: http::ReadyCheck =
-        Arc::new(move || if table.caught_up() { Ok(()) } else { Err("loading API keys".into()) });
+    let metrics = Arc::new(ServeMetrics::register(&mut registry, Arc::clone(view)));
+    let (table, view) = (Arc::clone(keys), Arc::clone(view));
+    let ready: http::ReadyCheck = Arc::new(move || match (table.caught_up(), view.as_of().caught_up) {
+        (true, true) => Ok(()),
+        (false, _) => Err("loading API keys".into()),
+        (_, false) => Err("reading the aggregates into the usage view".into()),
+    });
     (registry, metrics, ready)
 }
 
 /// Runs the server on `listener` until `shutdown`; then finishes the requests in
-/// flight, flushes the producer and stops following the keys.
+/// flight, flushes the producer and stops following the keys and the aggregates.
 pub async fn run(
     cfg: Arc<Config>,
     settings: ServeSettings,
@@ -134,15 +156,25 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     key_table::ensure_topic(&cfg).await?;
+    let quotas = QuotaStore::open(settings.quotas.clone())?;
+    let finest_window = cfg.windows.iter().min_by_key(|w| w.size_ms()).map(|w| w.name.clone()).context("no windows configured")?;
+    let view_dir = cfg.state_dir.join("serve-view");
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
+    let view = Arc::new(UsageView::open(&view_dir)?);
     let keys = Arc::new(KeyTable::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let follower = key_table::follow(&cfg, Arc::clone(&keys), Arc::clone(&stop))?;
-    let (registry, metrics, ready) = registry(&keys);
+    let followers = [
+        key_table::follow(&cfg, Arc::clone(&keys), Arc::clone(&stop))?,
+        view::follow(&cfg, Arc::clone(&view), Arc::clone(&stop))?,
+    ];
+    let (registry, metrics, ready) = registry(&keys, &view);
     let producer = producer(&cfg, &settings).context("creating the ingest producer")?;
     let limits = Limits::new(settings.max_in_flight_requests, settings.max_in_flight_bytes);
-    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits });
+    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits, view, quotas, finest_window });
+    let reloads = tokio::spawn(reload_quotas(Arc::clone(&app)));
     let ops = Ops { registry: Arc::new(registry), ready };
     http::serve(listener, router(Arc::clone(&app), ops), shutdown).await.context("serving HTTP")?;
+    reloads.abort();
     tracing::info!("HTTP server stopped; flushing the producer");
     let flushed = {
         let producer = app.producer.clone();
@@ -150,10 +182,32 @@ pub async fn run(
         tokio::task::spawn_blocking(move || clients::flush(&producer, within)).await
     };
     stop.store(true, std::sync::atomic::Ordering::Release);
-    let _ = tokio::task::spawn_blocking(move || follower.join()).await;
+    let _ = tokio::task::spawn_blocking(move || followers.map(|f| f.join())).await;
     match flushed {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(anyhow::anyhow!("flushing the ingest producer: {e}")),
         Err(e) => Err(anyhow::anyhow!("flushing the ingest producer: {e}")),
+    }
+}
+
+/// Reloads the quota file when it changes (looked at every second) or on SIGHUP.
+async fn reload_quotas(app: Arc<App>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => app.quotas.reload_if_changed(),
+            _ = hangup => {
+                tracing::info!("SIGHUP: reloading quotas");
+                app.quotas.reload();
+            }
+        }
     }
 }

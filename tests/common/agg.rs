@@ -158,3 +158,16 @@ pub fn assert_exact(t: &Topics, counted: &[P], closed_before: i64) {
     }
     assert_eq!(got.len(), expected.len(), "no unexpected final aggregates ({emitted} records)");
 }
+
+/// Start of the UTC calendar day / month holding `ms`, computed here independently.
+pub fn day_start(ms: i64) -> i64 {
+    use chrono::{TimeZone, Utc};
+    let d = Utc.timestamp_millis_opt(ms).unwrap().date_naive();
+    d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
+}
+
+pub fn month_start(ms: i64) -> i64 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let d = Utc.timestamp_millis_opt(ms).unwrap().date_naive().with_day(1).unwrap();
+    d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod agg;
+pub mod browser;
 pub mod collector;
 pub mod http;
 pub mod own_broker;
