@@ -45,8 +45,9 @@ ensure_cargo() {
 
 # Debian packages a fresh machine needs for the build (clang for RocksDB's bindgen),
 # the broker (a Java 17 runtime, Maven to fetch Kafka's jars), kcat, and the browser of
-# the dashboard test (chromium, driven headless by chromedriver).
-PULSES_APT_PACKAGES=(kcat clang libclang-dev cmake build-essential pkg-config python3 python3-pip
+# the dashboard test (chromium, driven headless by chromedriver); python3-venv for the
+# Python SDK's tests.
+PULSES_APT_PACKAGES=(kcat clang libclang-dev cmake build-essential pkg-config python3 python3-pip python3-venv
                      zlib1g-dev ca-certificates procps maven openjdk-17-jre-headless
                      chromium chromium-driver)
 
