@@ -13,7 +13,6 @@ import os
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
-from time import time_ns
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 Amount = Union[Decimal, int, str]
@@ -237,7 +236,8 @@ PrefixKey = Tuple[Optional[str], str, str]
 
 
 class Encoder:
-    """Turns ``record()`` arguments into the pulse's JSON text, as fast as possible."""
+    """What ``record()`` (in meter.py, where a pulse is encoded) needs, as fast as possible:
+    the cached tenant/sku/unit prefixes, the pulse ids and the attributes step."""
 
     def __init__(self, default_tenant: Optional[str]) -> None:
         if default_tenant is not None:
@@ -265,35 +265,3 @@ class Encoder:
         if len(line) > MAX_BODY_BYTES - 2:
             raise ValueError(f"the pulse is {len(line)} bytes as JSON; a request holds at most {MAX_BODY_BYTES}")
         return line
-
-    def encode(
-        self,
-        product_sku: str,
-        amount: Any,
-        use_unit: str,
-        attributes: Optional[Mapping[str, Any]],
-        timestamp: Any,
-        pulse_id: Optional[str],
-        tenant_id: Optional[str],
-    ) -> Tuple[str, str]:
-        """(pulse_id, JSON text) of one pulse; raises TypeError/ValueError if invalid.
-
-        ``record()`` inlines these steps; keep the two in step.
-        """
-        key = (self.default_tenant if tenant_id is None else tenant_id, product_sku, use_unit)
-        prefix = self.prefixes.get(key)
-        if prefix is None:
-            prefix = self.prefix(key)
-        amt = amount_text(amount)
-        if pulse_id is None:
-            pid = self.new_id()
-            pid_json = '"' + pid + '"'
-        else:
-            pid = pulse_id
-            pid_json = pulse_id_json(pulse_id)
-        ms = time_ns() // 1_000_000 if timestamp is None else timestamp_ms(timestamp)
-        if attributes is None:
-            line = f'{{"pulse_id":{pid_json},{prefix},"used_amount":"{amt}","timestamp":{ms}}}'
-        else:
-            line = self.with_attributes(pid_json, prefix, amt, ms, attributes)
-        return pid, line

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import atexit
 import threading
-import weakref
 from time import monotonic
 from types import TracebackType
 from typing import Any, Callable, Optional, Type
 
-from ._core import Core, log
-from .errors import MeterError
+from ._core import log
 from .meter import _Recorder
 
 
@@ -32,40 +29,7 @@ class AsyncMeter(_Recorder):
     ``close_timeout`` seconds.
     """
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        tenant_id: Optional[str] = None,
-        batch_size: int = 250,
-        flush_interval: float = 5.0,
-        max_retries: int = 3,
-        *,
-        max_buffered: int = 100_000,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        timeout: float = 30.0,
-        close_timeout: float = 10.0,
-        spill_path: Optional[str] = None,
-        max_spill_bytes: int = 1 << 30,
-        on_error: Optional[Callable[[MeterError], None]] = None,
-    ) -> None:
-        self._core = Core(
-            url=url,
-            api_key=api_key,
-            tenant_id=tenant_id,
-            batch_size=batch_size,
-            flush_interval=flush_interval,
-            max_retries=max_retries,
-            max_buffered=max_buffered,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            timeout=timeout,
-            spill_path=spill_path,
-            max_spill_bytes=max_spill_bytes,
-            on_error=on_error,
-        )
-        self.close_timeout = close_timeout
+    def _start_driver(self) -> None:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
         self._task: Optional["asyncio.Task[None]"] = None
@@ -77,15 +41,9 @@ class AsyncMeter(_Recorder):
             self._start(asyncio.get_running_loop())
         except RuntimeError:
             pass  # started later, inside a running loop
-        ref = weakref.ref(self)
 
-        def at_exit() -> None:
-            meter = ref()
-            if meter is not None:
-                meter._close_sync(meter.close_timeout)
-
-        self._at_exit = at_exit
-        atexit.register(at_exit)
+    def _close_at_exit(self) -> None:
+        self._close_sync(self.close_timeout)
 
     # ------------------------------------------------------------------ driver
 
@@ -203,10 +161,7 @@ class AsyncMeter(_Recorder):
         timeout = self.close_timeout if timeout is None else timeout
         self._ensure_started()
         self._core.begin_close(timeout)
-        try:
-            atexit.unregister(self._at_exit)
-        except Exception:
-            pass
+        self._unregister_at_exit()
         task = self._task
         if task is not None and not task.done():
             try:

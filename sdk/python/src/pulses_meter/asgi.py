@@ -10,10 +10,10 @@ matched a route.
 from __future__ import annotations
 
 from time import time_ns
-from typing import Any, Awaitable, Callable, Dict, Mapping, MutableMapping, Optional, Union
+from typing import Any, Awaitable, Callable, Mapping, MutableMapping, Optional, Union
 
+from ._middleware import _RequestMetering
 from ._pulse import Amount
-from .errors import MeterError
 from .meter import _Recorder
 from .routes import route_sku
 
@@ -34,7 +34,7 @@ def starlette_route(scope: Mapping[str, Any]) -> Optional[str]:
     return path if isinstance(path, str) else None
 
 
-class MeteringMiddleware:
+class MeteringMiddleware(_RequestMetering[ASGIApp, Scope]):
     """Records one pulse per HTTP request once the response is complete.
 
     * ``meter``: a :class:`Meter` or :class:`AsyncMeter` (``record()`` never blocks).
@@ -55,6 +55,8 @@ class MeteringMiddleware:
     ``stats().record_errors``.
     """
 
+    _METHOD_KEY = "method"
+
     def __init__(
         self,
         app: ASGIApp,
@@ -70,18 +72,10 @@ class MeteringMiddleware:
         attributes: Optional[Callable[[Scope, int], Optional[Mapping[str, Any]]]] = None,
         record_if: Optional[Callable[[int], bool]] = None,
     ) -> None:
-        self.app = app
-        self.meter = meter
-        self.tenant = tenant
-        self.use_unit = use_unit
-        self.amount = amount
-        self.sku = sku
-        self.sku_prefix = sku_prefix
-        self.route = route
-        self.unmatched_sku = unmatched_sku
-        self.attributes = attributes
-        self.record_if = record_if
-        self._skus: Dict[str, str] = {}
+        super().__init__(
+            app, meter, tenant, use_unit=use_unit, amount=amount, sku=sku, sku_prefix=sku_prefix, route=route,
+            unmatched_sku=unmatched_sku, attributes=attributes, record_if=record_if,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -100,30 +94,3 @@ class MeteringMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self._record(scope, status, started)
-
-    def _record(self, scope: Scope, status: int, started: int) -> None:
-        try:
-            if self.record_if is not None and not self.record_if(status):
-                return
-            template = self.route(scope)
-            if template is None:
-                if self.unmatched_sku is None:
-                    return
-                sku = self.unmatched_sku
-            else:
-                cached = self._skus.get(template)
-                if cached is None:
-                    cached = self.sku_prefix + self.sku(template)
-                    if len(self._skus) < 10_000:
-                        self._skus[template] = cached
-                sku = cached
-            tenant = self.tenant(scope)
-            if tenant is None:
-                return
-            amount = self.amount(scope, status) if callable(self.amount) else self.amount
-            attrs: Dict[str, Any] = {"method": scope.get("method"), "status": status}
-            if self.attributes is not None:
-                attrs.update(self.attributes(scope, status) or {})
-            self.meter.record(sku, amount, self.use_unit, attributes=attrs, timestamp=started, tenant_id=tenant)
-        except Exception as e:
-            self.meter._core.record_error(MeterError("record", f"could not record a request: {e!r}", cause=e))

@@ -12,7 +12,7 @@ import weakref
 from decimal import Decimal
 from time import monotonic, time_ns
 from types import TracebackType
-from typing import Any, Callable, Dict, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Mapping, Optional, Type, TypeVar, Union
 
 from ._core import Core, MeterStats
 from ._pulse import MAX_MANTISSA, Amount, Timestamp, _decimal_text, amount_text, pulse_id_json, timestamp_ms
@@ -24,24 +24,72 @@ log = logging.getLogger("pulses_meter")
 AmountSpec = Union[Decimal, int, str, Callable[[Any], Amount]]
 AttributesSpec = Union[Mapping[str, Any], Callable[[Any], Optional[Mapping[str, Any]]], None]
 
-DEFAULTS: Dict[str, Any] = dict(
-    batch_size=250,
-    flush_interval=5.0,
-    max_retries=3,
-    max_buffered=100_000,
-    backoff=0.5,
-    max_backoff=30.0,
-    timeout=30.0,
-    close_timeout=10.0,
-    spill_path=None,
-    max_spill_bytes=1 << 30,
-)
-
-
 class _Recorder:
-    """What :class:`Meter` and :class:`AsyncMeter` share: record(), metered(), stats()."""
+    """What :class:`Meter` and :class:`AsyncMeter` share: the constructor (its
+    arguments are documented on :class:`Meter`), record(), metered(), stats().
+
+    A subclass drives the core: ``_start_driver()`` starts its flusher at
+    construction, ``_close_at_exit()`` is what the interpreter-exit hook does.
+    """
 
     _core: Core
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str,
+        tenant_id: Optional[str] = None,
+        batch_size: int = 250,
+        flush_interval: float = 5.0,
+        max_retries: int = 3,
+        *,
+        max_buffered: int = 100_000,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        timeout: float = 30.0,
+        close_timeout: float = 10.0,
+        spill_path: Optional[str] = None,
+        max_spill_bytes: int = 1 << 30,
+        on_error: Optional[Callable[[MeterError], None]] = None,
+    ) -> None:
+        self._core = Core(
+            url=url,
+            api_key=api_key,
+            tenant_id=tenant_id,
+            batch_size=batch_size,
+            flush_interval=flush_interval,
+            max_retries=max_retries,
+            max_buffered=max_buffered,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            timeout=timeout,
+            spill_path=spill_path,
+            max_spill_bytes=max_spill_bytes,
+            on_error=on_error,
+        )
+        self.close_timeout = close_timeout
+        self._start_driver()
+        ref = weakref.ref(self)
+
+        def at_exit() -> None:
+            meter = ref()
+            if meter is not None:
+                meter._close_at_exit()
+
+        self._at_exit = at_exit
+        atexit.register(at_exit)
+
+    def _start_driver(self) -> None:
+        raise NotImplementedError
+
+    def _close_at_exit(self) -> None:
+        raise NotImplementedError
+
+    def _unregister_at_exit(self) -> None:
+        try:
+            atexit.unregister(self._at_exit)
+        except Exception:
+            pass
 
     def record(
         self,
@@ -66,7 +114,8 @@ class _Recorder:
         server checks it), ``BufferFull`` when ``max_buffered`` pulses are held, and
         ``MeterClosed`` after ``close()``.
         """
-        # The hot path, inlined (see Encoder.encode for the same steps, documented).
+        # The hot path, inlined: this is the only place a pulse is encoded (the
+        # Encoder holds the cached prefixes, the id source and the attributes step).
         core = self._core
         enc = core.encoder
         key = (enc.default_tenant if tenant_id is None else tenant_id, product_sku, use_unit)
@@ -174,52 +223,15 @@ class Meter(_Recorder):
     left, for at most ``close_timeout`` seconds.
     """
 
-    def __init__(
-        self,
-        url: str,
-        api_key: str,
-        tenant_id: Optional[str] = None,
-        batch_size: int = 250,
-        flush_interval: float = 5.0,
-        max_retries: int = 3,
-        *,
-        max_buffered: int = 100_000,
-        backoff: float = 0.5,
-        max_backoff: float = 30.0,
-        timeout: float = 30.0,
-        close_timeout: float = 10.0,
-        spill_path: Optional[str] = None,
-        max_spill_bytes: int = 1 << 30,
-        on_error: Optional[Callable[[MeterError], None]] = None,
-    ) -> None:
-        self._core = Core(
-            url=url,
-            api_key=api_key,
-            tenant_id=tenant_id,
-            batch_size=batch_size,
-            flush_interval=flush_interval,
-            max_retries=max_retries,
-            max_buffered=max_buffered,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            timeout=timeout,
-            spill_path=spill_path,
-            max_spill_bytes=max_spill_bytes,
-            on_error=on_error,
-        )
-        self.close_timeout = close_timeout
+    def _start_driver(self) -> None:
         self._start()
-        ref = weakref.ref(self)
-
-        def at_exit() -> None:
-            meter = ref()
-            if meter is not None and not meter.closed:
-                meter.close()
-
-        self._at_exit = at_exit
-        atexit.register(at_exit)
         if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: _after_fork(ref))
+
+    def _close_at_exit(self) -> None:
+        if not self.closed:
+            self.close()
 
     def _start(self) -> None:
         self._event = threading.Event()
@@ -294,10 +306,7 @@ class Meter(_Recorder):
         """
         timeout = self.close_timeout if timeout is None else timeout
         self._core.begin_close(timeout)
-        try:
-            atexit.unregister(self._at_exit)
-        except Exception:
-            pass
+        self._unregister_at_exit()
         # A request that started before close() may run up to its own timeout.
         self._thread.join(timeout + 2.0)
         if self._thread.is_alive():

@@ -13,8 +13,8 @@ from __future__ import annotations
 from time import time_ns
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from ._middleware import _RequestMetering
 from ._pulse import Amount
-from .errors import MeterError
 from .meter import _Recorder
 from .routes import route_sku
 
@@ -31,13 +31,15 @@ def flask_route(environ: Mapping[str, Any]) -> Optional[str]:
     return template if isinstance(template, str) else None
 
 
-class WSGIMeteringMiddleware:
+class WSGIMeteringMiddleware(_RequestMetering[WSGIApp, Environ]):
     """Records one pulse per request when the app calls ``start_response`` (the
     status is known then, and Flask still holds the matched rule), or with status
     500 if the app raises before. Same options as
     :class:`pulses_meter.asgi.MeteringMiddleware`, with the WSGI ``environ`` in place
     of the ASGI scope; ``route(environ)`` defaults to :func:`flask_route`.
     """
+
+    _METHOD_KEY = "REQUEST_METHOD"
 
     def __init__(
         self,
@@ -54,18 +56,10 @@ class WSGIMeteringMiddleware:
         attributes: Optional[Callable[[Environ, int], Optional[Mapping[str, Any]]]] = None,
         record_if: Optional[Callable[[int], bool]] = None,
     ) -> None:
-        self.app = app
-        self.meter = meter
-        self.tenant = tenant
-        self.use_unit = use_unit
-        self.amount = amount
-        self.sku = sku
-        self.sku_prefix = sku_prefix
-        self.route = route
-        self.unmatched_sku = unmatched_sku
-        self.attributes = attributes
-        self.record_if = record_if
-        self._skus: Dict[str, str] = {}
+        super().__init__(
+            app, meter, tenant, use_unit=use_unit, amount=amount, sku=sku, sku_prefix=sku_prefix, route=route,
+            unmatched_sku=unmatched_sku, attributes=attributes, record_if=record_if,
+        )
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         started = time_ns() // 1_000_000
@@ -91,30 +85,3 @@ class WSGIMeteringMiddleware:
                 recorded = True
                 self._record(environ, 500, started)
             raise
-
-    def _record(self, environ: Environ, status: int, started: int) -> None:
-        try:
-            if self.record_if is not None and not self.record_if(status):
-                return
-            template = self.route(environ)
-            if template is None:
-                if self.unmatched_sku is None:
-                    return
-                sku = self.unmatched_sku
-            else:
-                cached = self._skus.get(template)
-                if cached is None:
-                    cached = self.sku_prefix + self.sku(template)
-                    if len(self._skus) < 10_000:
-                        self._skus[template] = cached
-                sku = cached
-            tenant = self.tenant(environ)
-            if tenant is None:
-                return
-            amount = self.amount(environ, status) if callable(self.amount) else self.amount
-            attrs: Dict[str, Any] = {"method": environ.get("REQUEST_METHOD"), "status": status}
-            if self.attributes is not None:
-                attrs.update(self.attributes(environ, status) or {})
-            self.meter.record(sku, amount, self.use_unit, attributes=attrs, timestamp=started, tenant_id=tenant)
-        except Exception as e:
-            self.meter._core.record_error(MeterError("record", f"could not record a request: {e!r}", cause=e))
