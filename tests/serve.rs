@@ -310,3 +310,25 @@ fn bad_requests_get_clear_errors_and_write_nothing() {
     assert_eq!(status.code(), Some(0));
     assert_eq!(read_all(&t.source).len(), 1, "the accepted pulse was flushed before the exit");
 }
+
+/// `pulses serve` started before `pulses run` ever ran: it creates the aggregates topic
+/// its usage view reads, becomes ready, and answers usage (nothing yet).
+#[test]
+fn serve_started_before_the_pipeline_creates_the_aggregates_topic_and_becomes_ready() {
+    let u = unique("serve-first");
+    let t = Topics {
+        source: format!("{u}.source"),
+        grouped: format!("{u}.grouped"),
+        aggregated: format!("{u}.aggregated"),
+        dlq: format!("{u}.dlq"),
+        late: format!("{u}.late"),
+        app: u,
+    };
+    let (_, key) = create_key(&t, Some("acme"));
+    let (_serve, addr) = start_serve(&t, "");
+    assert_eq!(partitions(&t.aggregated).len(), 6, "created with the default partitions");
+    let res = client().get(format!("http://{addr}/v1/usage?window=minute")).header("X-API-Key", &key).send().unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let usage: serde_json::Value = res.json().unwrap();
+    assert_eq!((usage["windows"].as_array().map(Vec::len), usage["totals"].as_array().map(Vec::len)), (Some(0), Some(0)));
+}

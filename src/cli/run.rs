@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 
 use super::CommonArgs;
 use crate::config::{Config, Guarantee};
-use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
+use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED, DEFAULT_PARTITIONS};
 use crate::ops::{http, prometheus};
 use crate::ops::metrics::Metrics;
 use crate::stage::topology::Topology;
@@ -24,7 +24,7 @@ pub struct RunArgs {
     stages: Vec<StageName>,
     /// Partitions for topics pulses creates when they do not exist yet (grouped, DLQ,
     /// aggregated, late); existing topics are never changed
-    #[arg(long, env = "PULSES_DEFAULT_PARTITIONS", default_value_t = 6, value_name = "N")]
+    #[arg(long, env = "PULSES_DEFAULT_PARTITIONS", default_value_t = DEFAULT_PARTITIONS, value_name = "N")]
     default_partitions: i32,
     /// `exactly_once`: outputs, state changes and input offsets commit in one Kafka
     /// transaction; `at_least_once`: a crash may re-emit records handled since the last

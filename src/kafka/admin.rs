@@ -26,6 +26,10 @@ pub struct TopicSpec<'a> {
     pub configs: &'a [(&'a str, &'a str)],
 }
 
+/// Partitions of the topics pulses creates when they do not exist yet (`pulses run
+/// --default-partitions`; `pulses serve` creates the aggregates topic it reads with it).
+pub const DEFAULT_PARTITIONS: i32 = 6;
+
 /// Configs of a changelog topic: compacted, so it holds the latest value per key.
 pub const COMPACTED: &[(&str, &str)] = &[("cleanup.policy", "compact")];
 

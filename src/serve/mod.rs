@@ -33,6 +33,7 @@ use rdkafka::producer::FutureProducer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::{Config, ServeSettings};
+use crate::kafka::admin::{ensure_topics, TopicSpec, DEFAULT_PARTITIONS};
 use crate::kafka::clients;
 use crate::ops::http::{self, Ops};
 use error::ApiError;
@@ -156,6 +157,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     key_table::ensure_topic(&cfg).await?;
+    // The view reads the aggregates topic: a serve started before `pulses run` ever ran
+    // creates it, as run would (an existing topic is left as it is).
+    let aggregated = TopicSpec { name: &cfg.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] };
+    ensure_topics(&cfg, &[aggregated]).await.with_context(|| format!("creating {}", cfg.topics.aggregated))?;
     let quotas = QuotaStore::open(settings.quotas.clone())?;
     let finest_window = cfg.windows.iter().min_by_key(|w| w.size_ms()).map(|w| w.name.clone()).context("no windows configured")?;
     let view_dir = cfg.state_dir.join("serve-view");
