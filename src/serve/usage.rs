@@ -93,6 +93,16 @@ impl App {
         let a = self.view.as_of();
         AsOf { lag: a.lag, updated_at: time::format_ms(a.updated_at_ms) }
     }
+
+    /// `tenant`'s aggregates of `window` starting in `[from, to)`, read from the view
+    /// off the async workers (RocksDB reads block).
+    async fn windows(&self, tenant: String, window: String, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ApiError> {
+        let view = Arc::clone(&self.view);
+        tokio::task::spawn_blocking(move || view.windows(&tenant, &window, from, to))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
 }
 
 /// `GET /v1/usage`.
@@ -102,12 +112,7 @@ pub async fn get_usage(State(app): State<Arc<App>>, headers: HeaderMap, Query(q)
     let window = q.window.filter(|w| !w.is_empty()).ok_or_else(|| ApiError::bad_request("missing_parameter", "window is required"))?;
     let from = timestamp("from", q.from.as_deref(), i64::MIN)?;
     let to = timestamp("to", q.to.as_deref(), i64::MAX)?;
-    let view = Arc::clone(&app.view);
-    let (t, w) = (tenant.clone(), window.clone());
-    let mut windows = tokio::task::spawn_blocking(move || view.windows(&t, &w, from, to))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let mut windows = app.windows(tenant.clone(), window.clone(), from, to).await?;
     windows.retain(|a| q.product_sku.as_ref().is_none_or(|s| *s == a.product_sku) && q.use_unit.as_ref().is_none_or(|u| *u == a.use_unit));
     let totals = totals(&windows).ok_or_else(|| ApiError::internal("a total does not fit an exact decimal"))?;
     Ok(Json(Usage { tenant_id: tenant, window, as_of: app.as_of(), windows, totals }))
@@ -137,12 +142,7 @@ pub async fn post_quota_check(
         return Ok(Json(quota::check(None, Decimal::ZERO, requested, None, as_of)));
     };
     let (start, end) = q.period.bounds(time::now_ms());
-    let view = Arc::clone(&app.view);
-    let finest = app.finest_window.clone();
-    let windows = tokio::task::spawn_blocking(move || view.windows(&tenant, &finest, start, end))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let windows = app.windows(tenant, app.finest_window.clone(), start, end).await?;
     let mut used = Decimal::ZERO;
     for w in windows.iter().filter(|w| w.product_sku == req.product_sku && w.use_unit == req.use_unit) {
         used = used.checked_add(w.total_amount).ok_or_else(|| ApiError::internal("usage does not fit an exact decimal"))?;
