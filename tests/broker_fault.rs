@@ -14,37 +14,18 @@ use std::time::{Duration, Instant};
 use common::agg::*;
 use common::own_broker::OwnBroker;
 use common::*;
-use rust_decimal::Decimal;
-
-fn pulses(prefix: &str, tenants: usize, per_tenant: i64, base: i64, step_ms: i64) -> Vec<P> {
-    (0..per_tenant)
-        .flat_map(|i| {
-            (0..tenants).map(move |t| P {
-                id: format!("{prefix}-{t}-{i}"),
-                tenant: format!("tenant-{t}"),
-                sku: "compute.vcpu".into(),
-                unit: "vcpu-s".into(),
-                amount: Decimal::new(i % 89 + t as i64 + 1, 3),
-                at: base + i * step_ms + t as i64,
-            })
-        })
-        .collect()
-}
 
 #[test]
 fn a_broker_killed_mid_stream_and_restarted_loses_and_doubles_nothing() {
-    let port = std::env::var("PULSES_TEST_FAULT_BROKER_PORT").unwrap_or_else(|_| "19092".into());
-    let broker = OwnBroker::start(&port);
-    // SAFETY of the process environment: this binary's only test, before any client.
-    std::env::set_var("PULSES_TEST_BOOTSTRAP", format!("127.0.0.1:{port}"));
+    let broker = OwnBroker::start_for_this_binary("PULSES_TEST_FAULT_BROKER_PORT", "19092");
 
     let t = Topics::create("broker-fault", PARTITIONS);
     let config = format!("checkpoint_interval = \"2s\"\n{}", config("1h", "1h"));
     let base = (now_ms() / 60_000 - 30) * 60_000;
     let tenants = 20;
-    let first = pulses("a", tenants, 2_500, base, 50); // 50,000 pulses over 125 s of event time
-    let second = pulses("b", tenants, 1_000, base + 125_000, 50);
-    let push = pulses("push", tenants, 1, base + 600_000, 1);
+    let first = vcpu_pulses("a", tenants, 2_500, base, 50); // 50,000 pulses over 125 s of event time
+    let second = vcpu_pulses("b", tenants, 1_000, base + 125_000, 50);
+    let push = vcpu_pulses("push", tenants, 1, base + 600_000, 1);
 
     let mut replica = Proc::run(&t, &config, &[]);
     produce_pulses(&t.source, &first);

@@ -315,15 +315,7 @@ fn bad_requests_get_clear_errors_and_write_nothing() {
 /// its usage view reads, becomes ready, and answers usage (nothing yet).
 #[test]
 fn serve_started_before_the_pipeline_creates_the_aggregates_topic_and_becomes_ready() {
-    let u = unique("serve-first");
-    let t = Topics {
-        source: format!("{u}.source"),
-        grouped: format!("{u}.grouped"),
-        aggregated: format!("{u}.aggregated"),
-        dlq: format!("{u}.dlq"),
-        late: format!("{u}.late"),
-        app: u,
-    };
+    let t = Topics::named("serve-first");
     let (_, key) = create_key(&t, Some("acme"));
     let (_serve, addr) = start_serve(&t, "");
     assert_eq!(partitions(&t.aggregated).len(), 6, "created with the default partitions");

@@ -16,31 +16,16 @@ use common::agg::*;
 use common::serve::*;
 use common::own_broker::OwnBroker;
 use common::*;
-use rust_decimal::Decimal;
 
 #[test]
 fn clients_get_503_while_the_broker_is_down_and_exact_totals_after_retrying() {
-    let port = std::env::var("PULSES_TEST_SERVE_FAULT_BROKER_PORT").unwrap_or_else(|_| "19192".into());
-    let broker = OwnBroker::start(&port);
-    // SAFETY of the process environment: this binary's only test, before any client.
-    std::env::set_var("PULSES_TEST_BOOTSTRAP", format!("127.0.0.1:{port}"));
+    let broker = OwnBroker::start_for_this_binary("PULSES_TEST_SERVE_FAULT_BROKER_PORT", "19192");
 
     let t = Topics::create("serve-fault", PARTITIONS);
     let cfg = format!("{}\n[serve]\nack_timeout = \"3s\"\n", config("1h", "1h"));
     let base = (now_ms() / 60_000 - 40) * 60_000;
     let tenants = 10;
-    let all: Vec<P> = (0..4_000i64)
-        .flat_map(|i| {
-            (0..tenants).map(move |t| P {
-                id: format!("f-{t}-{i}"),
-                tenant: format!("tenant-{t}"),
-                sku: "compute.vcpu".into(),
-                unit: "vcpu-s".into(),
-                amount: Decimal::new(i % 89 + t as i64 + 1, 3),
-                at: base + i * 50 + t as i64,
-            })
-        })
-        .collect(); // 40,000 pulses over 200 s of event time
+    let all = vcpu_pulses("f", tenants, 4_000, base, 50); // 40,000 pulses over 200 s of event time
     let batches: Vec<&[P]> = all.chunks(200).collect();
     let (_, admin) = create_key(&t, None);
     let (_serve, addr) = start_serve(&t, &cfg);
@@ -91,10 +76,7 @@ fn clients_get_503_while_the_broker_is_down_and_exact_totals_after_retrying() {
     eprintln!("broker down {:?} after {} of {} batches; {unavailable} answers were 503", outage.0, outage.1, batches.len());
     assert!(unavailable > 0, "clients were told 503 while the broker was down");
 
-    let pushed: Vec<P> = (0..tenants)
-        .map(|t| P { id: format!("push-{t}"), tenant: format!("tenant-{t}"), sku: "compute.vcpu".into(), unit: "vcpu-s".into(),
-                     amount: Decimal::ONE, at: base + 900_000 + t as i64 })
-        .collect();
+    let pushed = vcpu_pulses("push", tenants, 1, base + 900_000, 1);
     produce_pulses(&t.source, &pushed);
     wait_pipeline_done(&t);
     let counted: Vec<P> = all.iter().chain(&pushed).cloned().collect();

@@ -171,3 +171,20 @@ pub fn month_start(ms: i64) -> i64 {
     let d = Utc.timestamp_millis_opt(ms).unwrap().date_naive().with_day(1).unwrap();
     d.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis()
 }
+
+/// `per_tenant` rounds of one compute.vcpu pulse per tenant, `step_ms` apart (tenant t
+/// `t` ms later), amounts of three decimals cycling through 89 values.
+pub fn vcpu_pulses(prefix: &str, tenants: usize, per_tenant: i64, base: i64, step_ms: i64) -> Vec<P> {
+    (0..per_tenant)
+        .flat_map(|i| {
+            (0..tenants).map(move |t| P {
+                id: format!("{prefix}-{t}-{i}"),
+                tenant: format!("tenant-{t}"),
+                sku: "compute.vcpu".into(),
+                unit: "vcpu-s".into(),
+                amount: Decimal::new(i % 89 + t as i64 + 1, 3),
+                at: base + i * step_ms + t as i64,
+            })
+        })
+        .collect()
+}

@@ -94,18 +94,23 @@ impl Topics {
         Self::create_with(name, source_partitions, PARTITIONS)
     }
 
-    /// Creates all five topics: `source_partitions` for the source, `partitions` for
-    /// the rest.
-    pub fn create_with(name: &str, source_partitions: i32, partitions: i32) -> Self {
+    /// Fresh names for the five topics (and the application id), none created.
+    pub fn named(name: &str) -> Self {
         let u = unique(name);
-        let t = Topics {
+        Topics {
             source: format!("{u}.source"),
             grouped: format!("{u}.grouped"),
             aggregated: format!("{u}.aggregated"),
             dlq: format!("{u}.dlq"),
             late: format!("{u}.late"),
             app: u,
-        };
+        }
+    }
+
+    /// Creates all five topics: `source_partitions` for the source, `partitions` for
+    /// the rest.
+    pub fn create_with(name: &str, source_partitions: i32, partitions: i32) -> Self {
+        let t = Self::named(name);
         let n = partitions;
         create_topics(&[(&t.source, source_partitions), (&t.grouped, n), (&t.aggregated, n), (&t.dlq, n), (&t.late, n)]);
         t

@@ -21,9 +21,14 @@ impl OwnBroker {
         assert!(status.success(), "scripts/broker {args:?} failed on port {}", self.port);
     }
 
-    pub fn start(port: &str) -> OwnBroker {
-        let b = OwnBroker { port: port.to_owned() };
+    /// Starts this test binary's broker on the port `port_var` names (else
+    /// `default_port`) and points the harness at it. Call it first, in the binary's
+    /// only test: it sets the process environment before any client exists.
+    pub fn start_for_this_binary(port_var: &str, default_port: &str) -> OwnBroker {
+        let port = std::env::var(port_var).unwrap_or_else(|_| default_port.into());
+        let b = OwnBroker { port };
         b.script(&["start"]);
+        std::env::set_var("PULSES_TEST_BOOTSTRAP", format!("127.0.0.1:{}", b.port));
         b
     }
 }
