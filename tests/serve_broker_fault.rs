@@ -30,6 +30,11 @@ fn clients_get_503_while_the_broker_is_down_and_exact_totals_after_retrying() {
     let (_, admin) = create_key(&t, None);
     let (_serve, addr) = start_serve(&t, &cfg);
     let mut run = Proc::run(&t, &cfg, &[]);
+    // The outage hits a running pipeline: started, joined and restored. (Started and
+    // killed within its first second, `pulses run` gave up on the broker after 30 s
+    // of startup metadata requests, while the restarted broker waited out the crashed
+    // one's 30 s session before serving.)
+    run.wait_ready();
 
     let accepted = AtomicUsize::new(0);
     let (unavailable, outage) = std::thread::scope(|s| {

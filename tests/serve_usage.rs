@@ -160,10 +160,8 @@ fn usage_is_the_latest_revision_of_every_window_and_a_correction_replaces_it_wit
     let (_, before_kill) = get_usage(&addr, &acme_key, "window=minute");
     let topic_records = read_uncommitted(&t.aggregated).len() as f64;
     let state = serve.into_state();
-    std::fs::remove_file(state.path().join("pulses.log")).unwrap(); // the new life's address is the one logged
     let restarted = Proc::start("serve", &t, &cfg, &[], state);
-    let addr = restarted.http_addr();
-    wait_for("the restarted replica ready", DEADLINE, || common::http::get(&addr, "/readyz").filter(|(s, _)| *s == 200));
+    let addr = restarted.wait_ready();
     let (_, after) = get_usage(&addr, &acme_key, "window=minute");
     assert_eq!(after["windows"], before_kill["windows"]);
     assert_eq!(after["totals"], before_kill["totals"]);

@@ -93,6 +93,13 @@ pub fn reader(cfg: &Config, group_id: &str) -> ClientConfig {
     with_user_overrides(c, cfg)
 }
 
+/// A consumer that only looks at consumer group `group_id` from outside: its committed
+/// offsets, and the ends of the partitions it reads as its read_committed members see
+/// them. It never subscribes, so it never joins the group.
+pub fn observer(cfg: &Config, group_id: &str) -> ClientConfig {
+    with_user_overrides(record_reader_defaults(cfg, group_id), cfg)
+}
+
 /// An idempotent producer (no duplicates from internal retries) partitioning keys like
 /// the Java client (murmur2), so Kafka Streams or Flink readers co-partition with us.
 pub fn producer_config(cfg: &Config) -> ClientConfig {

@@ -8,3 +8,4 @@ pub mod clients;
 pub mod dlq;
 pub mod reader;
 pub mod txn;
+pub mod upstream;

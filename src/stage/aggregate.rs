@@ -27,6 +27,7 @@ use crate::codec::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA,
 use crate::codec::{GroupedInput, InputError, OutputCodec};
 use crate::config::Config;
 use crate::kafka::backlog;
+use crate::kafka::upstream::UpstreamWatch;
 use crate::kafka::txn::{StageOutputs, TaskOutput};
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
@@ -54,6 +55,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let outputs = StageOutputs::new(cfg, wiring.name, Some(changelog::tracking(&wiring.changelog)))?
         .with_metrics(Arc::clone(&metrics));
     let reader = GroupedIo { input: GroupedInput::grouped(registry), metrics: Arc::clone(&metrics) };
+    let upstream_wiring = Topology::of(cfg).group;
+    let upstream = UpstreamWatch::start(cfg, &upstream_wiring.input, &upstream_wiring.consumer_group, cfg.aggregate.idle_timeout)?;
     let stage = Aggregating {
         cfg: cfg.clone(),
         codec,
@@ -62,6 +65,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         settings: Arc::new(cfg.window_settings()),
         resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
         finals: Vec::new(),
+        upstream,
         trimmer: HeapTrimmer::default(),
         metrics: Arc::clone(&metrics),
     };
@@ -145,6 +149,8 @@ struct Aggregating {
     resources: StoreResources,
     /// Final aggregates emitted since the last commit, for the latency histograms.
     finals: Vec<FinalEmitted>,
+    /// Whether stage 1 still has an old source backlog: then nothing here is idle.
+    upstream: UpstreamWatch,
     trimmer: HeapTrimmer,
     metrics: Arc<Metrics>,
 }
@@ -242,17 +248,19 @@ impl Stage for Aggregating {
     }
 
     /// Lets time act on every running task: idle watermarks advance (unless records
-    /// of the partition are still waiting to be read), interim updates are due.
+    /// of the partition are still waiting to be read, or stage 1 has not yet forwarded
+    /// an old source backlog that may belong to any partition), interim updates are due.
     fn punctuate(&mut self, tasks: &mut Tasks<WindowTask>, consumer: &StageConsumer) -> Result<bool, StageError> {
         let (outputs, running) = tasks.all_running();
         let running: Vec<&mut Task<WindowTask>> = running.collect();
         let resumed_at = running.iter().filter_map(|t| Some((t.partition, t.resumed_at?))).collect();
         let behind = backlog::partitions_behind(consumer, &self.wiring.input, &resumed_at);
+        let upstream_behind = self.upstream.is_behind();
         let now = now_ms();
         for task in running {
             let mut emitted = Vec::new();
             if let Some((op, store)) = task.state.running() {
-                op.on_time(now, behind.contains(&task.partition), store, &mut emitted)?;
+                op.on_time(now, upstream_behind || behind.contains(&task.partition), store, &mut emitted)?;
             }
             self.emit(outputs, task, emitted)?;
         }

@@ -141,6 +141,8 @@ pub fn pulses_bin() -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub state_dir: tempfile::TempDir,
+    /// Where this life's lines start in the log (a restart appends to it).
+    log_start: usize,
 }
 
 impl Proc {
@@ -180,6 +182,7 @@ impl Proc {
         // Appends, so a restarted replica's log follows its first life's.
         let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.path().join("pulses.log"))
             .expect("open log");
+        let log_start = log.metadata().map_or(0, |m| m.len() as usize);
         let child = Command::new(pulses_bin())
             .arg(command)
             .args(topics.flags())
@@ -195,7 +198,7 @@ impl Proc {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("start pulses {command}: {e}"));
-        Proc { child, state_dir }
+        Proc { child, state_dir, log_start }
     }
 
     /// Sends SIGTERM and waits (bounded) for the exit status.
@@ -211,13 +214,22 @@ impl Proc {
         std::fs::read_to_string(self.state_dir.path().join("pulses.log")).unwrap_or_default()
     }
 
-    /// The address the HTTP endpoint is bound to, from the startup log line.
+    /// The address the HTTP endpoint is bound to, from the startup log line of this
+    /// life (a restarted replica's log still holds its earlier lives' addresses).
     pub fn http_addr(&self) -> String {
         wait_for("the HTTP endpoint's address in the log", DEADLINE, || {
             let log = self.log();
-            let rest = log.split("listening on http://").nth(1)?;
+            let rest = log.get(self.log_start..)?.split("listening on http://").nth(1)?;
             Some(rest.split(|c: char| c.is_whitespace() || c == '"' || c == ' ').next()?.trim_end_matches(',').to_owned())
         })
+    }
+
+    /// Waits until `/readyz` answers 200 (every stage joined its group and restored);
+    /// returns the endpoint's address.
+    pub fn wait_ready(&self) -> String {
+        let addr = self.http_addr();
+        wait_for("/readyz to answer 200", DEADLINE, || (http::get(&addr, "/readyz")?.0 == 200).then_some(()));
+        addr
     }
 
     /// Kills the process with SIGKILL: no flush, no commit, no goodbye.

@@ -32,11 +32,7 @@ pub fn create_key(t: &Topics, tenant: Option<&str>) -> (String, String) {
 /// Starts `pulses serve` for `t` and waits until it is ready (keys loaded).
 pub fn start_serve(t: &Topics, config_toml: &str) -> (Proc, String) {
     let p = Proc::start("serve", t, config_toml, &[], tempfile::tempdir().expect("tempdir"));
-    let addr = p.http_addr();
-    let client = client();
-    wait_for("serve to be ready", DEADLINE, || {
-        client.get(format!("http://{addr}/readyz")).send().ok().filter(|r| r.status() == 200).map(|_| ())
-    });
+    let addr = p.wait_ready();
     (p, addr)
 }
 
