@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer};
 
@@ -231,19 +231,44 @@ impl StageOutputs {
             }
             return Ok(durable);
         }
-        for unit in units {
+        let mut units: Vec<CommitUnit<'a>> = units.into_iter().collect();
+        let group = match units.iter().any(|u| u.next_offset.is_some()) {
+            true => Some(consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?),
+            false => None,
+        };
+        let due: Vec<(i32, &mut PartitionProducer, Option<i64>)> = units
+            .iter_mut()
+            .filter_map(|u| {
+                let partition = u.output.partition;
+                let p = u.output.txn.as_mut()?;
+                (u.next_offset.is_some() || p.in_transaction).then_some((partition, p, u.next_offset))
+            })
+            .collect();
+        // Each partition's transaction holds only its own outputs, changelog records and
+        // input offset, so they commit side by side: one round of broker round trips
+        // per commit instead of one per partition (a 1M-pulse drain spent a third of
+        // its time waiting for six commits in a row).
+        let commit = |(partition, p, next): (i32, &mut PartitionProducer, Option<i64>)| {
+            let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = next).entered();
+            let result = self.commit_one(group.as_ref(), topic, partition, p, next);
+            self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
+            result.map(|()| next.is_some())
+        };
+        let results: Vec<Result<bool, TxnError>> = if due.len() <= 1 {
+            due.into_iter().map(commit).collect()
+        } else {
+            std::thread::scope(|s| {
+                let commit = &commit;
+                let threads: Vec<_> = due.into_iter().map(|d| s.spawn(move || commit(d))).collect();
+                threads.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+            })
+        };
+        for result in results {
+            durable.committed |= self.failing(result)?;
+        }
+        for unit in &units {
             let partition = unit.output.partition;
-            let Some(p) = unit.output.txn.as_mut() else { continue };
-            if unit.next_offset.is_some() || p.in_transaction {
-                // One span per transaction (exported over OTLP when configured).
-                let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = unit.next_offset)
-                    .entered();
-                let result = self.commit_one(consumer, topic, partition, p, unit.next_offset);
-                self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
-                self.failing(result)?;
-                durable.committed |= unit.next_offset.is_some();
-            }
-            if let Some(next) = p.producer.context().next_offset(partition) {
+            if let Some(next) = unit.output.txn.as_ref().and_then(|p| p.producer.context().next_offset(partition)) {
                 durable.tracked_next.insert(partition, next);
             }
         }
@@ -281,9 +306,9 @@ impl StageOutputs {
     }
 
     /// Commits one partition's open transaction with its input offset `next`.
-    fn commit_one<C: ConsumerContext>(
+    fn commit_one(
         &self,
-        consumer: &BaseConsumer<C>,
+        group: Option<&ConsumerGroupMetadata>,
         topic: &str,
         partition: i32,
         p: &mut PartitionProducer,
@@ -297,10 +322,10 @@ impl StageOutputs {
             return Err(p.abort_after(partition, "flush", source));
         }
         if let Some(next) = next {
-            let group = consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?;
+            let group = group.ok_or(TxnError::NoGroupMetadata)?;
             let metadata = |_| self.commit_metadata(p.producer.context().next_offset(partition));
             let tpl = offsets_list(topic, &BTreeMap::from([(partition, next)]), &metadata)?;
-            if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT) {
+            if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, group, TXN_TIMEOUT) {
                 return Err(p.abort_after(partition, "send offsets", source));
             }
         }
