@@ -16,7 +16,8 @@ steps, for the README and for whoever changes this:
 3. Drain: from the contender's ready signal until every expected window that the data
    itself closes (its end + grace at least 10 s before the last event) is visible to a
    read_committed consumer. Throughput is N over that time; CPU is the process's
-   user+system time over it; peak RSS is its VmHWM at the end.
+   user+system time over it (and the local broker's, when its pid is known); peak
+   RSS is the process's VmHWM at the end.
 4. Close to final: then one record per (tenant, product) with an event time 70 s past
    the data is written live; it closes the trailing windows, and the time from that
    write until each trailing final is visible is the close-to-final latency.
