@@ -260,14 +260,20 @@ class OutputWatch:
 
 
 def parse_pulses(v: dict):
+    """A pulses window aggregate (SPEC §3): finals only, the start in RFC 3339."""
     if not v.get("final"):
         return None
-    key = (v["tenant_id"], v["product_sku"], v["use_unit"], v["window"], parse_ms(v["window_start"]))
-    return key, Agg(Decimal(v["total_amount"]), v["pulse_count"], Decimal(v["min_amount"]), Decimal(v["max_amount"]))
+    return window_of(v, parse_ms(v["window_start"]))
 
 
 def parse_peer(v: dict):
-    key = (v["tenant_id"], v["product_sku"], v["use_unit"], v["window"], int(v["window_start_ms"]))
+    """A peer's final (benches/peers/*/README.md): the start in epoch milliseconds."""
+    return window_of(v, int(v["window_start_ms"]))
+
+
+def window_of(v: dict, start_ms: int):
+    """The fields both output formats share, keyed like the expected windows."""
+    key = (v["tenant_id"], v["product_sku"], v["use_unit"], v["window"], start_ms)
     return key, Agg(Decimal(v["total_amount"]), v["pulse_count"], Decimal(v["min_amount"]), Decimal(v["max_amount"]))
 
 

@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,7 +37,8 @@ type Ends = BTreeMap<i32, (i64, i64)>;
 /// thread, stopped on drop.
 pub struct UpstreamWatch {
     behind: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
+    /// Dropped to stop the thread: its wait between looks ends at once.
+    stop: Option<mpsc::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,14 +49,14 @@ impl UpstreamWatch {
         let consumer: BaseConsumer = clients::observer(cfg, group).create()?;
         // Unknown counts as behind, like an unknown partition end in `backlog`.
         let behind = Arc::new(AtomicBool::new(true));
-        let stop = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = mpsc::channel();
         let looker = Looker { consumer, topic: topic.to_owned(), history: EndHistory::new(horizon) };
-        let (b, s) = (Arc::clone(&behind), Arc::clone(&stop));
+        let b = Arc::clone(&behind);
         let thread = std::thread::Builder::new()
             .name("upstream-watch".into())
-            .spawn(move || looker.run(&b, &s, look_interval(horizon)))
+            .spawn(move || looker.run(&b, &stopped, look_interval(horizon)))
             .map_err(|e| KafkaError::ClientCreation(format!("starting the upstream watch: {e}")))?;
-        Ok(Self { behind, stop, thread: Some(thread) })
+        Ok(Self { behind, stop: Some(stop), thread: Some(thread) })
     }
 
     /// Stage 1 still has source records older than the horizon to forward (or the
@@ -66,7 +68,7 @@ impl UpstreamWatch {
 
 impl Drop for UpstreamWatch {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
+        drop(self.stop.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -87,9 +89,9 @@ struct Looker {
 }
 
 impl Looker {
-    fn run(mut self, behind: &AtomicBool, stop: &AtomicBool, interval: Duration) {
+    fn run(mut self, behind: &AtomicBool, stopped: &mpsc::Receiver<()>, interval: Duration) {
         let mut failing = false;
-        while !stop.load(Ordering::Acquire) {
+        loop {
             let started = Instant::now();
             match self.look(started) {
                 Ok(b) => {
@@ -109,9 +111,9 @@ impl Looker {
                     behind.store(true, Ordering::Release);
                 }
             }
-            // Sleep in short steps so a stopping stage is not kept waiting.
-            while !stop.load(Ordering::Acquire) && started.elapsed() < interval {
-                std::thread::sleep(Duration::from_millis(20).min(interval));
+            // Until the next look, or until the watch is dropped.
+            if stopped.recv_timeout(interval.saturating_sub(started.elapsed())) != Err(RecvTimeoutError::Timeout) {
+                return;
             }
         }
     }
@@ -136,9 +138,8 @@ impl Looker {
         let partitions: Vec<i32> = ends.keys().copied().collect();
         let offsets = committed(&self.consumer, &self.topic, &partitions);
         self.history.record(now, ends);
-        let reference = self.history.reference().cloned().unwrap_or_default();
         let committed: BTreeMap<i32, Option<i64>> = offsets.into_iter().map(|(p, c)| (p, c.offset)).collect();
-        Ok(has_old_backlog(&reference, &committed))
+        Ok(self.history.reference().is_some_and(|reference| has_old_backlog(reference, &committed)))
     }
 }
 

@@ -44,7 +44,7 @@ pub const H_LATE_REASON: &str = "late.reason";
 
 /// Runs stage 2 until `shutdown` is set, then commits, checkpoints and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
-    let wiring = Topology::of(cfg).aggregate;
+    let Topology { aggregate: wiring, group: upstream_wiring, .. } = Topology::of(cfg);
     let registry = Registry::from_config(&cfg.schema_registry)?.map(Arc::new);
     let stop = || shutdown.load(std::sync::atomic::Ordering::Acquire);
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.aggregated, AGGREGATE_SCHEMA,
@@ -55,7 +55,6 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let outputs = StageOutputs::new(cfg, wiring.name, Some(changelog::tracking(&wiring.changelog)))?
         .with_metrics(Arc::clone(&metrics));
     let reader = GroupedIo { input: GroupedInput::grouped(registry), metrics: Arc::clone(&metrics) };
-    let upstream_wiring = Topology::of(cfg).group;
     let upstream = UpstreamWatch::start(cfg, &upstream_wiring.input, &upstream_wiring.consumer_group, cfg.aggregate.idle_timeout)?;
     let stage = Aggregating {
         cfg: cfg.clone(),
