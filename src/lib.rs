@@ -8,6 +8,8 @@
 //!   state lives in [`state`], and leaves as an aggregate encoded by [`codec`];
 //! - the pure core ([`pulse`], [`window`]) has no Kafka or RocksDB in sight and is
 //!   unit-tested on plain values;
+//! - both stages run on [`runtime`] (a loop per stage thread, a task per partition,
+//!   one transactional producer per thread: [`kafka::txn`]);
 //! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
 
 pub mod bench;
@@ -20,6 +22,7 @@ pub mod pulse;
 pub mod rate;
 pub mod replay;
 pub mod registry;
+pub mod runtime;
 pub mod state;
 pub mod serve;
 pub mod stage;

@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::CommonArgs;
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
+use crate::kafka::startup;
 use crate::rate::consumer::{self, RateSettings};
 use crate::rate::PriceBook;
 
@@ -55,10 +56,17 @@ pub fn run(args: RateArgs) -> anyhow::Result<()> {
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
-    let n = partition_count(&cfg, &cfg.topics.aggregated).context("reading the aggregated topic")?;
+    let no_probe = |_| {};
+    let n = startup::retry("reading the aggregated topic", cfg.startup_timeout, &no_probe, || {
+        partition_count(&cfg, &cfg.topics.aggregated)
+    })
+    .context("reading the aggregated topic")?;
     let t = &cfg.topics;
     let spec = |name| TopicSpec { name, partitions: n, configs: &[] };
-    rt.block_on(ensure_topics(&cfg, &[spec(&t.charges), spec(&t.alerts)])).context("creating the output topics")?;
+    startup::retry("creating the output topics", cfg.startup_timeout, &no_probe, || {
+        rt.block_on(ensure_topics(&cfg, &[spec(&t.charges), spec(&t.alerts)]))
+    })
+    .context("creating the output topics")?;
     let settings = RateSettings { book, window: args.window, charges_topic: t.charges.clone(), alerts_topic: t.alerts.clone() };
     let s = consumer::run(&cfg, &settings, &shutdown)?;
     eprintln!(

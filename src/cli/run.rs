@@ -9,10 +9,12 @@ use clap::{Args, ValueEnum};
 use super::CommonArgs;
 use crate::config::{Config, Guarantee};
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED, DEFAULT_PARTITIONS};
+use crate::kafka::startup;
 use crate::ops::{http, prometheus};
 use crate::ops::metrics::Metrics;
 use crate::stage::topology::Topology;
-use crate::stage::{self, StageError};
+use crate::runtime::{self, StageError};
+use crate::stage;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -55,11 +57,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let t = &cfg.topics;
     let n = args.default_partitions;
     let plain = |name| TopicSpec { name, partitions: n, configs: &[] };
-    rt.block_on(ensure_topics(&cfg, &[plain(&t.grouped), plain(&t.dlq), plain(&t.aggregated), plain(&t.late)]))
-        .context("creating output topics")?;
+    let waiting = |why| metrics.ops.readiness.waiting_for_broker(why);
+    startup::retry("creating output topics", cfg.startup_timeout, &waiting, || {
+        rt.block_on(ensure_topics(&cfg, &[plain(&t.grouped), plain(&t.dlq), plain(&t.aggregated), plain(&t.late)]))
+    })
+    .context("creating output topics")?;
     let stages = dedup(&args.stages);
     if stages.contains(&StageName::Aggregate) {
-        ensure_changelog(&rt, &cfg)?;
+        ensure_changelog(&rt, &cfg, &waiting)?;
     }
     metrics.ops.readiness.expect_stages(stages.iter().map(|s| s.name()));
     let mut threads = Vec::new();
@@ -73,7 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let handle = std::thread::Builder::new()
             .name(format!("stage-{name}"))
             .spawn(move || {
-                let result = stage::supervise(name, &shutdown, &metrics, || f(&cfg, &shutdown, Arc::clone(&metrics)));
+                let result = runtime::supervise(name, &shutdown, &metrics, || f(&cfg, &shutdown, Arc::clone(&metrics)));
                 // A stage failed beyond repair stops the others: better a restart than
                 // half a pipeline.
                 shutdown.store(true, Ordering::Release);
@@ -94,12 +99,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 /// Creates stage 2's changelog topic with one partition per grouped partition
 /// (partition p restores store p), and refuses a mismatch.
-fn ensure_changelog(rt: &tokio::runtime::Runtime, cfg: &Config) -> anyhow::Result<()> {
+fn ensure_changelog(rt: &tokio::runtime::Runtime, cfg: &Config, waiting: &dyn Fn(Option<String>)) -> anyhow::Result<()> {
     let wiring = Topology::of(cfg).aggregate;
     let (grouped, changelog) = (&wiring.input, &wiring.changelog);
-    let grouped_partitions = partition_count(cfg, grouped).context("reading the grouped topic")?;
-    rt.block_on(ensure_topics(cfg, &[TopicSpec { name: changelog, partitions: grouped_partitions, configs: COMPACTED }]))
-        .context("creating the changelog topic")?;
+    let grouped_partitions = startup::retry("reading the grouped topic", cfg.startup_timeout, waiting, || partition_count(cfg, grouped))
+        .context("reading the grouped topic")?;
+    startup::retry("creating the changelog topic", cfg.startup_timeout, waiting, || {
+        rt.block_on(ensure_topics(cfg, &[TopicSpec { name: changelog, partitions: grouped_partitions, configs: COMPACTED }]))
+    })
+    .context("creating the changelog topic")?;
     let changelog_partitions = partition_count(cfg, changelog).context("reading the changelog topic")?;
     if changelog_partitions != grouped_partitions {
         bail!("changelog topic {changelog} has {changelog_partitions} partitions but {grouped} has {grouped_partitions}; \

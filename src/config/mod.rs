@@ -39,6 +39,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Listen address of the HTTP endpoint (metrics, health).
     pub http_addr: String,
+    /// How long a command waits at start for a broker that is not reachable yet or
+    /// still loading its coordinators, retrying with backoff, before it gives up.
+    #[serde(deserialize_with = "duration")]
+    pub startup_timeout: Duration,
     /// `exactly_once` (default): outputs, state changes and consumed offsets commit in
     /// one Kafka transaction. `at_least_once`: a crash may re-emit records (see README).
     pub processing_guarantee: Guarantee,
@@ -51,6 +55,8 @@ pub struct Config {
     pub topics: Topics,
     /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
     pub kafka: BTreeMap<String, String>,
+    /// What every stage's loop shares: when it commits.
+    pub stage: StageSettings,
     pub group: GroupStage,
     pub aggregate: AggregateStage,
     /// Tumbling windows computed at once (SPEC §4).
@@ -150,7 +156,7 @@ pub struct AggregateStage {
     /// Least time between two interim records of a window with `emit = "updates"`.
     #[serde(deserialize_with = "duration")]
     pub update_interval: Duration,
-    /// Most records handled between two commits.
+    /// Most records one poll hands over.
     pub max_batch: usize,
     #[serde(deserialize_with = "duration")]
     pub max_batch_wait: Duration,
@@ -193,13 +199,32 @@ pub struct Topics {
     pub replay: String,
 }
 
+/// Settings of every stage thread's loop (`[stage]`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StageSettings {
+    /// How often a stage commits its work (under exactly_once: one transaction of the
+    /// thread's producer, with the offsets of all its tasks), like Kafka Streams'
+    /// `commit.interval.ms`. Rebalances and shutdown commit too.
+    #[serde(deserialize_with = "duration")]
+    pub commit_interval: Duration,
+    /// Most input records one commit carries: reached first, it commits early.
+    pub commit_max_records: usize,
+}
+
+impl Default for StageSettings {
+    fn default() -> Self {
+        Self { commit_interval: Duration::from_millis(100), commit_max_records: 50_000 }
+    }
+}
+
 /// Stage 1 (grouping) tuning.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GroupStage {
-    /// Most records handled between two offset commits.
+    /// Most records one poll hands over.
     pub max_batch: usize,
-    /// Longest a batch stays open waiting for more records.
+    /// Longest a poll waits for more records.
     #[serde(deserialize_with = "duration")]
     pub max_batch_wait: Duration,
 }
@@ -212,11 +237,13 @@ impl Default for Config {
             group_id: None,
             state_dir: PathBuf::from("state"),
             http_addr: "127.0.0.1:9464".into(),
+            startup_timeout: Duration::from_secs(300),
             processing_guarantee: Guarantee::ExactlyOnce,
             checkpoint_interval: Duration::from_secs(60),
             checkpoint_dir: None,
             topics: Topics::default(),
             kafka: BTreeMap::new(),
+            stage: StageSettings::default(),
             group: GroupStage::default(),
             aggregate: AggregateStage::default(),
             windows: WindowSpec::defaults(),
@@ -328,6 +355,9 @@ impl Config {
         if self.group.max_batch == 0 || self.aggregate.max_batch == 0 {
             return invalid("max_batch must be at least 1".into());
         }
+        if self.stage.commit_interval.is_zero() || self.stage.commit_max_records == 0 {
+            return invalid("[stage] commit_interval and commit_max_records must be above zero".into());
+        }
         if self.windows.is_empty() {
             return invalid("at least one [[windows]] entry is needed".into());
         }
@@ -367,7 +397,7 @@ impl Config {
 /// guarantees rest on the value each client is given; with why, for the error.
 pub const RESERVED_KAFKA_KEYS: &[(&str, &str)] = &[
     ("group.id", "pulses names its consumer groups from application_id and group_id"),
-    ("transactional.id", "pulses names one transactional id per input partition to fence zombies"),
+    ("transactional.id", "pulses names one transactional id per stage thread and replica to fence its previous incarnation"),
     ("enable.auto.commit", "offsets move only when the outputs of their records are committed"),
     ("enable.auto.offset.store", "offsets move only when the outputs of their records are committed"),
     ("isolation.level", "only committed records may count (read_committed)"),

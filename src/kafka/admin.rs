@@ -19,6 +19,17 @@ pub enum AdminError {
     Missing(String),
 }
 
+impl super::startup::Retriable for AdminError {
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Kafka(e) => super::startup::Retriable::is_retriable(e),
+            Self::Create { code, .. } => !super::startup::is_fatal_code(*code),
+            // Being created (here or by another replica): it shows up.
+            Self::Missing(_) => true,
+        }
+    }
+}
+
 /// A topic `pulses run` needs: name, partitions, and topic configs.
 pub struct TopicSpec<'a> {
     pub name: &'a str,

@@ -92,7 +92,23 @@ pub fn committed<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, pa
     for &p in partitions {
         tpl.add_partition(topic, p);
     }
-    match consumer.committed_offsets(tpl, COMMITTED_TIMEOUT) {
+    // A coordinator that is moving or still loading (a fresh broker) answers
+    // NOT_COORDINATOR for a while: asked again until the timeout.
+    let deadline = Instant::now() + COMMITTED_TIMEOUT;
+    let mut asked = consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT);
+    while let Err(e) = &asked {
+        if !super::startup::Retriable::is_retriable(e) || Instant::now() >= deadline {
+            break;
+        }
+        tracing::debug!(topic, "committed offsets not readable yet, asking again: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+        asked = consumer.committed_offsets(tpl.clone(), deadline.saturating_duration_since(Instant::now()));
+    }
+    if COMMITTED_TIMEOUT.saturating_sub(deadline.saturating_duration_since(Instant::now())) >= Duration::from_secs(1) {
+        tracing::warn!(topic, ?partitions, waited_ms = (COMMITTED_TIMEOUT - deadline.saturating_duration_since(Instant::now())).as_millis() as u64,
+            "reading the committed offsets was slow");
+    }
+    match asked {
         Ok(committed) => committed
             .elements()
             .iter()

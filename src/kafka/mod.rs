@@ -7,5 +7,6 @@ pub mod batch;
 pub mod clients;
 pub mod dlq;
 pub mod reader;
+pub mod startup;
 pub mod txn;
 pub mod upstream;

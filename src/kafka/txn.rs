@@ -1,31 +1,37 @@
-//! Exactly-once plumbing: which producer writes a stage's outputs, and how a batch of
-//! them commits together with the consumed offsets.
+//! Exactly-once plumbing: the one producer of a stage thread, and how the outputs of
+//! all its tasks commit together with their consumed offsets.
 //!
-//! `exactly_once`: one transactional producer per owned input partition, with the
-//! transactional id `<application_id>-<stage>-<partition>`. A partition's outputs, its
-//! changelog records (stage 2) and its consumed offsets commit in one transaction.
-//! Because the id belongs to the *partition*, not to the process, the next owner's
-//! `init_transactions` fences the previous owner (a replica that was killed, paused or
-//! dropped from the group) and aborts its open transaction before anything of that
-//! partition is read or restored. That needs nothing from the broker beyond the basic
-//! transaction protocol (no group-generation checks, KIP-447), so it holds on every
-//! Kafka-compatible broker that implements transactions.
+//! `exactly_once` (Kafka Streams' EOS v2, KIP-447): one transactional producer per stage
+//! thread, with the transactional id `<application_id>-<stage>-<process id>`, the process
+//! id being stable per replica (kept in its state dir, see `state::instance`). Every task
+//! of the thread writes its outputs and changelog records into the producer's open
+//! transaction, and a commit sends the input offsets of all of them with the consumer's
+//! group metadata before committing. So:
+//! - a restarted replica fences its previous incarnation at start (`init_transactions`
+//!   on the same id aborts whatever that incarnation left open);
+//! - a zombie (a replica that was paused or cut off while its partitions moved) is
+//!   fenced by the group coordinator: its offsets carry an old generation, the
+//!   transaction cannot commit and is aborted. Every transaction carries the offsets of
+//!   every running task (re-sent unchanged when a task consumed nothing), so none can
+//!   commit outputs or changelog records without that check. The new owner reads the
+//!   committed offsets with `require_stable` (librdkafka does under read_committed),
+//!   so it waits for a zombie's pending offset commit to be decided before restoring.
 //!
 //! With a tracked topic (stage 2's changelog), each committed offset carries metadata
 //! naming where the partition's changelog ends after that commit, written by the
 //! tracked topic's owner ([`Tracked::metadata`]; the state module's `ChangelogEnd`). A
 //! restore treats changelog records beyond it as uncommitted.
 //!
-//! `at_least_once`: one shared idempotent producer. Outputs are flushed, then state is
-//! written, then offsets are committed: a crash in between re-processes the records
-//! since the last commit and may emit their outputs again.
+//! `at_least_once`: the same one producer, idempotent, not transactional. Outputs are
+//! flushed, then state is written, then offsets are committed: a crash in between
+//! re-processes the records since the last commit and may emit their outputs again.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, ConsumerGroupMetadata};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer};
 
@@ -36,6 +42,8 @@ use crate::ops::metrics::{Metrics, TxnOutcome};
 
 /// How long a transaction call (init, send offsets, commit, abort) may take.
 const TXN_TIMEOUT: Duration = Duration::from_secs(60);
+/// A transaction commit that takes this long is logged with where its time went.
+const SLOW_COMMIT: Duration = Duration::from_secs(1);
 /// How long an at-least-once flush waits for outstanding deliveries.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -45,12 +53,23 @@ pub enum TxnError {
     Kafka(#[from] KafkaError),
     #[error("{0} record(s) could not be delivered ({1}); offsets were not committed past them")]
     Delivery(u64, String),
-    #[error("transaction of partition {partition} failed to {step}: {source}")]
-    Transaction { partition: i32, step: &'static str, source: KafkaError },
+    #[error("transaction of stage {stage} failed to {step}: {source}")]
+    Transaction { stage: &'static str, step: &'static str, source: KafkaError },
     #[error("the consumer has no group metadata (not in a group yet)")]
     NoGroupMetadata,
     #[error("an earlier commit of this stage failed; what it processed since its last commit is discarded, not committed")]
     AfterFailedCommit,
+    #[error("partitions {0:?} were lost with a transaction open; the stage starts over from its last commit")]
+    LostInTransaction(Vec<i32>),
+}
+
+impl super::startup::Retriable for TxnError {
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Kafka(e) | Self::Transaction { source: e, .. } => e.is_retriable(),
+            _ => false,
+        }
+    }
 }
 
 /// A topic whose delivered offsets a stage's commits report (stage 2's changelog).
@@ -61,16 +80,18 @@ pub struct Tracked {
     pub metadata: fn(i64) -> String,
 }
 
-/// The producers of one stage of one replica: the shared one under at_least_once, and
-/// what every task's own producer ([`TaskOutput`]) is created with under exactly_once.
-/// Owned by the stage's loop; a task owns its [`TaskOutput`].
+/// The one producer of a stage thread and its open transaction: every task of the
+/// thread sends through it, and [`Self::commit`] commits all of their outputs with all
+/// of their offsets. Owned by the stage's loop.
 pub struct StageOutputs {
-    cfg: Config,
     stage: &'static str,
     /// Topic whose delivered offsets are tracked (stage 2's changelog).
     tracked: Option<Tracked>,
-    /// at_least_once: the one producer.
-    shared: Option<TrackedProducer>,
+    producer: TrackedProducer,
+    /// exactly_once: the producer is transactional.
+    transactional: bool,
+    /// A transaction is open (exactly_once): something was sent since the last commit.
+    in_transaction: Cell<bool>,
     /// Where transaction outcomes are counted, if anywhere.
     metrics: Option<Arc<Metrics>>,
     /// Set by the first failed commit. From then on nothing is sent or committed:
@@ -78,27 +99,7 @@ pub struct StageOutputs {
     /// went with the aborted outputs, and committing it later would commit state
     /// without its outputs. The stage is replaced and redoes that work from the last
     /// commit (Kafka Streams closes its tasks dirty for the same reason).
-    failed: AtomicBool,
-}
-
-/// One input partition's way out: its own transactional producer under exactly_once,
-/// the stage's shared producer under at_least_once. Owned by the partition's task.
-pub struct TaskOutput {
-    partition: i32,
-    /// exactly_once: the partition's transactional producer.
-    txn: Option<PartitionProducer>,
-}
-
-struct PartitionProducer {
-    producer: TrackedProducer,
-    in_transaction: bool,
-}
-
-/// What one task brings to a commit: its output and the next input offset to commit
-/// (none: nothing consumed since the last commit).
-pub struct CommitUnit<'a> {
-    pub output: &'a mut TaskOutput,
-    pub next_offset: Option<i64>,
+    failed: Cell<bool>,
 }
 
 /// Outputs made durable by [`StageOutputs::commit`]: where each partition's tracked
@@ -106,9 +107,10 @@ pub struct CommitUnit<'a> {
 /// [`StageOutputs::confirm`].
 #[must_use = "at_least_once commits the offsets only in StageOutputs::confirm"]
 pub struct Durable {
-    tracked_next: BTreeMap<i32, i64>,
+    tracked_next: HashMap<i32, i64>,
     /// at_least_once: the offsets still to commit.
     offsets: BTreeMap<i32, i64>,
+    /// exactly_once: the offsets went in the committed transaction.
     committed: bool,
 }
 
@@ -120,14 +122,35 @@ impl Durable {
 }
 
 impl StageOutputs {
-    /// `stage` names the transactional ids; `tracked` is the topic whose delivered
-    /// offsets [`Self::commit`] reports (stage 2's changelog).
-    pub fn new(cfg: &Config, stage: &'static str, tracked: Option<Tracked>) -> Result<Self, TxnError> {
-        let shared = match cfg.processing_guarantee {
-            Guarantee::AtLeastOnce => Some(clients::tracked_producer(cfg, tracker(&tracked))?),
-            Guarantee::ExactlyOnce => None,
+    /// The producer of `stage`: under exactly_once transactional with
+    /// `transactional_id` (which fences the previous producer of that id: call it before
+    /// the stage reads or restores anything), else idempotent. `tracked` is the topic
+    /// whose delivered offsets [`Self::commit`] reports (stage 2's changelog).
+    pub fn new(cfg: &Config, stage: &'static str, transactional_id: &str, tracked: Option<Tracked>) -> Result<Self, TxnError> {
+        let tracker = tracked.as_ref().map_or_else(DeliveryTracker::default, |t| DeliveryTracker::tracking(&t.topic));
+        let transactional = cfg.processing_guarantee == Guarantee::ExactlyOnce;
+        let producer = match transactional {
+            false => clients::tracked_producer(cfg, tracker)?,
+            true => {
+                let producer = clients::transactional_producer(cfg, transactional_id, tracker)?;
+                let started = std::time::Instant::now();
+                producer
+                    .init_transactions(TXN_TIMEOUT)
+                    .map_err(|source| TxnError::Transaction { stage, step: "initialise (fence the previous incarnation)", source })?;
+                tracing::info!(stage, transactional_id, elapsed_ms = started.elapsed().as_millis() as u64,
+                    "transactional producer ready");
+                producer
+            }
         };
-        Ok(Self { cfg: cfg.clone(), stage, tracked, shared, metrics: None, failed: AtomicBool::new(false) })
+        Ok(Self {
+            stage,
+            tracked,
+            producer,
+            transactional,
+            in_transaction: Cell::new(false),
+            metrics: None,
+            failed: Cell::new(false),
+        })
     }
 
     /// Counts committed and aborted transactions in `metrics`.
@@ -142,153 +165,149 @@ impl StageOutputs {
         }
     }
 
-    /// Takes ownership of `partition`. Under exactly_once this creates its
-    /// transactional producer and fences any previous owner, aborting that owner's open
-    /// transaction; call it before reading or restoring anything of the partition.
-    pub fn assign(&self, partition: i32) -> Result<TaskOutput, TxnError> {
-        if self.shared.is_some() {
-            return Ok(TaskOutput { partition, txn: None });
-        }
-        let id = transactional_id(&self.cfg.application_id, self.stage, partition);
-        let producer = clients::transactional_producer(&self.cfg, &id, tracker(&self.tracked))?;
-        let started = std::time::Instant::now();
-        producer
-            .init_transactions(TXN_TIMEOUT)
-            .map_err(|source| TxnError::Transaction { partition, step: "initialise (fence the previous owner)", source })?;
-        tracing::debug!(partition, transactional_id = %id, elapsed_ms = started.elapsed().as_millis() as u64,
-            "transactional producer ready");
-        Ok(TaskOutput { partition, txn: Some(PartitionProducer { producer, in_transaction: false }) })
+    /// Whether a transaction is open: records were sent since the last commit.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction.get()
     }
 
-    /// Records that the tracked topic's partition of `output` already holds data up
-    /// to `next` (a restored store's position), so commits name at least that end.
-    pub fn set_tracked_position(&self, output: &TaskOutput, next: i64) {
-        self.producer(output).context().advance_to(output.partition, next);
+    /// Records that the tracked topic's `partition` already holds data up to `next`
+    /// (a restored store's position), so commits name at least that end.
+    pub fn set_tracked_position(&self, partition: i32, next: i64) {
+        self.producer.context().advance_to(partition, next);
     }
 
-    /// Gives up a partition. Call after its last [`Self::commit`]; an open transaction
-    /// is aborted (its input will be consumed again by the next owner).
-    pub fn revoke(&self, output: TaskOutput) {
-        let partition = output.partition;
-        if let Some(p) = output.txn.filter(|p| p.in_transaction) {
-            tracing::warn!(partition, "aborting an uncommitted transaction of a revoked partition");
-            if let Err(e) = p.producer.abort_transaction(TXN_TIMEOUT) {
-                tracing::warn!(partition, "abort failed (the next owner's fencing aborts it): {e}");
+    /// Aborts the open transaction, if any, and refuses to go on (partitions were lost
+    /// with it open, or the stage stops uncommitted): the stage is replaced and redoes
+    /// its uncommitted work from the last commit.
+    pub fn abort(&self, why: &str) {
+        if self.in_transaction.get() {
+            tracing::warn!(stage = self.stage, "aborting the open transaction: {why}");
+            if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
+                tracing::warn!(stage = self.stage, "abort failed (the transaction times out on the broker): {e}");
             }
+            self.in_transaction.set(false);
             self.count(TxnOutcome::Aborted);
         }
+        self.failed.set(true);
     }
 
-    /// Enqueues `record` as an output of `output`'s input partition.
-    pub fn send<K, P>(&self, output: &mut TaskOutput, record: BaseRecord<'_, K, P, ()>) -> Result<(), TxnError>
+    /// Enqueues `record` in the open transaction (opening one if needed).
+    pub fn send<K, P>(&self, record: BaseRecord<'_, K, P, ()>) -> Result<(), TxnError>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
     {
         self.check_not_failed()?;
-        if let Some(p) = &mut output.txn {
-            p.begin(output.partition)?;
-        }
-        Ok(send_with_backpressure(self.producer(output), record)?)
+        self.begin()?;
+        Ok(send_with_backpressure(&self.producer, record)?)
     }
 
-    fn producer<'a>(&'a self, output: &'a TaskOutput) -> &'a TrackedProducer {
-        match (&output.txn, &self.shared) {
-            (Some(p), _) => &p.producer,
-            (None, Some(shared)) => shared,
-            // A TaskOutput without a transaction exists only when StageOutputs has a shared producer.
-            (None, None) => unreachable!("a task output without a producer"),
+    fn begin(&self) -> Result<(), TxnError> {
+        if self.transactional && !self.in_transaction.get() {
+            self.producer
+                .begin_transaction()
+                .map_err(|source| TxnError::Transaction { stage: self.stage, step: "begin", source })?;
+            self.in_transaction.set(true);
         }
+        Ok(())
     }
 
-    /// Makes every output enqueued so far durable, together with the units' offsets
-    /// (of `topic`). exactly_once: each unit's transaction commits (outputs and
-    /// offsets). at_least_once: the shared producer is flushed; the offsets commit in
-    /// [`Self::confirm`], after the caller has written its local state with the
-    /// tracked positions [`Durable`] reports.
-    pub fn commit<'a, C: ConsumerContext>(
+    /// Makes every output enqueued so far durable, together with `offsets` (of `topic`:
+    /// the next offset of every running task; `advanced`: some moved since the last
+    /// commit). exactly_once: one transaction commits the outputs and the offsets, the
+    /// offsets sent with the consumer's group metadata. at_least_once: the producer is
+    /// flushed; the offsets commit in [`Self::confirm`], after the caller has written
+    /// its local state with the tracked positions [`Durable`] reports.
+    pub fn commit<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         topic: &str,
-        units: impl IntoIterator<Item = CommitUnit<'a>>,
+        offsets: BTreeMap<i32, i64>,
+        advanced: bool,
     ) -> Result<Durable, TxnError> {
         self.check_not_failed()?;
-        let mut durable = Durable { tracked_next: BTreeMap::new(), offsets: BTreeMap::new(), committed: false };
-        if let Some(shared) = &self.shared {
-            self.failing(clients::flush(shared, FLUSH_TIMEOUT).map_err(TxnError::from))?;
-            let failed = shared.context().failed();
-            if failed > 0 {
-                return Err(self.fail(TxnError::Delivery(failed, shared.context().last_error().unwrap_or_default())));
+        if !self.transactional {
+            self.failing(clients::flush(&self.producer, FLUSH_TIMEOUT).map_err(TxnError::from))?;
+            let ctx = self.producer.context();
+            if ctx.failed() > 0 {
+                return Err(self.fail(TxnError::Delivery(ctx.failed(), ctx.last_error().unwrap_or_default())));
             }
-            for unit in units {
-                let partition = unit.output.partition;
-                if let Some(next) = shared.context().next_offset(partition) {
-                    durable.tracked_next.insert(partition, next);
-                }
-                if let Some(next) = unit.next_offset {
-                    durable.offsets.insert(partition, next);
-                }
-            }
-            return Ok(durable);
+            let offsets = if advanced { offsets } else { BTreeMap::new() };
+            return Ok(Durable { tracked_next: ctx.next_offsets(), offsets, committed: false });
         }
-        let mut units: Vec<CommitUnit<'a>> = units.into_iter().collect();
-        let group = match units.iter().any(|u| u.next_offset.is_some()) {
-            true => Some(consumer.group_metadata().ok_or(TxnError::NoGroupMetadata)?),
-            false => None,
-        };
-        let due: Vec<(i32, &mut PartitionProducer, Option<i64>)> = units
-            .iter_mut()
-            .filter_map(|u| {
-                let partition = u.output.partition;
-                let p = u.output.txn.as_mut()?;
-                (u.next_offset.is_some() || p.in_transaction).then_some((partition, p, u.next_offset))
-            })
-            .collect();
-        // Each partition's transaction holds only its own outputs, changelog records and
-        // input offset, so they commit side by side: one round of broker round trips
-        // per commit instead of one per partition (a 1M-pulse drain spent a third of
-        // its time waiting for six commits in a row).
-        let commit = |(partition, p, next): (i32, &mut PartitionProducer, Option<i64>)| {
-            let _span = tracing::info_span!("transaction", stage = self.stage, partition, next_offset = next).entered();
-            let result = self.commit_one(group.as_ref(), topic, partition, p, next);
-            self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
-            result.map(|()| next.is_some())
-        };
-        let results: Vec<Result<bool, TxnError>> = if due.len() <= 1 {
-            due.into_iter().map(commit).collect()
+        if !self.in_transaction.get() && !advanced {
+            return Ok(Durable { tracked_next: self.producer.context().next_offsets(), offsets: BTreeMap::new(), committed: false });
+        }
+        let _span = tracing::info_span!("transaction", stage = self.stage, partitions = offsets.len()).entered();
+        let result = self.commit_transaction(consumer, topic, &offsets);
+        self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
+        self.failing(result)?;
+        Ok(Durable { tracked_next: self.producer.context().next_offsets(), offsets: BTreeMap::new(), committed: !offsets.is_empty() })
+    }
+
+    /// Commits the open transaction (opening one for offsets alone) with `offsets`.
+    fn commit_transaction<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<(), TxnError> {
+        self.begin()?;
+        let started = std::time::Instant::now();
+        // Deliver first: the changelog ends are then known for the metadata, and
+        // commit_transaction's own wait for deliveries took about 100 ms (stage 1's
+        // commits in `pulses bench`) where this one takes a few.
+        if let Err(source) = clients::flush(&self.producer, TXN_TIMEOUT) {
+            return Err(self.abort_after("flush", source));
+        }
+        let flushed = started.elapsed();
+        if !offsets.is_empty() {
+            let Some(group) = consumer.group_metadata() else {
+                self.abort("the consumer has no group metadata");
+                return Err(TxnError::NoGroupMetadata);
+            };
+            let metadata = |p| self.commit_metadata(p);
+            let tpl = offsets_list(topic, offsets, &metadata)?;
+            if let Err(source) = self.producer.send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT) {
+                return Err(self.abort_after("send offsets", source));
+            }
         } else {
-            std::thread::scope(|s| {
-                let commit = &commit;
-                let threads: Vec<_> = due.into_iter().map(|d| s.spawn(move || commit(d))).collect();
-                threads.into_iter().map(|t| t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
-            })
-        };
-        for result in results {
-            durable.committed |= self.failing(result)?;
+            // No task has an offset yet (new partitions, nothing consumed): all such a
+            // transaction can hold is state derived from no input (stage 2 records its
+            // windows configuration when it opens a store), which a zombie may commit
+            // harmlessly. Everything derived from input carries that input's offsets.
+            tracing::debug!(stage = self.stage, "committing a transaction without input offsets");
         }
-        for unit in &units {
-            let partition = unit.output.partition;
-            if let Some(next) = unit.output.txn.as_ref().and_then(|p| p.producer.context().next_offset(partition)) {
-                durable.tracked_next.insert(partition, next);
-            }
+        let offsets_sent = started.elapsed();
+        if let Err(source) = self.producer.commit_transaction(TXN_TIMEOUT) {
+            return Err(self.abort_after("commit", source));
         }
-        Ok(durable)
+        self.in_transaction.set(false);
+        // A commit blocks the stage's loop: one this slow eats into max.poll.interval.ms.
+        if started.elapsed() >= SLOW_COMMIT {
+            tracing::warn!(stage = self.stage, flush_ms = flushed.as_millis() as u64,
+                send_offsets_ms = (offsets_sent - flushed).as_millis() as u64,
+                commit_ms = (started.elapsed() - offsets_sent).as_millis() as u64, "slow transaction commit");
+        }
+        Ok(())
     }
 
     /// Finishes a [`Self::commit`] once local state is written: at_least_once commits
     /// the offsets now. Returns whether offsets were committed.
     pub fn confirm<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, topic: &str, durable: Durable) -> Result<bool, TxnError> {
-        let Some(shared) = &self.shared else { return Ok(durable.committed) };
+        if self.transactional {
+            return Ok(durable.committed);
+        }
         if durable.offsets.is_empty() {
             return Ok(false);
         }
-        let metadata = |p| self.commit_metadata(shared.context().next_offset(p));
+        let metadata = |p| self.commit_metadata(p);
         self.failing(commit_offsets(consumer, topic, &durable.offsets, &metadata).map_err(TxnError::from))
     }
 
     /// Refuses to send or commit after a failed commit (see the `failed` field).
     fn check_not_failed(&self) -> Result<(), TxnError> {
-        if self.failed.load(Ordering::Acquire) {
+        if self.failed.get() {
             return Err(TxnError::AfterFailedCommit);
         }
         Ok(())
@@ -296,7 +315,7 @@ impl StageOutputs {
 
     /// Remembers for good that a commit failed, and returns why.
     fn fail(&self, e: TxnError) -> TxnError {
-        self.failed.store(true, Ordering::Release);
+        self.failed.set(true);
         e
     }
 
@@ -305,72 +324,26 @@ impl StageOutputs {
         result.map_err(|e| self.fail(e))
     }
 
-    /// Commits one partition's open transaction with its input offset `next`.
-    fn commit_one(
-        &self,
-        group: Option<&ConsumerGroupMetadata>,
-        topic: &str,
-        partition: i32,
-        p: &mut PartitionProducer,
-        next: Option<i64>,
-    ) -> Result<(), TxnError> {
-        p.begin(partition)?;
-        // Deliver first: the changelog end is then known for the metadata, and
-        // commit_transaction's own wait for deliveries took about 100 ms (stage 1's
-        // commits in `pulses bench`) where this one takes a few.
-        if let Err(source) = clients::flush(&p.producer, TXN_TIMEOUT) {
-            return Err(p.abort_after(partition, "flush", source));
-        }
-        if let Some(next) = next {
-            let group = group.ok_or(TxnError::NoGroupMetadata)?;
-            let metadata = |_| self.commit_metadata(p.producer.context().next_offset(partition));
-            let tpl = offsets_list(topic, &BTreeMap::from([(partition, next)]), &metadata)?;
-            if let Err(source) = p.producer.send_offsets_to_transaction(&tpl, group, TXN_TIMEOUT) {
-                return Err(p.abort_after(partition, "send offsets", source));
-            }
-        }
-        if let Err(source) = p.producer.commit_transaction(TXN_TIMEOUT) {
-            return Err(p.abort_after(partition, "commit", source));
-        }
-        p.in_transaction = false;
-        Ok(())
-    }
-
-    /// The commit metadata naming the tracked topic's end; none if nothing is known
-    /// (a restore then reads to the end of the changelog).
-    fn commit_metadata(&self, tracked_next: Option<i64>) -> Option<String> {
-        Some((self.tracked.as_ref()?.metadata)(tracked_next?))
-    }
-}
-
-impl PartitionProducer {
-    fn begin(&mut self, partition: i32) -> Result<(), TxnError> {
-        if !self.in_transaction {
-            self.producer
-                .begin_transaction()
-                .map_err(|source| TxnError::Transaction { partition, step: "begin", source })?;
-            self.in_transaction = true;
-        }
-        Ok(())
-    }
-
     /// Aborts the open transaction after `step` failed, and returns the error: the
     /// stage stops, and its input since the last commit is consumed again.
-    fn abort_after(&mut self, partition: i32, step: &'static str, source: KafkaError) -> TxnError {
+    fn abort_after(&self, step: &'static str, source: KafkaError) -> TxnError {
         if let Err(e) = self.producer.abort_transaction(TXN_TIMEOUT) {
-            tracing::warn!(partition, "abort after a failed {step} also failed: {e}");
+            tracing::warn!(stage = self.stage, "abort after a failed {step} also failed: {e}");
         }
-        self.in_transaction = false;
-        TxnError::Transaction { partition, step, source }
+        self.in_transaction.set(false);
+        TxnError::Transaction { stage: self.stage, step, source }
+    }
+
+    /// The commit metadata naming where the tracked topic's `partition` ends; none if
+    /// nothing is known (a restore then reads to the end of the changelog).
+    fn commit_metadata(&self, partition: i32) -> Option<String> {
+        let tracked = self.tracked.as_ref()?;
+        Some((tracked.metadata)(self.producer.context().next_offset(partition)?))
     }
 }
 
-/// The transactional id of `stage`'s producer for input `partition`:
-/// `<application_id>-<stage>-<partition>`.
-pub fn transactional_id(application_id: &str, stage: &str, partition: impl std::fmt::Display) -> String {
-    format!("{application_id}-{stage}-{partition}")
-}
-
-fn tracker(tracked: &Option<Tracked>) -> DeliveryTracker {
-    tracked.as_ref().map_or_else(DeliveryTracker::default, |t| DeliveryTracker::tracking(&t.topic))
+/// The transactional id of `stage`'s producer in the replica whose process id is
+/// `process_id`: `<application_id>-<stage>-<process_id>`.
+pub fn transactional_id(application_id: &str, stage: &str, process_id: impl std::fmt::Display) -> String {
+    format!("{application_id}-{stage}-{process_id}")
 }

@@ -21,9 +21,18 @@ struct State {
     joined: BTreeSet<String>,
     /// Stage-2 partitions assigned but not restored yet.
     restoring: BTreeSet<i32>,
+    /// A start-up step waiting for the broker, and why ([`crate::kafka::startup`]).
+    broker: Option<String>,
 }
 
 impl Readiness {
+    /// A start-up step waits for the broker (`Some(why)`), or no longer does.
+    pub fn waiting_for_broker(&self, why: Option<String>) {
+        if let Ok(mut s) = self.inner.lock() {
+            s.broker = why;
+        }
+    }
+
     /// Declares the stages this process runs.
     pub fn expect_stages<'a>(&self, stages: impl IntoIterator<Item = &'a str>) {
         if let Ok(mut s) = self.inner.lock() {
@@ -66,6 +75,9 @@ impl Readiness {
     /// `Ok` when ready, else what it still waits for (the `/readyz` body).
     pub fn status(&self) -> Result<(), String> {
         let Ok(s) = self.inner.lock() else { return Err("internal lock poisoned".into()) };
+        if let Some(why) = &s.broker {
+            return Err(format!("waiting for the broker: {why}"));
+        }
         if s.expected.is_empty() {
             return Err("starting".into());
         }
@@ -94,6 +106,9 @@ mod tests {
     fn ready_only_when_all_stages_joined_and_restored() {
         let r = Readiness::default();
         assert_eq!(r.status(), Err("starting".into()));
+        r.waiting_for_broker(Some("creating topics: broker down".into()));
+        assert_eq!(r.status(), Err("waiting for the broker: creating topics: broker down".into()));
+        r.waiting_for_broker(None);
         r.expect_stages(["group", "aggregate"]);
         r.joined("group");
         assert!(r.status().unwrap_err().contains("aggregate"));

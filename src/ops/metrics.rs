@@ -207,7 +207,7 @@ pub struct OpsMetrics {
     pub end_to_end: LabeledHistograms,
     pub checkpoint_duration: Histogram,
     pub transactions: Mutex<BTreeMap<(String, TxnOutcome), u64>>,
-    /// By stage: times a failed stage was replaced in-process (see `stage::supervise`).
+    /// By stage: times a failed stage was replaced in-process (see `runtime::supervise`).
     pub stage_restarts: Mutex<BTreeMap<String, u64>>,
     pub lag: Mutex<BTreeMap<LagKey, i64>>,
     pub restore: Mutex<BTreeMap<i32, RestoreProgress>>,

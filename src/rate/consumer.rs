@@ -2,17 +2,15 @@
 //!
 //! A consumer group (`<group_id>.rate`, `read_committed`) on the aggregated topic takes
 //! the final records of one window size. Each batch's charges and alerts and its
-//! consumed offsets commit in one Kafka transaction per input partition (the
-//! [`StageOutputs`] of the processor, transactional ids `<application_id>-rate-<p>`);
-//! only then are the ledger's writes and the new positions written to RocksDB, in one
-//! atomic batch.
+//! consumed offsets commit in one Kafka transaction (the [`StageOutputs`] of the
+//! processor, transactional id `<application_id>-rate-<process id>`); only then are the
+//! ledger's writes and the new positions written to RocksDB, in one atomic batch.
 //!
 //! A crash between the commit and the RocksDB write leaves the state behind the
 //! committed offsets. At start the consumer compares both and re-applies the records in
 //! between to the ledger (their charges were already committed, so nothing is
 //! produced): the state always reflects exactly the committed input.
 
-use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -29,10 +27,12 @@ use crate::codec::{AggregateInput, InputError};
 use crate::config::Config;
 use crate::kafka::batch::poll_batch;
 use crate::kafka::clients;
+use crate::kafka::startup::{self, Retriable};
 use crate::kafka::reader::{PartitionsToEnd, Range, ReadError};
-use crate::kafka::txn::{CommitUnit, StageOutputs, TaskOutput, TxnError};
+use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::pulse::time::now_ms;
 use crate::registry::{Registry, RegistryError, Wait};
+use crate::state::instance::{self, InstanceError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RateError {
@@ -54,6 +54,18 @@ pub enum RateError {
     /// so the aggregate is rated after a restart rather than skipped.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+impl Retriable for RateError {
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Kafka(e) | Self::Read(ReadError::Kafka(e)) => e.is_retriable(),
+            Self::Output(e) => e.is_retriable(),
+            _ => false,
+        }
+    }
 }
 
 /// What `pulses rate` reads, prices and writes.
@@ -92,35 +104,37 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
     let state_path = cfg.state_dir.join("rate");
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| RateError::StateDir(format!("{}: {e}", cfg.state_dir.display())))?;
     let mut store = RateStore::open(&state_path)?;
-    let outputs = StageOutputs::new(cfg, "rate", None)?;
+    let (transactional_id, _claim) = instance::transactional_id(cfg, "rate")?;
+    let no_probe = |_| {};
+    let outputs = startup::retry("initialising the transactional producer", cfg.startup_timeout, &no_probe, || {
+        StageOutputs::new(cfg, "rate", &transactional_id, None)
+    })?;
     // Aggregates are JSON or Avro (output_format), told apart per record.
     let input = AggregateInput::aggregates(Registry::from_config(&cfg.schema_registry)?.map(Arc::new));
     let stop = || shutdown.load(Ordering::Acquire);
     let wait = Wait::until(&stop);
     let consumer: BaseConsumer = clients::group_consumer(cfg, &group).create()?;
-    let mut summary =
-        RateSummary { caught_up: catch_up(cfg, settings, &input, wait, &consumer, &mut store)?, ..Default::default() };
+    let caught_up = startup::retry("catching up with the committed offsets", cfg.startup_timeout, &no_probe, || {
+        catch_up(cfg, settings, &input, wait, &consumer, &mut store)
+    })?;
+    let mut summary = RateSummary { caught_up, ..Default::default() };
     consumer.subscribe(&[topic.as_str()])?;
     tracing::info!(input = %topic, group = %group, window = %settings.window, charges = %settings.charges_topic,
         alerts = %settings.alerts_topic, currency = %settings.book.currency, state = %state_path.display(),
         caught_up = summary.caught_up, "rating consumer started");
 
-    // Input partition → its output and the next offset to commit; partitions are
-    // taken over as their records arrive (`assign` fences a previous owner).
-    let mut owned: BTreeMap<i32, (TaskOutput, Option<i64>)> = BTreeMap::new();
+    // Input partition → the next offset to commit, for the partitions read since the
+    // last commit.
+    let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let (mut last_log, mut logged_read) = (Instant::now(), 0);
     while !shutdown.load(Ordering::Acquire) {
         let mut ledger = Ledger::default();
         let polled = poll_batch(&consumer, 1_000, Duration::from_millis(100), |msg| {
-            let (output, next) = match owned.entry(msg.partition()) {
-                Entry::Occupied(e) => e.into_mut(),
-                Entry::Vacant(e) => e.insert((outputs.assign(msg.partition())?, None)),
-            };
             let out = rate_one(settings, &input, wait, &mut ledger, &mut store, msg.payload().unwrap_or(&[]), &mut summary)?;
             for (topic, key, value) in out {
-                outputs.send(output, BaseRecord::to(topic).key(&key).payload(&value))?;
+                outputs.send(BaseRecord::to(topic).key(&key).payload(&value))?;
             }
-            *next = Some(msg.offset() + 1);
+            offsets.insert(msg.partition(), msg.offset() + 1);
             Ok::<_, RateError>(())
         });
         match polled {
@@ -129,13 +143,12 @@ pub fn run(cfg: &Config, settings: &RateSettings, shutdown: &AtomicBool) -> Resu
             Err(e) => return Err(e),
             Ok(_) => {}
         }
-        let offsets: BTreeMap<i32, i64> = owned.iter().filter_map(|(&p, (_, next))| Some((p, (*next)?))).collect();
         let writes = ledger.take_writes();
         if !offsets.is_empty() {
-            let units = owned.values_mut().map(|(output, next)| CommitUnit { output, next_offset: next.take() });
-            let durable = outputs.commit(&consumer, &topic, units)?;
+            let durable = outputs.commit(&consumer, &topic, offsets.clone(), true)?;
             store.write(&writes, &offsets)?;
             outputs.confirm(&consumer, &topic, durable)?;
+            offsets.clear();
         }
         if last_log.elapsed() >= Duration::from_secs(10) && summary.read != logged_read {
             tracing::info!(?summary, "rating progress");

@@ -2,12 +2,13 @@
 //! (+ `tenant.late.pulses`).
 //!
 //! This is where a pulse is counted. Each assigned partition is a task with its own
-//! RocksDB store and [`WindowOperator`] ([`super::task`]). On assignment a task fences
-//! the partition's previous owner, opens its store (seeded from a checkpoint if the
-//! live store is gone) and restores the changelog tail, stepped by the loop between
-//! polls ([`super::runtime`]) while its partition is paused. After every batch: each task's state changes
-//! go to the changelog, then outputs, changelog and consumed offsets commit together
-//! ([`crate::kafka::txn`]), and only then is the local store written, recording the
+//! RocksDB store and [`WindowOperator`] ([`crate::runtime::task`]). On assignment a task reads
+//! what the group committed for the partition, opens its store (seeded from a
+//! checkpoint if the live store is gone) and restores the changelog tail, stepped by the
+//! loop between polls ([`crate::runtime::stream_thread`]) while its partition is paused. At every
+//! commit (`commit_interval`): each task's state changes go to the changelog, then the
+//! outputs, changelog records and consumed offsets of all tasks commit together
+//! ([`crate::kafka::txn`]), and only then is each local store written, recording the
 //! changelog offset it now reflects. A crash anywhere leaves local state at or behind
 //! the committed changelog, never ahead of it, so a restore is always exact.
 
@@ -19,16 +20,17 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 
-use super::runtime::{self, LoopSettings, RecordReader, Stage, StageConsumer};
-use super::task::{Committed, Phase, Task, Tasks};
+use crate::runtime::commit::CommitSettings;
+use crate::runtime::stream_thread::{self as runtime, LoopSettings, RecordReader, Stage, StageConsumer};
+use crate::runtime::task::{Committed, Phase, Task, Tasks};
 use super::topology::{AggregateWiring, Topology};
-use super::StageError;
+use crate::runtime::StageError;
 use crate::codec::avro::{aggregate_to_value, grouped_to_value, AGGREGATE_SCHEMA, GROUPED_SCHEMA};
 use crate::codec::{GroupedInput, InputError, OutputCodec};
 use crate::config::Config;
 use crate::kafka::backlog;
 use crate::kafka::upstream::UpstreamWatch;
-use crate::kafka::txn::{StageOutputs, TaskOutput};
+use crate::kafka::txn::StageOutputs;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
 use crate::pulse::json::encode_grouped;
@@ -36,6 +38,7 @@ use crate::pulse::time::now_ms;
 use crate::pulse::GroupedPulse;
 use crate::registry::{Registry, Wait};
 use crate::state::changelog::{self, ChangelogEnd, ChangelogRestore};
+use crate::state::instance;
 use crate::state::{checkpoint, PartitionStore, StorePaths, StoreResources};
 use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
 
@@ -52,7 +55,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     // Late pulses are grouped pulses, written in the output format like the grouped topic.
     let late_codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.late, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
-    let outputs = StageOutputs::new(cfg, wiring.name, Some(changelog::tracking(&wiring.changelog)))?
+    let (transactional_id, _claim) = instance::transactional_id(cfg, wiring.name)?;
+    let outputs = StageOutputs::new(cfg, wiring.name, &transactional_id, Some(changelog::tracking(&wiring.changelog)))?
         .with_metrics(Arc::clone(&metrics));
     let reader = GroupedIo { input: GroupedInput::grouped(registry), metrics: Arc::clone(&metrics) };
     let upstream = UpstreamWatch::start(cfg, &upstream_wiring.input, &upstream_wiring.consumer_group, cfg.aggregate.idle_timeout)?;
@@ -72,7 +76,8 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         changelog = %wiring.changelog, group = %wiring.consumer_group, windows = wiring.windows.len(),
         guarantee = cfg.processing_guarantee.as_str(), "stage 2 (aggregate) started");
     let batch = (cfg.aggregate.max_batch, cfg.aggregate.max_batch_wait);
-    let settings = LoopSettings { input: &wiring.input, consumer_group: &wiring.consumer_group, max_batch: batch };
+    let commit = CommitSettings::of(cfg);
+    let settings = LoopSettings { input: &wiring.input, consumer_group: &wiring.consumer_group, max_batch: batch, commit };
     runtime::run(cfg, settings, shutdown, Arc::clone(&metrics), outputs, reader, stage)?;
     let m = &metrics.aggregate;
     tracing::info!(consumed = metrics::get(&m.consumed), emitted = metrics::get(&m.emitted),
@@ -170,8 +175,8 @@ impl Stage for Aggregating {
 
     /// Opens the partition's store (seeded from a checkpoint if the live store is
     /// gone) and starts restoring it to the changelog end its committed offset names
-    /// (read after the fence, so no zombie can commit behind it).
-    fn open(&mut self, partition: i32, committed: &Committed, _output: &TaskOutput) -> Result<(Phase, WindowTask), StageError> {
+    /// (a stable offset: no previous owner's pending commit can still move it).
+    fn open(&mut self, partition: i32, committed: &Committed) -> Result<(Phase, WindowTask), StageError> {
         let w = &self.wiring;
         let paths = StorePaths::new(&w.state_dir, &w.checkpoint_dir, &w.input, partition);
         let (store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
@@ -187,12 +192,12 @@ impl Stage for Aggregating {
     /// window operator is rebuilt from the store and the task runs.
     fn restore(&mut self, outputs: &StageOutputs, task: &mut Task<WindowTask>, budget: Duration) -> Result<bool, StageError> {
         let partition = task.partition;
-        let (output, state) = task.parts();
+        let state = &mut task.state;
         let Window::Restoring(restore) = &mut state.window else { return Ok(true) };
         let stepped = restore.step(&mut state.store, budget).map_err(|source| StageError::Restore { partition, source })?;
         self.report(partition, restore.progress());
         let Some(stats) = stepped else { return Ok(false) };
-        outputs.set_tracked_position(output, stats.to_offset);
+        outputs.set_tracked_position(partition, stats.to_offset);
         metrics::add(&self.metrics.aggregate.restored_records, stats.records);
         let op = WindowOperator::restore(Arc::clone(&self.settings), &mut state.store).map_err(|e| match e {
             RestoreError::Store(e) => StageError::Store(e),
@@ -237,11 +242,11 @@ impl Stage for Aggregating {
                 if let Some(key) = &key {
                     late = late.key(key);
                 }
-                task.send(outputs, late)?;
+                outputs.send(late)?;
                 metrics::add(&self.metrics.aggregate.late, 1);
             }
         }
-        self.emit(outputs, task, emitted)?;
+        self.emit(outputs, emitted)?;
         task.consumed(offset);
         Ok(())
     }
@@ -249,7 +254,7 @@ impl Stage for Aggregating {
     /// Lets time act on every running task: idle watermarks advance (unless records
     /// of the partition are still waiting to be read, or stage 1 has not yet forwarded
     /// an old source backlog that may belong to any partition), interim updates are due.
-    fn punctuate(&mut self, tasks: &mut Tasks<WindowTask>, consumer: &StageConsumer) -> Result<bool, StageError> {
+    fn punctuate(&mut self, tasks: &mut Tasks<WindowTask>, consumer: &StageConsumer) -> Result<(), StageError> {
         let (outputs, running) = tasks.all_running();
         let running: Vec<&mut Task<WindowTask>> = running.collect();
         let resumed_at = running.iter().filter_map(|t| Some((t.partition, t.resumed_at?))).collect();
@@ -261,9 +266,9 @@ impl Stage for Aggregating {
             if let Some((op, store)) = task.state.running() {
                 op.on_time(now, upstream_behind || behind.contains(&task.partition), store, &mut emitted)?;
             }
-            self.emit(outputs, task, emitted)?;
+            self.emit(outputs, emitted)?;
         }
-        Ok(false)
+        Ok(())
     }
 
     /// Each running task's state changes go to the changelog, in its transaction.
@@ -274,10 +279,9 @@ impl Stage for Aggregating {
             let partition = task.partition;
             let Some((op, store)) = task.state.running() else { continue };
             op.flush(store)?;
-            let (output, state) = task.parts();
-            for (key, value) in state.store.changes() {
+            for (key, value) in store.changes() {
                 let record = BaseRecord::<[u8], [u8]>::to(&self.wiring.changelog).key(key).partition(partition);
-                outputs.send(output, match value {
+                outputs.send(match value {
                     Some(v) => record.payload(v),
                     None => record,
                 })?;
@@ -333,13 +337,13 @@ impl Stage for Aggregating {
 
 impl Aggregating {
     /// Produces what `task`'s operator emitted, and counts it.
-    fn emit(&mut self, outputs: &StageOutputs, task: &mut Task<WindowTask>, emitted: Vec<Output>) -> Result<(), StageError> {
+    fn emit(&mut self, outputs: &StageOutputs, emitted: Vec<Output>) -> Result<(), StageError> {
         let m = &self.metrics.aggregate;
         for out in emitted {
             match out {
                 Output::Aggregate { record, correction } => {
                     let value = self.codec.encode(|| record.to_json(), || aggregate_to_value(&record))?;
-                    task.send(outputs, BaseRecord::to(&self.wiring.aggregated).key(&record.tenant_id).payload(&value))?;
+                    outputs.send(BaseRecord::to(&self.wiring.aggregated).key(&record.tenant_id).payload(&value))?;
                     metrics::add(&m.emitted, 1);
                     if correction {
                         metrics::add(&m.corrections, 1);
@@ -356,7 +360,7 @@ impl Aggregating {
                 Output::Late { pulse, reason } => {
                     let value = self.late_codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
                     let headers = OwnedHeaders::new().insert(Header { key: H_LATE_REASON, value: Some(reason.as_str()) });
-                    task.send(outputs, BaseRecord::to(&self.wiring.late).key(&pulse.tenant_id).payload(&value).headers(headers))?;
+                    outputs.send(BaseRecord::to(&self.wiring.late).key(&pulse.tenant_id).payload(&value).headers(headers))?;
                     metrics::add(&m.late, 1);
                 }
                 Output::Duplicate { pulse } => {

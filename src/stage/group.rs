@@ -2,10 +2,11 @@
 //!
 //! This is where a pulse enters. Each record is validated ([`crate::pulse::validate`]);
 //! a valid pulse is re-keyed by `tenant_id` and written to the grouped topic, anything
-//! else goes to the DLQ with its original bytes and the reason. A batch's outputs and
-//! its consumed offsets commit together ([`crate::kafka::txn`]: one transaction per
-//! input partition under exactly_once; flush, then offsets, under at_least_once), also
-//! before partitions are revoked, so a rebalance re-processes nothing.
+//! else goes to the DLQ with its original bytes and the reason. Outputs and consumed
+//! offsets commit together every `commit_interval` ([`crate::kafka::txn`]: one
+//! transaction of the thread's producer under exactly_once; flush, then offsets, under
+//! at_least_once), also before partitions are revoked, so a rebalance re-processes
+//! nothing.
 //!
 //! Outputs leave in event-time order across the assigned source partitions
 //! ([`super::order`]), so stage 2's watermarks do not run ahead of a lagging one.
@@ -18,19 +19,21 @@ use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
 
 use super::order::InputOrder;
-use super::runtime::{self, LoopSettings, RecordReader, Stage, StageConsumer};
-use super::task::{Committed, Phase, Task, Tasks};
+use crate::runtime::commit::CommitSettings;
+use crate::runtime::stream_thread::{self as runtime, LoopSettings, RecordReader, Stage, StageConsumer};
+use crate::runtime::task::{Committed, Phase, Tasks};
 use super::topology::{GroupWiring, Topology};
-use super::StageError;
+use crate::runtime::StageError;
 use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::codec::{OutputCodec, PulseInput};
 use crate::config::Config;
 use crate::kafka::dlq;
-use crate::kafka::txn::{StageOutputs, TaskOutput};
+use crate::kafka::txn::StageOutputs;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{RecordContext, RejectReason};
 use crate::registry::{Registry, Wait};
+use crate::state::instance;
 
 /// Runs stage 1 until `shutdown` is set, then commits and leaves the group.
 pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result<(), StageError> {
@@ -40,12 +43,14 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.grouped, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let reader = GroupIo { input: PulseInput::new(registry), codec, metrics: Arc::clone(&metrics) };
-    let outputs = StageOutputs::new(cfg, wiring.name, None)?.with_metrics(Arc::clone(&metrics));
-    let stage = Grouping { order: InputOrder::new(cfg, &wiring.input), wiring: wiring.clone(), metrics: Arc::clone(&metrics) };
+    let (transactional_id, _claim) = instance::transactional_id(cfg, wiring.name)?;
+    let outputs = StageOutputs::new(cfg, wiring.name, &transactional_id, None)?.with_metrics(Arc::clone(&metrics));
+    let stage = Grouping { order: InputOrder::new(&wiring.input), wiring: wiring.clone(), metrics: Arc::clone(&metrics) };
     tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group,
         guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
     let batch = (cfg.group.max_batch, cfg.group.max_batch_wait);
-    let settings = LoopSettings { input: &wiring.input, consumer_group: &wiring.consumer_group, max_batch: batch };
+    let commit = CommitSettings::of(cfg);
+    let settings = LoopSettings { input: &wiring.input, consumer_group: &wiring.consumer_group, max_batch: batch, commit };
     runtime::run(cfg, settings, shutdown, Arc::clone(&metrics), outputs, reader, stage)?;
     let m = &metrics.group;
     tracing::info!(consumed = metrics::get(&m.consumed), grouped = metrics::get(&m.grouped),
@@ -101,10 +106,10 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
 }
 
 /// Enqueues a routed record's output.
-fn send(wiring: &GroupWiring, outputs: &StageOutputs, task: &mut Task<()>, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+fn send(wiring: &GroupWiring, outputs: &StageOutputs, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
     match routed {
         Routed::Grouped { tenant_id, value } => {
-            task.send(outputs, BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
+            outputs.send(BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
         }
         Routed::Dlq { reason, key, payload, headers } => {
@@ -112,7 +117,7 @@ fn send(wiring: &GroupWiring, outputs: &StageOutputs, task: &mut Task<()>, route
             if let Some(key) = &key {
                 record = record.key(key);
             }
-            task.send(outputs, record)?;
+            outputs.send(record)?;
             metrics::add(m.dlq_for(reason), 1);
         }
     }
@@ -134,7 +139,7 @@ impl Stage for Grouping {
     type Record = (i64, Routed);
     const NAME: &'static str = "group";
 
-    fn open(&mut self, partition: i32, committed: &Committed, _output: &TaskOutput) -> Result<(Phase, ()), StageError> {
+    fn open(&mut self, partition: i32, committed: &Committed) -> Result<(Phase, ()), StageError> {
         self.order.assign([partition], committed.offset.map(|o| (partition, o)).into_iter().collect());
         Ok((Phase::Running, ()))
     }
@@ -146,12 +151,12 @@ impl Stage for Grouping {
     }
 
     /// Sends what may go now, in event-time order ([`InputOrder::release`]).
-    fn punctuate(&mut self, tasks: &mut Tasks<()>, consumer: &StageConsumer) -> Result<bool, StageError> {
+    fn punctuate(&mut self, tasks: &mut Tasks<()>, consumer: &StageConsumer) -> Result<(), StageError> {
         let (wiring, m) = (&self.wiring, &self.metrics.group);
         self.order.release(consumer, |partition, offset, routed| {
             // Held records of a partition leave with its task (`closed`), so this has one.
             let Some((outputs, task)) = tasks.running(partition) else { return Ok(()) };
-            send(wiring, outputs, task, routed, m)?;
+            send(wiring, outputs, routed, m)?;
             task.consumed(offset);
             Ok::<_, StageError>(())
         })

@@ -42,8 +42,6 @@ pub enum Next<T> {
     /// Nothing can go yet: this open partition has nothing buffered and its next record
     /// could be earlier than every buffered one.
     Wait(i32),
-    /// The next record is later than the limit asked for.
-    Later,
     /// Nothing buffered.
     Empty,
 }
@@ -93,16 +91,16 @@ impl<T> Merge<T> {
     /// The next record in order, if it is known yet: None while an open partition has
     /// nothing buffered (its next record could be earlier) or when all is done.
     pub fn pop(&mut self) -> Option<(i32, T)> {
-        match self.next(|_| false, i64::MAX) {
+        match self.next(|_| false) {
             Next::Item { partition, item, .. } => Some((partition, item)),
             _ => None,
         }
     }
 
-    /// The next record in order with a timestamp at most `until`. An open partition
-    /// with nothing buffered holds everything back unless `skip_empty` says it may be
-    /// passed over (it has nothing waiting to be read, or was waited for long enough).
-    pub fn next(&mut self, skip_empty: impl Fn(i32) -> bool, until: i64) -> Next<T> {
+    /// The next record in order. An open partition with nothing buffered holds
+    /// everything back unless `skip_empty` says it may be passed over (it has nothing
+    /// waiting to be read, or was waited for long enough).
+    pub fn next(&mut self, skip_empty: impl Fn(i32) -> bool) -> Next<T> {
         let mut best: Option<(i64, i32, i64)> = None;
         for (&p, q) in &self.queues {
             match q.items.front() {
@@ -117,7 +115,6 @@ impl<T> Merge<T> {
         }
         match best {
             None => Next::Empty,
-            Some((ts, _, _)) if ts > until => Next::Later,
             Some((_, p, _)) => match self.queues.get_mut(&p).and_then(|q| q.items.pop_front()) {
                 Some((timestamp, _, item)) => Next::Item { partition: p, timestamp, item },
                 None => Next::Empty,
@@ -167,15 +164,14 @@ mod tests {
         let mut m = Merge::new([0, 1]);
         m.push(0, 10, 0, "a10");
         m.push(0, 40, 1, "a40");
-        assert_eq!(m.next(|_| false, i64::MAX), Next::Wait(1), "partition 1 may deliver something earlier");
-        assert_eq!(m.next(|p| p == 1, i64::MAX), Next::Item { partition: 0, timestamp: 10, item: "a10" }, "1 has nothing waiting");
+        assert_eq!(m.next(|_| false), Next::Wait(1), "partition 1 may deliver something earlier");
+        assert_eq!(m.next(|p| p == 1), Next::Item { partition: 0, timestamp: 10, item: "a10" }, "1 has nothing waiting");
         m.push(1, 20, 0, "b20");
-        assert_eq!(m.next(|_| false, 15), Next::Later, "20 is past the limit");
-        assert_eq!(m.next(|_| false, 20), Next::Item { partition: 1, timestamp: 20, item: "b20" });
+        assert_eq!(m.next(|_| false), Next::Item { partition: 1, timestamp: 20, item: "b20" });
         assert_eq!(m.remove(0), 1, "a revoked partition's buffer is dropped");
-        assert_eq!(m.next(|_| true, i64::MAX), Next::Empty);
+        assert_eq!(m.next(|_| true), Next::Empty);
         m.add(2);
-        assert_eq!(m.next(|_| false, i64::MAX), Next::Wait(1));
+        assert_eq!(m.next(|_| false), Next::Wait(1));
         assert_eq!(m.partitions().collect::<Vec<_>>(), vec![(1, 0), (2, 0)]);
     }
 }

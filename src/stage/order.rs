@@ -16,7 +16,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::TopicPartitionList;
 
-use crate::config::{Config, Guarantee};
 use crate::kafka::backlog;
 use super::merge::{Merge, Next};
 
@@ -29,7 +28,6 @@ const STARVE_MAX: Duration = Duration::from_secs(2);
 /// Records read but not yet sent, per source partition, and what decides when they go.
 pub struct InputOrder<T> {
     topic: String,
-    max_span_ms: i64,
     merge: Merge<(i64, T)>,
     /// Partition → the committed offset it resumed from at assignment.
     resumed_at: HashMap<i32, i64>,
@@ -40,11 +38,12 @@ pub struct InputOrder<T> {
 }
 
 impl<T> InputOrder<T> {
-    /// Order for the partitions of `topic`, under `cfg`'s guarantee and grace.
-    pub fn new(cfg: &Config, topic: &str) -> Self {
+    /// Order for the partitions of `topic`. The stage thread's one producer keeps it
+    /// on the way out (under exactly_once too: one transaction holds every partition's
+    /// records, in the order they were sent).
+    pub fn new(topic: &str) -> Self {
         Self {
             topic: topic.to_owned(),
-            max_span_ms: transaction_span_ms(cfg),
             merge: Merge::default(),
             resumed_at: HashMap::new(),
             starved_since: HashMap::new(),
@@ -83,37 +82,29 @@ impl<T> InputOrder<T> {
     /// Hands held records to `send` (partition, offset, record) in event-time order. A
     /// partition with records still to read and none held stops the release, for at
     /// most [`STARVE_MAX`]. Pauses fetching of partitions holding too much and resumes
-    /// the others. Returns whether more could go at once: the release stopped at the
-    /// span one transaction may carry ([`transaction_span_ms`]).
+    /// the others.
     pub fn release<C: ConsumerContext, E: From<KafkaError>>(
         &mut self,
         consumer: &BaseConsumer<C>,
         mut send: impl FnMut(i32, i64, T) -> Result<(), E>,
-    ) -> Result<bool, E> {
+    ) -> Result<(), E> {
         let behind = backlog::partitions_behind(consumer, &self.topic, &self.resumed_at);
         let now = Instant::now();
         let starved_since = &mut self.starved_since;
-        let mut until = i64::MAX;
-        let more_ready = loop {
+        loop {
             let starved = |p: i32| starved_since.get(&p).is_some_and(|t| now.duration_since(*t) >= STARVE_MAX);
-            match self.merge.next(|p| !behind.contains(&p) || starved(p), until) {
-                Next::Item { partition, timestamp, item: (offset, item) } => {
-                    if until == i64::MAX && timestamp != i64::MIN {
-                        until = timestamp.saturating_add(self.max_span_ms);
-                    }
-                    send(partition, offset, item)?;
-                }
+            match self.merge.next(|p| !behind.contains(&p) || starved(p)) {
+                Next::Item { partition, item: (offset, item), .. } => send(partition, offset, item)?,
                 Next::Wait(p) => {
                     starved_since.entry(p).or_insert_with(|| {
                         tracing::debug!(partition = p, "holding records: this partition has records to read, none held");
                         now
                     });
-                    break false;
+                    break;
                 }
-                Next::Later => break true,
-                Next::Empty => break false,
+                Next::Empty => break,
             }
-        };
+        }
         for (p, held) in self.merge.partitions().collect::<Vec<_>>() {
             let pause = held >= HELD_PER_PARTITION;
             if pause != self.paused.contains(&p) {
@@ -129,17 +120,6 @@ impl<T> InputOrder<T> {
                 }
             }
         }
-        Ok(more_ready)
-    }
-}
-
-/// The event-time span one transaction may carry. Under exactly_once each input
-/// partition has its own transactional producer, so the records of one commit reach a
-/// grouped partition in producer order, not event-time order; half the grace keeps that
-/// reordering inside it. One producer (at_least_once) keeps the order: no limit.
-fn transaction_span_ms(cfg: &Config) -> i64 {
-    match cfg.processing_guarantee {
-        Guarantee::ExactlyOnce => (cfg.aggregate.grace.as_millis() as i64 / 2).max(100),
-        Guarantee::AtLeastOnce => i64::MAX,
+        Ok(())
     }
 }

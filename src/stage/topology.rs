@@ -26,7 +26,7 @@ pub struct Topology {
 /// Stage 1: where a pulse enters.
 #[derive(Debug, Clone)]
 pub struct GroupWiring {
-    /// Names its transactional ids (`<application_id>-<name>-<partition>`).
+    /// Names its transactional id (`<application_id>-<name>-<process id>`).
     pub name: &'static str,
     pub input: String,
     pub consumer_group: String,
@@ -94,9 +94,10 @@ impl Topology {
     }
 }
 
-/// The transactional ids of a stage's producers, one per input partition.
+/// The transactional id of a stage thread's producer, one per replica (its process
+/// id is kept in its state dir).
 pub fn transactional_ids(application_id: &str, stage: &str) -> String {
-    crate::kafka::txn::transactional_id(application_id, stage, "<partition>")
+    crate::kafka::txn::transactional_id(application_id, stage, "<process id>")
 }
 
 /// Plain text: one section per kind of element.
@@ -109,9 +110,9 @@ pub fn text(topo: &Topology) -> String {
     let _ = writeln!(s, "  {}  pulses (JSON, or Avro in Confluent wire format); any key", topo.source);
     let _ = writeln!(s, "\nstages");
     let _ = writeln!(s, "  1 {:<10} {} -> {} (valid, key tenant_id) | {} (invalid, error.reason header)", g.name, g.input, g.grouped, g.dlq);
-    let _ = writeln!(s, "               consumer group {}, transactional ids {}", g.consumer_group, transactional_ids(app, g.name));
+    let _ = writeln!(s, "               consumer group {}, transactional id {}", g.consumer_group, transactional_ids(app, g.name));
     let _ = writeln!(s, "  2 {:<10} {} -> {} (window aggregates) | {} (too late or not countable)", a.name, a.input, a.aggregated, a.late);
-    let _ = writeln!(s, "               consumer group {}, transactional ids {}", a.consumer_group, transactional_ids(app, a.name));
+    let _ = writeln!(s, "               consumer group {}, transactional id {}", a.consumer_group, transactional_ids(app, a.name));
     let _ = writeln!(s, "\nstores");
     let _ = writeln!(s, "  windows      RocksDB, one per {} partition: {}/{}-<partition>", a.input, a.state_dir.display(), a.input);
     let _ = writeln!(s, "               checkpoints every {} under {}", human(a.checkpoint_interval), a.checkpoint_dir.display());

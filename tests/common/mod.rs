@@ -8,6 +8,7 @@ pub mod collector;
 pub mod http;
 pub mod own_broker;
 pub mod registry;
+pub mod replicas;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -230,6 +231,12 @@ impl Proc {
         let addr = self.http_addr();
         wait_for("/readyz to answer 200", DEADLINE, || (http::get(&addr, "/readyz")?.0 == 200).then_some(()));
         addr
+    }
+
+    /// Sends `signal` (e.g. "STOP", "CONT") to the process.
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status().expect("kill").success();
+        assert!(ok, "kill -{signal} failed");
     }
 
     /// Kills the process with SIGKILL: no flush, no commit, no goodbye.

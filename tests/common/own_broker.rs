@@ -25,9 +25,17 @@ impl OwnBroker {
     /// `default_port`) and points the harness at it. Call it first, in the binary's
     /// only test: it sets the process environment before any client exists.
     pub fn start_for_this_binary(port_var: &str, default_port: &str) -> OwnBroker {
+        let b = Self::not_started_for_this_binary(port_var, default_port);
+        b.script(&["start"]);
+        b
+    }
+
+    /// [`Self::start_for_this_binary`] without starting it: the harness points at a
+    /// broker that is not there yet (a leftover of an earlier run is stopped first).
+    pub fn not_started_for_this_binary(port_var: &str, default_port: &str) -> OwnBroker {
         let port = std::env::var(port_var).unwrap_or_else(|_| default_port.into());
         let b = OwnBroker { port };
-        b.script(&["start"]);
+        b.script(&["stop"]);
         std::env::set_var("PULSES_TEST_BOOTSTRAP", format!("127.0.0.1:{}", b.port));
         b
     }

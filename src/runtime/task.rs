@@ -1,19 +1,18 @@
 //! Tasks: one per assigned input partition, like Kafka Streams' StreamTask. A task owns
-//! its partition's way out (its transactional producer under exactly_once), the offset
-//! to commit next, and the stage's state for that partition (stage 2: its store and
-//! window operator). [`Tasks`], the task manager, creates, restores, commits and closes
-//! them for the stage's loop ([`super::runtime`]).
+//! the offset to commit next and the stage's state for that partition (stage 2: its
+//! store and window operator); every task of the stage thread writes through the
+//! thread's one producer ([`StageOutputs`]). [`Tasks`], the task manager, creates,
+//! restores, commits and closes them for the stage's loop ([`super::stream_thread`]).
 
 use std::collections::BTreeMap;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::BaseRecord;
 use rdkafka::TopicPartitionList;
 
 use super::StageError;
 pub use crate::kafka::batch::Committed;
-use crate::kafka::txn::{CommitUnit, StageOutputs, TaskOutput};
+use crate::kafka::txn::StageOutputs;
 
 /// Whether a task processes records yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,9 +25,13 @@ pub enum Phase {
 /// One assigned input partition.
 pub struct Task<S> {
     pub partition: i32,
-    output: TaskOutput,
-    /// The next input offset to commit: the record after the last one handled.
+    /// The next input offset to commit: the record after the last one handled, once
+    /// one was since the last commit.
     next_offset: Option<i64>,
+    /// The input offset the last commit named (at first: the committed offset the
+    /// task resumed from). Re-sent with every commit while nothing new was handled, so
+    /// every transaction carries the group's generation check.
+    position: Option<i64>,
     /// The committed offset consumption resumed from, to tell a backlog from an idle
     /// partition.
     pub resumed_at: Option<i64>,
@@ -41,28 +44,19 @@ pub struct Task<S> {
 }
 
 impl<S> Task<S> {
-    /// Sends `record` as an output of this partition.
-    pub fn send<K, P>(&mut self, outputs: &StageOutputs, record: BaseRecord<'_, K, P, ()>) -> Result<(), StageError>
-    where
-        K: rdkafka::message::ToBytes + ?Sized,
-        P: rdkafka::message::ToBytes + ?Sized,
-    {
-        Ok(outputs.send(&mut self.output, record)?)
-    }
-
     /// The record at `offset` is handled: commit past it next.
     pub fn consumed(&mut self, offset: i64) {
         self.next_offset = Some(offset + 1);
     }
 
-    /// Its output and its state, apart: to send what the state holds.
-    pub fn parts(&mut self) -> (&mut TaskOutput, &mut S) {
-        (&mut self.output, &mut self.state)
+    /// The offset a commit now names for this task, and whether it moved.
+    fn commit_offset(&self) -> (Option<i64>, bool) {
+        (self.next_offset.or(self.position), self.next_offset.is_some())
     }
 }
 
 /// The task manager: the tasks of the partitions assigned to one stage consumer, and
-/// the stage's producers.
+/// the stage thread's producer.
 pub struct Tasks<S> {
     topic: String,
     pub outputs: StageOutputs,
@@ -109,32 +103,28 @@ impl<S> Tasks<S> {
         self.tasks.values().filter(|t| t.phase == Phase::Restoring).map(|t| t.partition).collect()
     }
 
-    /// Takes over `partitions`: fences their previous owners (creating each task's
-    /// producer), then reads what the group committed for them (after the fence, so
-    /// no zombie commits behind it), then opens each task's state with `open`. A task
+    /// Takes over `partitions`: reads what the group committed for them (read_committed
+    /// asks for stable offsets, so a pending offset commit of a previous owner's open
+    /// transaction is decided first), then opens each task's state with `open`. A task
     /// that starts [`Phase::Restoring`] has its partition paused until it runs.
     pub fn assign<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
-        mut open: impl FnMut(i32, &Committed, &TaskOutput) -> Result<(Phase, S), StageError>,
+        mut open: impl FnMut(i32, &Committed) -> Result<(Phase, S), StageError>,
     ) -> Result<(), StageError> {
         let new: Vec<i32> = partitions.iter().copied().filter(|p| !self.contains(*p)).collect();
-        let mut outputs = Vec::with_capacity(new.len());
-        for &p in &new {
-            outputs.push((p, self.outputs.assign(p)?));
-        }
         let committed = crate::kafka::batch::committed(consumer, &self.topic, &new);
-        for (partition, output) in outputs {
+        for partition in new {
             let committed = committed.get(&partition).cloned().unwrap_or_default();
-            let (phase, state) = open(partition, &committed, &output)?;
+            let (phase, state) = open(partition, &committed)?;
             if phase == Phase::Restoring {
                 consumer.pause(&self.one(partition))?;
             }
             let task = Task {
                 partition,
-                output,
                 next_offset: None,
+                position: committed.offset,
                 resumed_at: committed.offset,
                 phase,
                 early: Vec::new(),
@@ -167,35 +157,41 @@ impl<S> Tasks<S> {
         }
     }
 
-    /// Removes the tasks of `partitions` (after their last commit), giving up their
-    /// producers, and hands their states back.
+    /// Removes the tasks of `partitions` (after their last commit) and hands their
+    /// states back.
     pub fn close(&mut self, partitions: &[i32]) -> Vec<(i32, S)> {
-        let mut closed = Vec::new();
-        for p in partitions {
-            if let Some(task) = self.tasks.remove(p) {
-                self.outputs.revoke(task.output);
-                closed.push((*p, task.state));
-            }
-        }
-        closed
+        partitions.iter().filter_map(|p| Some((*p, self.tasks.remove(p)?.state))).collect()
     }
 
-    /// Commits the running tasks' outputs with their offsets, then lets `write_state`
-    /// record each task's local state with where its tracked topic (changelog) now
-    /// ends, then (at_least_once) commits the offsets. Returns whether offsets were
-    /// committed.
+    /// Commits the outputs of every running task with their offsets in one
+    /// transaction, then lets `write_state` record each task's local state with where
+    /// its tracked topic (changelog) now ends, then (at_least_once) commits the offsets.
+    /// Returns whether offsets were committed.
     pub fn commit<C: ConsumerContext>(
         &mut self,
         consumer: &BaseConsumer<C>,
         mut write_state: impl FnMut(&mut Task<S>, Option<i64>) -> Result<(), StageError>,
     ) -> Result<bool, StageError> {
-        let running = self.tasks.values_mut().filter(|t| t.phase == Phase::Running);
-        let units = running.map(|t| CommitUnit { output: &mut t.output, next_offset: t.next_offset.take() });
-        let durable = self.outputs.commit(consumer, &self.topic, units)?;
+        let mut offsets = BTreeMap::new();
+        let mut advanced = false;
+        for task in self.tasks.values().filter(|t| t.phase == Phase::Running) {
+            let (offset, moved) = task.commit_offset();
+            if let Some(offset) = offset {
+                offsets.insert(task.partition, offset);
+            }
+            advanced |= moved;
+        }
+        let durable = self.outputs.commit(consumer, &self.topic, offsets, advanced)?;
         for task in self.tasks.values_mut().filter(|t| t.phase == Phase::Running) {
             write_state(task, durable.tracked_next(task.partition))?;
         }
-        Ok(self.outputs.confirm(consumer, &self.topic, durable)?)
+        let committed = self.outputs.confirm(consumer, &self.topic, durable)?;
+        for task in self.tasks.values_mut().filter(|t| t.phase == Phase::Running) {
+            if let Some(next) = task.next_offset.take() {
+                task.position = Some(next);
+            }
+        }
+        Ok(committed)
     }
 
     fn one(&self, partition: i32) -> TopicPartitionList {

@@ -1,12 +1,13 @@
 //! The loop every stage runs, like Kafka Streams' StreamThread: poll a batch, hand each
-//! record to its partition's task, let time act, commit, and between polls act on
-//! rebalances and step restoring tasks. A stage says only what is its own ([`Stage`]:
-//! how a task opens, restores, processes, commits its state); the loop owns the
-//! consumer, the tasks ([`Tasks`]) and the order of things.
+//! record to its partition's task, let time act, commit when the commit interval is due
+//! ([`CommitPolicy`]), and between polls act on rebalances and step restoring tasks. A
+//! stage says only what is its own ([`Stage`]: how a task opens, restores, processes,
+//! commits its state); the loop owns the consumer, the tasks ([`Tasks`]), the thread's
+//! producer ([`StageOutputs`]) and the order of things.
 //!
 //! Nothing here runs inside an rdkafka callback: the rebalance callback records
-//! ([`super::rebalance`]), and this loop commits and closes revoked tasks, then fences,
-//! opens and restores assigned ones. A restore is stepped for at most
+//! ([`super::rebalance`]), and this loop commits and closes revoked tasks, then opens
+//! and restores assigned ones. A restore is stepped for at most
 //! [`RESTORE_BUDGET`] between polls, so however long it takes, the consumer keeps
 //! polling (within `max.poll.interval.ms`) and the other partitions keep flowing.
 
@@ -14,18 +15,19 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 
+use super::commit::{CommitPolicy, CommitSettings};
 use super::rebalance::{Rebalance, StageContext};
 use super::task::{Committed, Phase, Task, Tasks};
 use super::StageError;
 use crate::config::Config;
 use crate::kafka::batch::poll_batch;
 use crate::kafka::clients;
-use crate::kafka::txn::{StageOutputs, TaskOutput};
+use crate::kafka::txn::{StageOutputs, TxnError};
 use crate::ops::metrics::Metrics;
 use crate::registry::{RegistryError, Wait};
 
@@ -53,10 +55,9 @@ pub trait Stage {
     /// The stage's name in logs, metrics and readiness ("group", "aggregate").
     const NAME: &'static str;
 
-    /// Opens the state of newly assigned `partition`, whose previous owner is fenced
-    /// (`output` is its producer). A task that needs its state restored first starts
-    /// [`Phase::Restoring`].
-    fn open(&mut self, partition: i32, committed: &Committed, output: &TaskOutput) -> Result<(Phase, Self::State), StageError>;
+    /// Opens the state of newly assigned `partition`, given what the group committed
+    /// for it. A task that needs its state restored first starts [`Phase::Restoring`].
+    fn open(&mut self, partition: i32, committed: &Committed) -> Result<(Phase, Self::State), StageError>;
 
     /// Restores a restoring task for about `budget`; true once it can run.
     fn restore(&mut self, _outputs: &StageOutputs, _task: &mut Task<Self::State>, _budget: Duration) -> Result<bool, StageError> {
@@ -70,8 +71,8 @@ pub trait Stage {
     fn process(&mut self, tasks: &mut Tasks<Self::State>, partition: i32, offset: i64, record: Self::Record)
         -> Result<(), StageError>;
 
-    /// Lets time act after a batch. Returns whether more work is ready at once.
-    fn punctuate(&mut self, tasks: &mut Tasks<Self::State>, consumer: &StageConsumer) -> Result<bool, StageError>;
+    /// Lets time act after a batch.
+    fn punctuate(&mut self, tasks: &mut Tasks<Self::State>, consumer: &StageConsumer) -> Result<(), StageError>;
 
     /// Before a commit: hand the tasks' pending state changes to their outputs.
     fn prepare_commit(&mut self, _tasks: &mut Tasks<Self::State>) -> Result<(), StageError> {
@@ -96,14 +97,14 @@ pub trait Stage {
     fn closed(&mut self, _closed: Vec<(i32, Self::State)>) {}
 }
 
-/// Where a stage's loop reads, and how much per batch.
+/// Where a stage's loop reads, how much per batch, and how often it commits.
 pub struct LoopSettings<'a> {
     pub input: &'a str,
     pub consumer_group: &'a str,
     /// Records per batch at most, and how long a batch may wait for them.
     pub max_batch: (usize, Duration),
+    pub commit: CommitSettings,
 }
-
 /// Runs `stage` over the partitions of `settings.input` its consumer group assigns,
 /// until `shutdown` is set; then commits, closes its tasks and leaves the group.
 pub fn run<S, R>(
@@ -126,14 +127,15 @@ where
     consumer.subscribe(&[settings.input])?;
     let mut tasks = Tasks::new(settings.input, outputs);
     let stop = || shutdown.load(Ordering::Acquire);
-    let mut more_ready = false;
+    let mut policy = CommitPolicy::new(settings.commit, Instant::now());
     while !stop() {
-        on_rebalances(&consumer, &inbox, &mut stage, &mut tasks, &metrics)?;
+        if on_rebalances(&consumer, &inbox, &mut stage, &mut tasks, &metrics)? {
+            policy.committed(Instant::now());
+        }
         let restoring = step_restores(&consumer, &reader, &mut stage, &mut tasks, &metrics, &stop)?;
-        let wait = match () {
-            _ if more_ready => Duration::from_millis(1),
-            _ if restoring => POLL_WHILE_RESTORING,
-            _ => settings.max_batch.1,
+        let wait = match restoring {
+            true => POLL_WHILE_RESTORING,
+            false => settings.max_batch.1.min(policy.until_due(Instant::now())),
         };
         let shared = RefCell::new((&mut stage, &mut tasks));
         let polled = poll_batch(&consumer, settings.max_batch.0, wait, |msg| {
@@ -151,7 +153,7 @@ where
             let commit = || {
                 let mut s = shared.try_borrow_mut().map_err(|e| e.to_string())?;
                 let (stage, tasks) = &mut *s;
-                stage.punctuate(tasks, &consumer).and_then(|_| commit(&consumer, *stage, tasks)).map_err(|e| e.to_string())
+                stage.punctuate(tasks, &consumer).and_then(|()| commit(&consumer, *stage, tasks)).map_err(|e| e.to_string())
             };
             let record = reader.read(msg, Wait { stop: &stop, before: &commit })?;
             let mut s = shared.borrow_mut();
@@ -164,9 +166,13 @@ where
             other => other?,
         };
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = S::NAME, records).entered());
-        more_ready = stage.punctuate(&mut tasks, &consumer)?;
-        commit(&consumer, &mut stage, &mut tasks)?;
-        stage.maintain(&mut tasks, false)?;
+        policy.handled(records);
+        stage.punctuate(&mut tasks, &consumer)?;
+        if policy.due(Instant::now()).is_some() {
+            commit(&consumer, &mut stage, &mut tasks)?;
+            policy.committed(Instant::now());
+            stage.maintain(&mut tasks, false)?;
+        }
     }
     commit(&consumer, &mut stage, &mut tasks)?;
     stage.maintain(&mut tasks, true)?;
@@ -206,23 +212,35 @@ fn commit<S: Stage>(consumer: &StageConsumer, stage: &mut S, tasks: &mut Tasks<S
 
 /// Acts on the rebalances the callback recorded: a revocation commits (unless the
 /// partitions are already lost) and closes the tasks before librdkafka is told; an
-/// assignment is applied, then its tasks are fenced and opened.
+/// assignment is applied, then its tasks are opened. Returns whether it committed.
+///
+/// Lost partitions cannot commit (the group moved on). Their uncommitted outputs share
+/// the thread's open transaction with the other tasks' (one producer per thread), so
+/// with a transaction open the whole of it is aborted and the stage fails (recoverably):
+/// its replacement redoes every task's work since the last commit, as Kafka Streams
+/// closes all its tasks dirty when some are lost under exactly-once.
 fn on_rebalances<S: Stage>(
     consumer: &StageConsumer,
     inbox: &Receiver<Rebalance>,
     stage: &mut S,
     tasks: &mut Tasks<S::State>,
     metrics: &Metrics,
-) -> Result<(), StageError> {
+) -> Result<bool, StageError> {
+    let mut any_commit = false;
     while let Ok(rebalance) = inbox.try_recv() {
         let partitions = rebalance.partitions();
         match &rebalance {
             Rebalance::Revoked { lost, .. } => {
-                let committed = if *lost {
+                let committed = if *lost && tasks.outputs.in_transaction() {
+                    tracing::warn!(stage = S::NAME, ?partitions, "partitions lost with a transaction open");
+                    tasks.outputs.abort("partitions lost");
+                    Err(TxnError::LostInTransaction(partitions.clone()).into())
+                } else if *lost {
                     tracing::warn!(stage = S::NAME, ?partitions, "partitions lost; their uncommitted work is dropped");
                     Ok(())
                 } else {
                     tracing::info!(stage = S::NAME, ?partitions, "partitions revoked; committing and closing their tasks");
+                    any_commit = true;
                     commit(consumer, stage, tasks)
                 };
                 // A task revoked while restoring no longer holds readiness back.
@@ -239,7 +257,7 @@ fn on_rebalances<S: Stage>(
             }
             Rebalance::Assigned(_) => {
                 rebalance.apply(consumer)?;
-                tasks.assign(consumer, &partitions, |p, committed, output| stage.open(p, committed, output))?;
+                tasks.assign(consumer, &partitions, |p, committed| stage.open(p, committed))?;
                 let restoring = tasks.restoring();
                 tracing::info!(stage = S::NAME, ?partitions, ?restoring, "partitions assigned");
                 metrics.ops.readiness.restoring(restoring);
@@ -248,7 +266,7 @@ fn on_rebalances<S: Stage>(
             }
         }
     }
-    Ok(())
+    Ok(any_commit)
 }
 
 /// Steps every restoring task for its share of [`RESTORE_BUDGET`]; a task that is up

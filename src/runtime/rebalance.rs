@@ -1,7 +1,7 @@
 //! The stage consumer's context. Its rebalance callback only records what was assigned
-//! or revoked; the stage's loop ([`super::runtime`]) acts on it between polls: commits
-//! and closes revoked tasks, then tells librdkafka the assignment changed, then fences,
-//! opens and restores the new tasks. So no stage state has to live behind locks for
+//! or revoked; the stage's loop ([`super::stream_thread`]) acts on it between polls: commits
+//! and closes revoked tasks, then tells librdkafka the assignment changed, then opens
+//! and restores the new tasks. So no stage state has to live behind locks for
 //! the callback's sake, and a long restore runs in the loop, which keeps polling.
 //!
 //! librdkafka waits for the application to apply a rebalance (`assign`/`unassign`)
