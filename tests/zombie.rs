@@ -32,12 +32,13 @@ fn a_frozen_replica_resumed_after_its_partitions_moved_is_fenced() {
     b.wait_ready();
     let changelog = format!("{}-windows-changelog", t.app);
     produce_pulses(&t.source, chunks[0]);
-    // Freeze A while input flows and one of its stage-2 transactions is open.
+    // Freeze A while input flows (small paced slices, so transactions keep opening)
+    // and one of its stage-2 transactions is open.
     std::thread::scope(|s| {
         s.spawn(|| {
-            for slice in chunks[1].chunks(500) {
+            for slice in chunks[1..6].iter().flat_map(|c| c.chunks(100)) {
                 produce_pulses(&t.source, slice);
-                std::thread::sleep(Duration::from_millis(50)); // pacing, not waiting
+                std::thread::sleep(Duration::from_millis(20)); // pacing, not waiting
             }
         });
         wait_for("replica A with a stage-2 transaction open", DEADLINE, || {
@@ -47,9 +48,6 @@ fn a_frozen_replica_resumed_after_its_partitions_moved_is_fenced() {
         a.signal("STOP");
     });
     let frozen_log = a.log().len();
-    for chunk in &chunks[2..6] {
-        produce_pulses(&t.source, chunk);
-    }
     // B takes every grouped partition (A missed its heartbeats for the session timeout).
     wait_for("replica B to own every grouped partition", DEADLINE, || {
         (stage2_partitions(latest_life(&b.log())).len() == PARTITIONS as usize).then_some(())
