@@ -77,18 +77,18 @@ impl<S> Tasks<S> {
         self.tasks.contains_key(&partition)
     }
 
-    /// The running task of `partition`, with the producers to send through.
+    /// The running task of `partition`, with the thread's producer to send through.
     pub fn running(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
         let task = self.tasks.get_mut(&partition).filter(|t| t.phase == Phase::Running)?;
         Some((&self.outputs, task))
     }
 
-    /// The task of `partition`, restoring or running, with the producers.
+    /// The task of `partition`, restoring or running, with the thread's producer.
     pub fn task(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
         Some((&self.outputs, self.tasks.get_mut(&partition)?))
     }
 
-    /// Every running task, with the producers to send through.
+    /// Every running task, with the thread's producer to send through.
     pub fn all_running(&mut self) -> (&StageOutputs, impl Iterator<Item = &mut Task<S>>) {
         (&self.outputs, self.tasks.values_mut().filter(|t| t.phase == Phase::Running))
     }
