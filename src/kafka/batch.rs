@@ -94,7 +94,8 @@ pub fn committed<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, pa
     }
     // A coordinator that is moving or still loading (a fresh broker) answers
     // NOT_COORDINATOR for a while: asked again until the timeout.
-    let deadline = Instant::now() + COMMITTED_TIMEOUT;
+    let started = Instant::now();
+    let deadline = started + COMMITTED_TIMEOUT;
     let mut asked = consumer.committed_offsets(tpl.clone(), COMMITTED_TIMEOUT);
     while let Err(e) = &asked {
         if !super::startup::Retriable::is_retriable(e) || Instant::now() >= deadline {
@@ -104,9 +105,9 @@ pub fn committed<C: ConsumerContext>(consumer: &BaseConsumer<C>, topic: &str, pa
         std::thread::sleep(Duration::from_millis(200));
         asked = consumer.committed_offsets(tpl.clone(), deadline.saturating_duration_since(Instant::now()));
     }
-    if COMMITTED_TIMEOUT.saturating_sub(deadline.saturating_duration_since(Instant::now())) >= Duration::from_secs(1) {
-        tracing::warn!(topic, ?partitions, waited_ms = (COMMITTED_TIMEOUT - deadline.saturating_duration_since(Instant::now())).as_millis() as u64,
-            "reading the committed offsets was slow");
+    let waited = started.elapsed();
+    if waited >= Duration::from_secs(1) {
+        tracing::warn!(topic, ?partitions, waited_ms = waited.as_millis() as u64, "reading the committed offsets was slow");
     }
     match asked {
         Ok(committed) => committed
