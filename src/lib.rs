@@ -8,8 +8,9 @@
 //!   state lives in [`state`], and leaves as an aggregate encoded by [`codec`];
 //! - the pure core ([`pulse`], [`window`]) has no Kafka or RocksDB in sight and is
 //!   unit-tested on plain values;
-//! - both stages run on [`runtime`] (a loop per stage thread, a task per partition,
-//!   one transactional producer per thread: [`kafka::txn`]);
+//! - both stages and `pulses rate` run on [`runtime`] (a loop per stage thread, a task
+//!   per partition with its state manager, one transactional producer per thread:
+//!   [`runtime::record_collector`]);
 //! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
 
 pub mod bench;

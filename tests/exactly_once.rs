@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::agg::*;
@@ -185,8 +186,10 @@ struct CrashRun {
 fn crash_run(guarantee: &str) -> CrashRun {
     let total: usize = std::env::var("PULSES_TEST_CRASH_PULSES").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
     let t = Topics::create(&format!("crash-{guarantee}"), PARTITIONS);
+    // Commits every second (not every 100 ms): under steady input a replica's
+    // transaction then holds outputs most of the time, so a kill lands in one.
     let config = format!(
-        "processing_guarantee = \"{guarantee}\"\ncheckpoint_interval = \"2s\"\n{}",
+        "processing_guarantee = \"{guarantee}\"\ncheckpoint_interval = \"2s\"\n{}\n[stage]\ncommit_interval = \"1s\"\n",
         config("1h", "1h")
     );
     let tenants = 50;
@@ -195,7 +198,15 @@ fn crash_run(guarantee: &str) -> CrashRun {
     // 50 tenants, event time advancing 100 ms per round: a few minutes of windows.
     let all = pulses("k", tenants, per_tenant, base, 100);
     let resent: Vec<P> = all.iter().step_by(100).cloned().collect(); // duplicates: counted once
-    let chunks: Vec<&[P]> = all.chunks(all.len() / 20 + 1).collect();
+    // The input goes in slices of 500, 20 chunks of them; `next` is the next slice due.
+    let slices: Vec<&[P]> = all.chunks(500).collect();
+    let per_chunk = slices.len().div_ceil(20);
+    let next = AtomicUsize::new(0);
+    let produce_to = |end: usize| {
+        while next.load(Ordering::SeqCst) < end.min(slices.len()) {
+            produce_pulses(&t.source, slices[next.fetch_add(1, Ordering::SeqCst)]);
+        }
+    };
 
     let aggregate_group = format!("{}.aggregate", t.app);
     let stage2_committed = || committed(&aggregate_group, &t.grouped).values().sum::<i64>();
@@ -206,35 +217,35 @@ fn crash_run(guarantee: &str) -> CrashRun {
     let mut replicas: Vec<Proc> = (0..3).map(|_| Proc::run(&t, &config, &[])).collect();
     let mut kills = 0;
     let mut lives: Vec<String> = Vec::new(); // logs of killed lives, for the restore count
-    let changelog = format!("{}-windows-changelog", t.app);
-    for (i, chunk) in chunks.iter().enumerate() {
+    for i in 0..20 {
+        let end = (i + 1) * per_chunk;
         let before = stage2_committed();
         match i {
             // Kill a replica mid-stream; the first one comes back on its own state dir.
             4 | 9 | 15 => {
+                let landed = AtomicBool::new(false);
                 let victim = std::thread::scope(|s| {
-                    // The chunk goes in slices while the victim is chosen, so input still
-                    // flows (and transactions are open) when the kill lands.
+                    // Slices keep going in, paced, while the victim is chosen (past this
+                    // chunk into the next ones if that takes long), so input still flows
+                    // and transactions keep opening until the kill lands.
                     s.spawn(|| {
-                        for slice in chunk.chunks(500) {
-                            produce_pulses(&t.source, slice);
+                        while next.load(Ordering::SeqCst) < slices.len()
+                            && (!landed.load(Ordering::SeqCst) || next.load(Ordering::SeqCst) < end)
+                        {
+                            produce_pulses(&t.source, slices[next.fetch_add(1, Ordering::SeqCst)]);
                             std::thread::sleep(Duration::from_millis(50)); // pacing, not waiting
                         }
                     });
                     busy(before);
-                    // Under exactly_once, one whose stage 2 has a transaction open on the
-                    // broker (its changelog partition is its input partition): the kill
-                    // leaves that transaction for the next owner's fence to abort.
-                    let at = if guarantee == "exactly_once" {
-                        wait_for("a replica with a stage-2 transaction open", DEADLINE, || {
-                            let open = open_transactions(&changelog);
-                            replicas.iter().position(|r| stage2_partitions(latest_life(&r.log())).iter().any(|p| open.contains(p)))
-                        })
-                    } else {
-                        0
-                    };
+                    // One whose stage 2 owns partitions: with input flowing, its open
+                    // transaction holds outputs, which the kill leaves for the broker (or
+                    // the restarted replica's fence) to abort.
+                    let at = wait_for("a replica whose stage 2 owns partitions", DEADLINE, || {
+                        replicas.iter().position(|r| !stage2_partitions(latest_life(&r.log())).is_empty())
+                    });
                     let mut victim = replicas.remove(at);
                     victim.kill9();
+                    landed.store(true, Ordering::SeqCst);
                     victim
                 });
                 kills += 1;
@@ -248,12 +259,14 @@ fn crash_run(guarantee: &str) -> CrashRun {
             }
             // A fresh replica, no local state: everything it owns comes from the changelog.
             12 => {
-                produce_pulses(&t.source, chunk);
+                produce_to(end);
                 replicas.push(Proc::run(&t, &config, &[]));
             }
-            _ => produce_pulses(&t.source, chunk),
+            _ => produce_to(end),
         }
     }
+    produce_to(slices.len());
+    assert_eq!(next.load(Ordering::SeqCst), slices.len(), "every slice produced once");
     assert_eq!(kills, 3, "three SIGKILLs during the run");
     produce_pulses(&t.source, &resent);
     wait_all_committed(&format!("{}.group", t.app), &t.source);

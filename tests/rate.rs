@@ -3,65 +3,10 @@
 
 mod common;
 
-use std::str::FromStr;
-
 use common::agg::*;
+use common::rating::*;
 use common::*;
 use rust_decimal::Decimal;
-
-fn d(s: &str) -> Decimal {
-    Decimal::from_str(s).unwrap()
-}
-
-/// $0.001 per request, rounded to 3 places, one alert at $0.020.
-const BOOK: &str = r#"
-currency = "USD"
-rounding = { scale = 3, mode = "half_even" }
-thresholds = ["0.020"]
-
-[[prices]]
-product_sku = "api.requests"
-use_unit = "request"
-model = "flat"
-unit_price = "0.001"
-
-[[prices]]
-product_sku = "storage"
-use_unit = "GB"
-model = "graduated"
-tiers = [{ up_to = "100", unit_price = "0.10" }, { unit_price = "0.08" }]
-"#;
-
-struct Rating {
-    charges: String,
-    alerts: String,
-    proc: Proc,
-}
-
-/// Starts `pulses rate` on `t`'s aggregated topic with its own charges/alerts topics.
-fn start_rate(t: &Topics, config_toml: &str, state: tempfile::TempDir, outputs: Option<(&str, &str)>) -> Rating {
-    let (charges, alerts) = match outputs {
-        Some((c, a)) => (c.to_owned(), a.to_owned()),
-        None => {
-            let (c, a) = (format!("{}.charges", t.app), format!("{}.alerts", t.app));
-            create_topics(&[(&c, 3), (&a, 3)]);
-            (c, a)
-        }
-    };
-    let book = state.path().join("price-book.toml");
-    std::fs::write(&book, BOOK).unwrap();
-    let book = book.to_string_lossy().into_owned();
-    let proc = Proc::start("rate", t, config_toml, &["--price-book", &book, "--charges-topic", &charges, "--alerts-topic", &alerts], state);
-    Rating { charges, alerts, proc }
-}
-
-fn amounts(topic: &str) -> Vec<(String, Decimal)> {
-    read_all(topic).iter().map(|r| {
-        let v = r.json();
-        assert_eq!(r.key_str(), v["tenant_id"].as_str().unwrap(), "keyed by tenant");
-        (v["charge_id"].as_str().unwrap_or_default().to_owned(), d(v["amount"].as_str().unwrap_or("0")))
-    }).collect()
-}
 
 #[test]
 fn seed_scenario_three_hundred_requests_earn_thirty_cents_and_one_alert() {
@@ -100,19 +45,6 @@ fn seed_scenario_three_hundred_requests_earn_thirty_cents_and_one_alert() {
     assert_eq!(post, vec![100, 100, 100], "3 postflight aggregates of 100 requests");
 }
 
-/// Aggregate records as stage 2 writes them, produced by hand.
-fn aggregate(tenant: &str, start: i64, total: &str, revision: u32, is_final: bool) -> (Option<Vec<u8>>, Vec<u8>) {
-    let v = serde_json::json!({
-        "aggregate_id": format!("agg-{tenant}-{start}"), "revision": revision, "tenant_id": tenant,
-        "product_sku": "storage", "use_unit": "GB", "window": "minute",
-        "window_start": rfc3339(start), "window_end": rfc3339(start + 60 * SECOND),
-        "total_amount": total, "pulse_count": 1, "min_amount": total, "max_amount": total,
-        "first_event_time": rfc3339(start), "last_event_time": rfc3339(start), "final": is_final,
-        "emitted_at": rfc3339(start + 65 * SECOND)
-    });
-    (Some(tenant.as_bytes().to_vec()), serde_json::to_vec(&v).unwrap())
-}
-
 #[test]
 fn a_correction_is_charged_as_a_delta_and_redeliveries_charge_nothing() {
     let t = Topics::create("rate-fix", 1);
@@ -136,7 +68,7 @@ fn a_correction_is_charged_as_a_delta_and_redeliveries_charge_nothing() {
     assert_eq!(read_all(&rate.alerts).len(), 1, "0.020 crossed once");
 
     // Restart with the same state and a redelivered correction: nothing new. Then lose
-    // the state dir: the ledger is rebuilt from the committed input, still nothing new.
+    // the state dir: the ledger is restored from its changelog, still nothing new.
     let Rating { charges: ct, alerts: at, mut proc } = rate;
     assert!(proc.terminate(DEADLINE).success());
     let state = proc.into_state();
@@ -152,7 +84,12 @@ fn a_correction_is_charged_as_a_delta_and_redeliveries_charge_nothing() {
     let charges: Vec<serde_json::Value> = read_all(&ct).iter().map(|r| r.json()).collect();
     assert_eq!(charges.len(), 3, "{charges:?}");
     assert_eq!((d(charges[2]["amount"].as_str().unwrap()), d(charges[2]["balance_after"].as_str().unwrap())), (d("0.800"), d("14.800")));
-    assert!(rate.proc.log().contains("re-applying"), "the lost state was rebuilt from the committed input");
+    let log = rate.proc.log();
+    // Partition 0 holds the one tenant: its ledger (3 keys: the aggregate's charged
+    // revision, the sku's period quantity, the balance) comes back from the changelog.
+    let restored = log.lines().find(|l| l.contains("ledger restored partition=0 ")).expect("partition 0 restored");
+    assert!(!restored.contains("restored_records=0 "), "the lost state was restored from the changelog: {restored}");
+    assert!(!log.contains("rebuilding"), "the changelog had the ledger: no rebuild from the aggregated topic");
 }
 
 /// The same pulses through the pipeline with `output_format = "avro"` and with JSON,

@@ -7,7 +7,9 @@ use clap::{Args, Subcommand};
 
 use super::CommonArgs;
 use crate::pulse::validate::identifier;
-use crate::serve::key_table;
+use crate::config::Config;
+use crate::kafka::startup;
+use crate::serve::key_table::{self, KeyTableError};
 use crate::serve::keys::ApiKey;
 
 pub const LONG_ABOUT: &str = "\
@@ -69,11 +71,11 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
                 (None, true) => None,
             };
             let (key, new) = ApiKey::create(tenant, admin, name, now());
-            rt.block_on(key_table::publish(&cfg, &key))?;
+            rt.block_on(publish(&cfg, &key))?;
             println!("{}", serde_json::to_string(&new)?);
         }
         Action::List { .. } => {
-            rt.block_on(key_table::ensure_topic(&cfg))?;
+            rt.block_on(ensure_topic(&cfg))?;
             let mut keys: Vec<ApiKey> = key_table::read_all(&cfg, READ_WITHIN)?.into_values().collect();
             keys.sort_by(|a, b| (&a.created_at, &a.id).cmp(&(&b.created_at, &b.id)));
             for key in keys {
@@ -81,7 +83,7 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
             }
         }
         Action::Revoke { id, .. } => {
-            rt.block_on(key_table::ensure_topic(&cfg))?;
+            rt.block_on(ensure_topic(&cfg))?;
             let Some(mut key) = key_table::read_all(&cfg, READ_WITHIN)?.remove(&id) else {
                 bail!("no key {id:?} in {}", key_table::topic(&cfg));
             };
@@ -90,9 +92,19 @@ pub fn run(args: KeysArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             key.revoked_at = Some(now());
-            rt.block_on(key_table::publish(&cfg, &key))?;
+            rt.block_on(publish(&cfg, &key))?;
             eprintln!("key {id} revoked");
         }
     }
     Ok(())
+}
+
+/// The key topic exists, waiting for a broker still coming up (up to `startup_timeout`).
+async fn ensure_topic(cfg: &Config) -> Result<String, KeyTableError> {
+    startup::retry_async("creating the API key topic", cfg.startup_timeout, &|_| {}, || key_table::ensure_topic(cfg)).await
+}
+
+/// Writes `key`, waiting for a broker still coming up (up to `startup_timeout`).
+async fn publish(cfg: &Config, key: &ApiKey) -> Result<(), KeyTableError> {
+    startup::retry_async("writing the key", cfg.startup_timeout, &|_| {}, || key_table::publish(cfg, key)).await
 }

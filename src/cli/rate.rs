@@ -1,15 +1,19 @@
 //! `pulses rate`: the reference rating consumer (see [`crate::rate`]).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 
 use super::CommonArgs;
-use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
+use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
 use crate::kafka::startup;
-use crate::rate::consumer::{self, RateSettings};
+use crate::ops::metrics::Metrics;
 use crate::rate::PriceBook;
+use crate::runtime;
+use crate::stage::rate::{self as rating, RateSettings, RateSummary};
+use crate::stage::topology::RateWiring;
 
 /// The long `--help` text of the command.
 pub const LONG_ABOUT: &str = "\
@@ -17,8 +21,11 @@ pub const LONG_ABOUT: &str = "\
     `<group_id>.rate`, read_committed), prices them with the price book, and writes charges and \
     spend-threshold alerts. A higher revision of an aggregate is charged the difference to what was \
     charged before; a re-delivered revision is charged nothing. Balances are per tenant and UTC \
-    calendar month. Charges, alerts and consumed offsets commit in one transaction; state lives in \
-    `<state_dir>/rate`. Run one instance per application id.\n\nAggregates whose (product_sku, \
+    calendar month. Any number of instances can run in the group: each assigned partition keeps its \
+    ledger in a RocksDB store under `<state_dir>/<application_id>.rate/`, backed by the compacted \
+    changelog `<application_id>-rate-ledger-changelog` (created with the aggregated topic's \
+    partitions) and restored from it when the partition moves. Charges, alerts, ledger changes and \
+    consumed offsets commit in one transaction per commit interval.\n\nAggregates whose (product_sku, \
     use_unit) has no price in the book are logged as warnings and counted in the exit summary, not \
     charged. Charge and alert records are described in the README.";
 
@@ -61,18 +68,25 @@ pub fn run(args: RateArgs) -> anyhow::Result<()> {
         partition_count(&cfg, &cfg.topics.aggregated)
     })
     .context("reading the aggregated topic")?;
-    let t = &cfg.topics;
-    let spec = |name| TopicSpec { name, partitions: n, configs: &[] };
-    startup::retry("creating the output topics", cfg.startup_timeout, &no_probe, || {
-        rt.block_on(ensure_topics(&cfg, &[spec(&t.charges), spec(&t.alerts)]))
-    })
-    .context("creating the output topics")?;
-    let settings = RateSettings { book, window: args.window, charges_topic: t.charges.clone(), alerts_topic: t.alerts.clone() };
-    let s = consumer::run(&cfg, &settings, &shutdown)?;
+    let wiring = RateWiring::of(&cfg);
+    let topics = [
+        TopicSpec { name: &wiring.charges, partitions: n, configs: &[] },
+        TopicSpec { name: &wiring.alerts, partitions: n, configs: &[] },
+        TopicSpec { name: &wiring.changelog, partitions: n, configs: COMPACTED },
+    ];
+    startup::retry("creating the output topics", cfg.startup_timeout, &no_probe, || rt.block_on(ensure_topics(&cfg, &topics)))
+        .context("creating the output topics")?;
+    rating::warn_about_old_ledger(&cfg);
+    let settings = RateSettings { book, window: args.window };
+    let metrics = Arc::new(Metrics::default());
+    let mut s = RateSummary::default();
+    runtime::supervise(wiring.name, &shutdown, &metrics, || rating::run(&cfg, &settings, &shutdown, Arc::clone(&metrics), &mut s))?;
     eprintln!(
         "rate: read {} aggregates, wrote {} charges and {} alerts ({} not final or other windows, {} already charged, \
-         {} unpriced, {} beyond exact decimals, {} undecodable; {} re-applied at start)",
-        s.read, s.charges, s.alerts, s.ignored, s.already_charged, s.unpriced, s.unrateable, s.undecodable, s.caught_up
+         {} unpriced, {} beyond exact decimals, {} undecodable; {} ledger changes restored, {} aggregates re-applied \
+         to rebuild a ledger)",
+        s.read, s.charges, s.alerts, s.ignored, s.already_charged, s.unpriced, s.unrateable, s.undecodable, s.restored,
+        s.rebuilt
     );
     Ok(())
 }

@@ -8,6 +8,7 @@ use clap::Args;
 use super::CommonArgs;
 use crate::config::parse_duration;
 use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec};
+use crate::kafka::startup;
 use crate::pulse::time;
 use crate::replay::{self, ReplaySettings};
 
@@ -78,9 +79,13 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     cfg.check()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
-    let partitions = partition_count(&cfg, &cfg.topics.aggregated).or_else(|_| partition_count(&cfg, &cfg.topics.source))
-        .context("reading the partition count of the aggregated (or source) topic")?;
-    rt.block_on(ensure_topics(&cfg, &[TopicSpec { name: &cfg.topics.replay, partitions, configs: &[] }]))
+    let no_probe = |_| {};
+    let partitions = startup::retry("reading the aggregated (or source) topic", cfg.startup_timeout, &no_probe, || {
+        partition_count(&cfg, &cfg.topics.aggregated).or_else(|_| partition_count(&cfg, &cfg.topics.source))
+    })
+    .context("reading the partition count of the aggregated (or source) topic")?;
+    let replay_topic = [TopicSpec { name: &cfg.topics.replay, partitions, configs: &[] }];
+    startup::retry("creating the replay topic", cfg.startup_timeout, &no_probe, || rt.block_on(ensure_topics(&cfg, &replay_topic)))
         .context("creating the replay topic")?;
     let settings = ReplaySettings {
         from_ms: args.from,

@@ -21,32 +21,29 @@ pub fn log_offset(offset: Offset) -> Option<i64> {
     }
 }
 
-/// Polls until `max` records were handled or `max_wait` has passed, handing each
-/// record to `handle`. Consumer errors (broker hiccups) are logged, not fatal:
-/// librdkafka retries them itself.
-pub fn poll_batch<C, E>(
-    consumer: &BaseConsumer<C>,
-    max: usize,
-    max_wait: Duration,
-    mut handle: impl FnMut(&BorrowedMessage<'_>) -> Result<(), E>,
-) -> Result<usize, E>
-where
-    C: ConsumerContext,
-{
+/// Polls a batch and returns it for the caller to process after the poll: waits up to
+/// `max_wait` for a first record, then takes what the client already holds, up to
+/// `max`, without waiting for more (as Kafka Streams' poll returns what it has). So a
+/// batch is processed as soon as it arrives, and under load batches grow by themselves.
+/// Consumer errors (broker hiccups) are logged, not fatal: librdkafka retries them.
+pub fn poll_batch<C: ConsumerContext>(consumer: &BaseConsumer<C>, max: usize, max_wait: Duration) -> Vec<BorrowedMessage<'_>> {
     let started = Instant::now();
-    let mut n = 0;
-    while n < max {
-        let Some(left) = max_wait.checked_sub(started.elapsed()) else { break };
-        match consumer.poll(left) {
+    let mut batch = Vec::new();
+    while batch.len() < max {
+        let wait = match batch.is_empty() {
+            true => match max_wait.checked_sub(started.elapsed()) {
+                Some(left) => left,
+                None => break,
+            },
+            false => Duration::ZERO,
+        };
+        match consumer.poll(wait) {
             None => break,
             Some(Err(e)) => tracing::warn!("consumer: {e}"),
-            Some(Ok(msg)) => {
-                handle(&msg)?;
-                n += 1;
-            }
+            Some(Ok(msg)) => batch.push(msg),
         }
     }
-    Ok(n)
+    batch
 }
 
 /// Commits `offsets` of `topic` synchronously, each with the commit metadata

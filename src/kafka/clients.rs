@@ -253,7 +253,7 @@ pub fn tracked_producer(cfg: &Config, tracker: DeliveryTracker) -> Result<Tracke
     producer_config(cfg).create_with_context(tracker)
 }
 
-/// A transactional producer owning `transactional_id` (see [`crate::kafka::txn`]).
+/// A transactional producer owning `transactional_id` (see [`crate::runtime::record_collector`]).
 pub fn transactional_producer(
     cfg: &Config,
     transactional_id: &str,

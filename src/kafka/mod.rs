@@ -8,5 +8,4 @@ pub mod clients;
 pub mod dlq;
 pub mod reader;
 pub mod startup;
-pub mod txn;
 pub mod upstream;

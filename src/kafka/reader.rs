@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
@@ -52,16 +53,16 @@ pub struct PartitionsToEnd {
 }
 
 impl PartitionsToEnd {
-    /// Assigns `ranges` of `topic` to a new reader ([`Self::new`], [`Self::assign`]).
+    /// Assigns `ranges` of `topic` to a new reader with `client`'s settings
+    /// ([`clients::reader`]; the stages build those once, from the config).
     pub fn open(
-        cfg: &Config,
-        group_id: &str,
+        client: &ClientConfig,
         name: &'static str,
         topic: &str,
         ranges: BTreeMap<i32, Range>,
         stall: Option<Duration>,
     ) -> Result<Self, ReadError> {
-        let mut reader = Self::new(cfg, group_id, name, topic, stall)?;
+        let mut reader = Self::with_client(client, name, topic, stall)?;
         reader.assign(ranges)?;
         Ok(reader)
     }
@@ -70,7 +71,11 @@ impl PartitionsToEnd {
     /// metadata questions first (where to start and end). `group_id` is named, never
     /// joined; `name` says who reads, in logs.
     pub fn new(cfg: &Config, group_id: &str, name: &'static str, topic: &str, stall: Option<Duration>) -> Result<Self, ReadError> {
-        let consumer: BaseConsumer<QuietEof> = clients::reader(cfg, group_id).create_with_context(QuietEof { reader: name })?;
+        Self::with_client(&clients::reader(cfg, group_id), name, topic, stall)
+    }
+
+    fn with_client(client: &ClientConfig, name: &'static str, topic: &str, stall: Option<Duration>) -> Result<Self, ReadError> {
+        let consumer: BaseConsumer<QuietEof> = client.create_with_context(QuietEof { reader: name })?;
         Ok(Self {
             consumer,
             topic: topic.to_owned(),

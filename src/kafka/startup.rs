@@ -69,34 +69,84 @@ pub fn retry<T, E>(
 where
     E: Retriable + std::fmt::Display,
 {
-    let started = Instant::now();
-    let mut backoff = FIRST_BACKOFF;
-    for attempt in 1.. {
-        // A step may itself wait long for an absent broker (a request timeout): say
-        // what is being waited for from the first attempt on.
-        waiting(Some(format!("{what} (attempt {attempt})")));
+    let mut attempts = Attempts::new(what, timeout, waiting);
+    loop {
+        attempts.start();
         match step() {
-            Ok(v) => {
-                if attempt > 1 {
-                    tracing::info!(what, attempt, waited_ms = started.elapsed().as_millis() as u64, "broker ready");
-                }
-                waiting(None);
-                return Ok(v);
-            }
-            Err(e) if !e.is_retriable() || started.elapsed() + backoff > timeout => {
-                waiting(None);
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::warn!(what, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
-                    deadline_s = timeout.as_secs(), "broker not ready yet; retrying");
-                waiting(Some(format!("{what}: {e} (attempt {attempt}; next in {} ms)", backoff.as_millis())));
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-            }
+            Ok(v) => return Ok(attempts.succeeded(v)),
+            Err(e) => std::thread::sleep(attempts.failed(e)?),
         }
     }
-    unreachable!("the attempts never end")
+}
+
+/// [`retry`] for an async step (`pulses serve`, whose start-up runs on tokio), waiting
+/// without blocking the runtime.
+pub async fn retry_async<T, E, F>(
+    what: &str,
+    timeout: Duration,
+    waiting: &(dyn Fn(Option<String>) + Sync),
+    mut step: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    E: Retriable + std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut attempts = Attempts::new(what, timeout, waiting);
+    loop {
+        attempts.start();
+        match step().await {
+            Ok(v) => return Ok(attempts.succeeded(v)),
+            Err(e) => tokio::time::sleep(attempts.failed(e)?).await,
+        }
+    }
+}
+
+/// The attempts of one start-up step: their count, backoff, deadline, log lines and
+/// readiness reports, shared by [`retry`] and [`retry_async`].
+struct Attempts<'a> {
+    what: &'a str,
+    timeout: Duration,
+    waiting: &'a dyn Fn(Option<String>),
+    started: Instant,
+    backoff: Duration,
+    attempt: u32,
+}
+
+impl<'a> Attempts<'a> {
+    fn new(what: &'a str, timeout: Duration, waiting: &'a dyn Fn(Option<String>)) -> Self {
+        Self { what, timeout, waiting, started: Instant::now(), backoff: FIRST_BACKOFF, attempt: 0 }
+    }
+
+    /// An attempt starts. A step may itself wait long for an absent broker (a request
+    /// timeout): say what is being waited for from the first attempt on.
+    fn start(&mut self) {
+        self.attempt += 1;
+        (self.waiting)(Some(format!("{} (attempt {})", self.what, self.attempt)));
+    }
+
+    fn succeeded<T>(&self, v: T) -> T {
+        if self.attempt > 1 {
+            tracing::info!(what = self.what, attempt = self.attempt, waited_ms = self.started.elapsed().as_millis() as u64,
+                "broker ready");
+        }
+        (self.waiting)(None);
+        v
+    }
+
+    /// How long to wait before the next attempt; `Err(e)` when `e` is not retriable or
+    /// the deadline would pass.
+    fn failed<E: Retriable + std::fmt::Display>(&mut self, e: E) -> Result<Duration, E> {
+        let (what, attempt, backoff) = (self.what, self.attempt, self.backoff);
+        if !e.is_retriable() || self.started.elapsed() + backoff > self.timeout {
+            (self.waiting)(None);
+            return Err(e);
+        }
+        tracing::warn!(what, attempt, error = %e, retry_in_ms = backoff.as_millis() as u64,
+            deadline_s = self.timeout.as_secs(), "broker not ready yet; retrying");
+        (self.waiting)(Some(format!("{what}: {e} (attempt {attempt}; next in {} ms)", backoff.as_millis())));
+        self.backoff = (backoff * 2).min(MAX_BACKOFF);
+        Ok(backoff)
+    }
 }
 
 #[cfg(test)]

@@ -4,15 +4,15 @@
 //! - [`price_book`]: the price book file, checked;
 //! - [`pricing`]: quantity → amount and tier breakdown (flat, graduated, volume);
 //! - [`ledger`]: charges, running balances and threshold alerts, pure;
-//! - [`records`]: the charge and alert records;
-//! - [`store`] and [`consumer`]: the RocksDB state and the Kafka I/O around the ledger.
+//! - [`records`]: the charge and alert records.
+//!
+//! All pure; the stage around them (Kafka, the ledger's RocksDB store and changelog)
+//! is [`crate::stage::rate`].
 
-pub mod consumer;
 pub mod ledger;
 pub mod price_book;
 pub mod pricing;
 pub mod records;
-pub mod store;
 
 pub use ledger::{Ledger, Rated};
 pub use price_book::PriceBook;

@@ -45,8 +45,10 @@ pub enum RegistryError {
 pub struct Wait<'a> {
     /// Turns true when the caller shuts down: stop waiting ([`RegistryError::Interrupted`]).
     pub stop: &'a dyn Fn() -> bool,
-    /// Runs once before the first backoff of a wait. The stages commit the work done so
-    /// far, so no Kafka transaction stays open (`transaction.timeout.ms`) during the wait.
+    /// Runs once before the first backoff of a wait; an error stops the wait
+    /// ([`RegistryError::Prepare`]). A stage's first read refuses, commits the work done
+    /// so far (no Kafka transaction stays open past `transaction.timeout.ms` during the
+    /// wait), then reads again with nothing to prepare.
     pub before: &'a dyn Fn() -> Result<(), String>,
 }
 

@@ -1,9 +1,10 @@
 //! What every stage runs, shaped like Kafka Streams' runtime: the loop of a stage thread
 //! ([`stream_thread`], its StreamThread), when it commits ([`commit`]), a task per
 //! assigned input partition and the task manager ([`task`]), rebalances recorded by the
-//! consumer's callback and acted on by the loop ([`rebalance`]), and [`supervise`],
-//! which replaces a stage that failed on Kafka. The thread's one producer and its
-//! transactions are [`crate::kafka::txn`]. The stages themselves are in
+//! consumer's callback and acted on by the loop ([`rebalance`]), a task's store,
+//! changelog and checkpoints ([`state_manager`]), the thread's one producer, its
+//! transactions and delivery tracking ([`record_collector`]), and [`supervise`], which
+//! replaces a stage that failed on Kafka. The stages themselves are in
 //! [`crate::stage`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,8 @@ use crate::ops::metrics::Metrics;
 
 pub mod commit;
 pub mod rebalance;
+pub mod record_collector;
+pub mod state_manager;
 pub mod stream_thread;
 pub mod task;
 
@@ -23,7 +26,7 @@ pub enum StageError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
-    Output(#[from] crate::kafka::txn::TxnError),
+    Output(#[from] crate::runtime::record_collector::TxnError),
     #[error("restoring partition {partition} from the changelog: {source}")]
     Restore { partition: i32, source: crate::state::RestoreError },
     #[error("state store: {0}")]
@@ -39,6 +42,9 @@ pub enum StageError {
     Registry(#[from] crate::registry::RegistryError),
     #[error(transparent)]
     Encode(#[from] crate::codec::output::EncodeError),
+    /// `pulses rate`'s ledger could not read its state or encode a record.
+    #[error(transparent)]
+    Ledger(#[from] crate::rate::ledger::LedgerError),
     /// The replica's identity in its state dir (its process id, or a second process
     /// on the same state dir).
     #[error(transparent)]
@@ -53,7 +59,7 @@ impl StageError {
     /// failures (the state store, a checkpoint, topic setup, the registry, encoding)
     /// and bugs are not: the process stops.
     pub fn is_recoverable(&self) -> bool {
-        use crate::kafka::txn::TxnError;
+        use crate::runtime::record_collector::TxnError;
         use crate::state::RestoreError;
         match self {
             Self::Kafka(_) => true,
@@ -70,7 +76,7 @@ impl StageError {
             }
             Self::Restore { source, .. } => matches!(source, RestoreError::Kafka(_) | RestoreError::Stalled { .. }),
             Self::Store(_) | Self::Windows { .. } | Self::Checkpoint(_) | Self::Admin(_) | Self::Registry(_)
-            | Self::Encode(_) | Self::Instance(_) => false,
+            | Self::Encode(_) | Self::Instance(_) | Self::Ledger(_) => false,
         }
     }
 }

@@ -3,15 +3,18 @@
 //! ([`CommitPolicy`]), and between polls act on rebalances and step restoring tasks. A
 //! stage says only what is its own ([`Stage`]: how a task opens, restores, processes,
 //! commits its state); the loop owns the consumer, the tasks ([`Tasks`]), the thread's
-//! producer ([`StageOutputs`]) and the order of things.
+//! producer ([`RecordCollector`]) and the order of things.
 //!
-//! Nothing here runs inside an rdkafka callback: the rebalance callback records
+//! Poll, then process: a poll only collects a batch of records. Decoding (and waiting
+//! for the schema registry), processing, punctuation and commits all run in the loop
+//! after it. Nothing runs inside an rdkafka callback: the rebalance callback records
 //! ([`super::rebalance`]), and this loop commits and closes revoked tasks, then opens
-//! and restores assigned ones. A restore is stepped for at most
+//! and restores assigned ones. A record that needs the registry while it does not
+//! answer is read twice: the first read refuses to wait, the loop commits the work so
+//! far (no transaction stays open during the wait), and the second read waits. A restore is stepped for at most
 //! [`RESTORE_BUDGET`] between polls, so however long it takes, the consumer keeps
 //! polling (within `max.poll.interval.ms`) and the other partitions keep flowing.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
@@ -27,7 +30,7 @@ use super::StageError;
 use crate::config::Config;
 use crate::kafka::batch::poll_batch;
 use crate::kafka::clients;
-use crate::kafka::txn::{StageOutputs, TxnError};
+use crate::runtime::record_collector::{RecordCollector, TxnError};
 use crate::ops::metrics::Metrics;
 use crate::registry::{RegistryError, Wait};
 
@@ -60,7 +63,7 @@ pub trait Stage {
     fn open(&mut self, partition: i32, committed: &Committed) -> Result<(Phase, Self::State), StageError>;
 
     /// Restores a restoring task for about `budget`; true once it can run.
-    fn restore(&mut self, _outputs: &StageOutputs, _task: &mut Task<Self::State>, _budget: Duration) -> Result<bool, StageError> {
+    fn restore(&mut self, _outputs: &RecordCollector, _task: &mut Task<Self::State>, _budget: Duration) -> Result<bool, StageError> {
         Ok(true)
     }
 
@@ -112,7 +115,7 @@ pub fn run<S, R>(
     settings: LoopSettings<'_>,
     shutdown: &AtomicBool,
     metrics: Arc<Metrics>,
-    outputs: StageOutputs,
+    outputs: RecordCollector,
     reader: R,
     mut stage: S,
 ) -> Result<(), StageError>
@@ -137,34 +140,42 @@ where
             true => POLL_WHILE_RESTORING,
             false => settings.max_batch.1.min(policy.until_due(Instant::now())),
         };
-        let shared = RefCell::new((&mut stage, &mut tasks));
-        let polled = poll_batch(&consumer, settings.max_batch.0, wait, |msg| {
-            {
-                let mut s = shared.borrow_mut();
-                let (_, tasks) = &mut *s;
-                if tasks.running(msg.partition()).is_none() {
-                    if !tasks.hold_early(msg.partition(), msg.detach()) {
-                        tracing::debug!(partition = msg.partition(), offset = msg.offset(), "record of a partition not owned; skipped");
-                    }
-                    return Ok(());
+        // Poll, then process: nothing of the stage runs inside the poll.
+        let batch = poll_batch(&consumer, settings.max_batch.0, wait);
+        let records = batch.len();
+        let mut interrupted = false;
+        for msg in &batch {
+            if tasks.running(msg.partition()).is_none() {
+                if !tasks.hold_early(msg.partition(), msg.detach()) {
+                    tracing::debug!(partition = msg.partition(), offset = msg.offset(), "record of a partition not owned; skipped");
                 }
+                continue;
             }
-            // Nothing stays in an open transaction while the registry is waited for.
-            let commit = || {
-                let mut s = shared.try_borrow_mut().map_err(|e| e.to_string())?;
-                let (stage, tasks) = &mut *s;
-                stage.punctuate(tasks, &consumer).and_then(|()| commit(&consumer, *stage, tasks)).map_err(|e| e.to_string())
+            let record = match read(&reader, msg, &stop) {
+                Read::Record(record) => Ok(record),
+                // The registry is down: commit the work so far, so no transaction stays
+                // open while it is waited for, then wait.
+                Read::CommitFirst => {
+                    stage.punctuate(&mut tasks, &consumer)?;
+                    commit(&consumer, &mut stage, &mut tasks)?;
+                    policy.committed(Instant::now());
+                    reader.read(msg, Wait::until(&stop))
+                }
+                Read::Failed(e) => Err(e),
             };
-            let record = reader.read(msg, Wait { stop: &stop, before: &commit })?;
-            let mut s = shared.borrow_mut();
-            let (stage, tasks) = &mut *s;
-            stage.process(tasks, msg.partition(), msg.offset(), record)
-        });
-        let records = match polled {
-            // Shutdown while waiting for the registry: that record stays uncommitted.
-            Err(StageError::Registry(RegistryError::Interrupted)) => break,
-            other => other?,
-        };
+            match record {
+                // Shutdown while waiting for the registry: that record stays uncommitted.
+                Err(StageError::Registry(RegistryError::Interrupted)) => {
+                    interrupted = true;
+                    break;
+                }
+                record => stage.process(&mut tasks, msg.partition(), msg.offset(), record?)?,
+            }
+        }
+        drop(batch);
+        if interrupted {
+            break;
+        }
         let _span = (records > 0).then(|| tracing::info_span!("batch", stage = S::NAME, records).entered());
         policy.handled(records);
         stage.punctuate(&mut tasks, &consumer)?;
@@ -198,6 +209,29 @@ impl Drop for Closing<'_> {
                 tracing::warn!("applying a rebalance while closing: {e}");
             }
         }
+    }
+}
+
+/// What reading a record came to.
+enum Read<R> {
+    Record(R),
+    /// Decoding needs the schema registry, which does not answer: the loop commits
+    /// first, then reads again, waiting.
+    CommitFirst,
+    Failed(StageError),
+}
+
+/// Why a first read refuses to wait for the registry ([`Read::CommitFirst`]).
+const COMMIT_FIRST: &str = "the stage commits before waiting";
+
+/// Reads `msg` without waiting for the registry: a read that would wait comes back as
+/// [`Read::CommitFirst`] (the refusal of [`Wait::before`]).
+fn read<R: RecordReader, M: Message>(reader: &R, msg: &M, stop: &dyn Fn() -> bool) -> Read<R::Record> {
+    let refuse = || Err(COMMIT_FIRST.to_owned());
+    match reader.read(msg, Wait { stop, before: &refuse }) {
+        Ok(record) => Read::Record(record),
+        Err(StageError::Registry(RegistryError::Prepare(why))) if why == COMMIT_FIRST => Read::CommitFirst,
+        Err(e) => Read::Failed(e),
     }
 }
 

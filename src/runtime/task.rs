@@ -1,7 +1,7 @@
 //! Tasks: one per assigned input partition, like Kafka Streams' StreamTask. A task owns
 //! the offset to commit next and the stage's state for that partition (stage 2: its
 //! store and window operator); every task of the stage thread writes through the
-//! thread's one producer ([`StageOutputs`]). [`Tasks`], the task manager, creates,
+//! thread's one producer ([`RecordCollector`]). [`Tasks`], the task manager, creates,
 //! restores, commits and closes them for the stage's loop ([`super::stream_thread`]).
 
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use rdkafka::TopicPartitionList;
 
 use super::StageError;
 pub use crate::kafka::batch::Committed;
-use crate::kafka::txn::StageOutputs;
+use crate::runtime::record_collector::RecordCollector;
 
 /// Whether a task processes records yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,13 +59,13 @@ impl<S> Task<S> {
 /// the stage thread's producer.
 pub struct Tasks<S> {
     topic: String,
-    pub outputs: StageOutputs,
+    pub outputs: RecordCollector,
     tasks: BTreeMap<i32, Task<S>>,
 }
 
 impl<S> Tasks<S> {
     /// No tasks yet, for input `topic`.
-    pub fn new(topic: &str, outputs: StageOutputs) -> Self {
+    pub fn new(topic: &str, outputs: RecordCollector) -> Self {
         Self { topic: topic.to_owned(), outputs, tasks: BTreeMap::new() }
     }
 
@@ -78,18 +78,18 @@ impl<S> Tasks<S> {
     }
 
     /// The running task of `partition`, with the thread's producer to send through.
-    pub fn running(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
+    pub fn running(&mut self, partition: i32) -> Option<(&RecordCollector, &mut Task<S>)> {
         let task = self.tasks.get_mut(&partition).filter(|t| t.phase == Phase::Running)?;
         Some((&self.outputs, task))
     }
 
     /// The task of `partition`, restoring or running, with the thread's producer.
-    pub fn task(&mut self, partition: i32) -> Option<(&StageOutputs, &mut Task<S>)> {
+    pub fn task(&mut self, partition: i32) -> Option<(&RecordCollector, &mut Task<S>)> {
         Some((&self.outputs, self.tasks.get_mut(&partition)?))
     }
 
     /// Every running task, with the thread's producer to send through.
-    pub fn all_running(&mut self) -> (&StageOutputs, impl Iterator<Item = &mut Task<S>>) {
+    pub fn all_running(&mut self) -> (&RecordCollector, impl Iterator<Item = &mut Task<S>>) {
         (&self.outputs, self.tasks.values_mut().filter(|t| t.phase == Phase::Running))
     }
 

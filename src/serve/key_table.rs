@@ -22,12 +22,26 @@ use crate::kafka::clients::{self, QuietEof};
 pub enum KeyTableError {
     #[error("kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("creating the API key topic {topic}: {detail}")]
+    #[error("creating the API key topic {topic}: {source}")]
+    Create { topic: String, source: crate::kafka::admin::AdminError },
+    #[error("the API key topic {topic}: {detail}")]
     Topic { topic: String, detail: String },
     #[error("the API key topic {topic} was not read to its end within {secs} s")]
     Timeout { topic: String, secs: u64 },
     #[error("writing key {id} to {topic}: {detail}")]
     Write { id: String, topic: String, detail: String },
+}
+
+impl crate::kafka::startup::Retriable for KeyTableError {
+    /// A broker not up yet, or a key topic just created and not yet in the metadata.
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Kafka(e) => e.is_retriable(),
+            Self::Create { source, .. } => source.is_retriable(),
+            Self::Topic { .. } | Self::Timeout { .. } => true,
+            Self::Write { .. } => false,
+        }
+    }
 }
 
 /// The topic holding the keys of `cfg`'s application.
@@ -40,7 +54,7 @@ pub async fn ensure_topic(cfg: &Config) -> Result<String, KeyTableError> {
     let name = topic(cfg);
     ensure_topics(cfg, &[TopicSpec { name: &name, partitions: 1, configs: COMPACTED }])
         .await
-        .map_err(|e| KeyTableError::Topic { topic: name.clone(), detail: format!("{e:#}") })?;
+        .map_err(|source| KeyTableError::Create { topic: name.clone(), source })?;
     Ok(name)
 }
 

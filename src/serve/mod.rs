@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::{Config, ServeSettings};
 use crate::kafka::admin::{ensure_topics, TopicSpec, DEFAULT_PARTITIONS};
 use crate::kafka::clients;
+use crate::kafka::startup;
 use crate::ops::http::{self, Ops};
 use error::ApiError;
 use key_table::KeyTable;
@@ -156,11 +157,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
-    key_table::ensure_topic(&cfg).await?;
+    // A broker still coming up (or not up yet) is waited for, up to startup_timeout.
+    let (c, within, no_probe): (&Config, _, &(dyn Fn(Option<String>) + Sync)) = (&cfg, cfg.startup_timeout, &|_| {});
+    startup::retry_async("creating the API key topic", within, no_probe, || key_table::ensure_topic(c)).await?;
     // The view reads the aggregates topic: a serve started before `pulses run` ever ran
     // creates it, as run would (an existing topic is left as it is).
-    let aggregated = TopicSpec { name: &cfg.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] };
-    ensure_topics(&cfg, &[aggregated]).await.with_context(|| format!("creating {}", cfg.topics.aggregated))?;
+    let aggregated = [TopicSpec { name: &c.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] }];
+    startup::retry_async("creating the aggregates topic", within, no_probe, || ensure_topics(c, &aggregated))
+        .await
+        .with_context(|| format!("creating {}", c.topics.aggregated))?;
     let quotas = QuotaStore::open(settings.quotas.clone())?;
     let finest_window = cfg.windows.iter().min_by_key(|w| w.size_ms()).map(|w| w.name.clone()).context("no windows configured")?;
     let view_dir = cfg.state_dir.join("serve-view");
@@ -169,8 +174,14 @@ pub async fn run(
     let keys = Arc::new(KeyTable::default());
     let stop = Arc::new(AtomicBool::new(false));
     let followers = [
-        key_table::follow(&cfg, Arc::clone(&keys), Arc::clone(&stop))?,
-        view::follow(&cfg, Arc::clone(&view), Arc::clone(&stop))?,
+        startup::retry_async("reading the API key topic", within, no_probe, || async {
+            key_table::follow(c, Arc::clone(&keys), Arc::clone(&stop))
+        })
+        .await?,
+        startup::retry_async("reading the aggregates topic", within, no_probe, || async {
+            view::follow(c, Arc::clone(&view), Arc::clone(&stop))
+        })
+        .await?,
     ];
     let (registry, metrics, ready) = registry(&keys, &view);
     let producer = producer(&cfg, &settings).context("creating the ingest producer")?;

@@ -36,6 +36,18 @@ pub enum ViewError {
     Setup(String),
 }
 
+impl crate::kafka::startup::Retriable for ViewError {
+    /// A broker not up yet, or an aggregates topic just created and not yet in the
+    /// metadata; not a local store that cannot open.
+    fn is_retriable(&self) -> bool {
+        match self {
+            Self::Kafka(e) => e.is_retriable(),
+            Self::Setup(_) => true,
+            Self::Store { .. } => false,
+        }
+    }
+}
+
 /// How current the view is: records it has yet to read, and when that was measured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AsOf {

@@ -8,13 +8,13 @@
 //! loop between polls ([`crate::runtime::stream_thread`]) while its partition is paused. At every
 //! commit (`commit_interval`): each task's state changes go to the changelog, then the
 //! outputs, changelog records and consumed offsets of all tasks commit together
-//! ([`crate::kafka::txn`]), and only then is each local store written, recording the
+//! ([`crate::runtime::record_collector`]), and only then is each local store written, recording the
 //! changelog offset it now reflects. A crash anywhere leaves local state at or behind
 //! the committed changelog, never ahead of it, so a restore is always exact.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::BaseRecord;
@@ -30,16 +30,17 @@ use crate::codec::{GroupedInput, InputError, OutputCodec};
 use crate::config::Config;
 use crate::kafka::backlog;
 use crate::kafka::upstream::UpstreamWatch;
-use crate::kafka::txn::StageOutputs;
+use crate::runtime::record_collector::RecordCollector;
 use crate::ops::memory::HeapTrimmer;
 use crate::ops::metrics::{self, Metrics, RestoreProgress};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::time::now_ms;
 use crate::pulse::GroupedPulse;
 use crate::registry::{Registry, Wait};
-use crate::state::changelog::{self, ChangelogEnd, ChangelogRestore};
+use crate::runtime::state_manager::{StateSpec, TaskState};
+use crate::state::changelog;
 use crate::state::instance;
-use crate::state::{checkpoint, PartitionStore, StorePaths, StoreResources};
+use crate::state::PartitionStore;
 use crate::window::{Output, RestoreError, WindowOperator, WindowSettings};
 
 /// Header of a late-topic record saying why it was not counted.
@@ -55,18 +56,19 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     // Late pulses are grouped pulses, written in the output format like the grouped topic.
     let late_codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.late, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
+    let state = StateSpec::new(cfg, &wiring.changelog, &wiring.input, &wiring.state_dir, &wiring.checkpoint_dir, cfg.aggregate.state_memory_mib << 20);
     let (transactional_id, _claim) = instance::transactional_id(cfg, wiring.name)?;
-    let outputs = StageOutputs::new(cfg, wiring.name, &transactional_id, Some(changelog::tracking(&wiring.changelog)))?
+    let outputs = RecordCollector::new(cfg, wiring.name, &transactional_id, Some(state.tracked()))?
         .with_metrics(Arc::clone(&metrics));
     let reader = GroupedIo { input: GroupedInput::grouped(registry), metrics: Arc::clone(&metrics) };
     let upstream = UpstreamWatch::start(cfg, &upstream_wiring.input, &upstream_wiring.consumer_group, cfg.aggregate.idle_timeout)?;
     let stage = Aggregating {
-        cfg: cfg.clone(),
         codec,
         late_codec,
         wiring: wiring.clone(),
         settings: Arc::new(cfg.window_settings()),
-        resources: StoreResources::new(cfg.aggregate.state_memory_mib << 20),
+        state,
+        open_window_cache: cfg.aggregate.open_window_cache,
         finals: Vec::new(),
         upstream,
         trimmer: HeapTrimmer::default(),
@@ -116,41 +118,31 @@ impl RecordReader for GroupedIo {
     }
 }
 
-/// One assigned partition's state: its store, and its window operator once restored.
+/// One assigned partition: its state (store, changelog, checkpoints), and its window
+/// operator once the store is restored.
 struct WindowTask {
-    store: PartitionStore,
-    paths: StorePaths,
-    window: Window,
-    last_checkpoint: Instant,
-    /// The store was seeded from a checkpoint (its live copy was gone).
-    seeded: bool,
-}
-
-enum Window {
-    /// Catching up with the changelog.
-    Restoring(Box<ChangelogRestore>),
-    Running(Box<WindowOperator>),
+    state: TaskState,
+    op: Option<Box<WindowOperator>>,
 }
 
 impl WindowTask {
     fn running(&mut self) -> Option<(&mut WindowOperator, &mut PartitionStore)> {
-        match &mut self.window {
-            Window::Running(op) => Some((op, &mut self.store)),
-            Window::Restoring(_) => None,
-        }
+        Some((self.op.as_deref_mut()?, self.state.store()))
     }
 }
 
 /// Stage 2's part of the loop: each task counts its partition's pulses into windows.
 struct Aggregating {
-    cfg: Config,
     /// Values of the aggregated topic, and of the late topic.
     codec: OutputCodec,
     late_codec: OutputCodec,
     /// Its topics, consumer group and store directories ([`Topology`]).
     wiring: AggregateWiring,
     settings: Arc<WindowSettings>,
-    resources: StoreResources,
+    /// Where its tasks' stores live and how they restore.
+    state: StateSpec,
+    /// Open windows cached in memory, divided among the running tasks.
+    open_window_cache: usize,
     /// Final aggregates emitted since the last commit, for the latency histograms.
     finals: Vec<FinalEmitted>,
     /// Whether stage 1 still has an old source backlog: then nothing here is idle.
@@ -173,49 +165,42 @@ impl Stage for Aggregating {
     type Record = GroupedRecord;
     const NAME: &'static str = "aggregate";
 
-    /// Opens the partition's store (seeded from a checkpoint if the live store is
-    /// gone) and starts restoring it to the changelog end its committed offset names
-    /// (a stable offset: no previous owner's pending commit can still move it).
+    /// Opens the partition's state and starts restoring it ([`TaskState::open`]).
     fn open(&mut self, partition: i32, committed: &Committed) -> Result<(Phase, WindowTask), StageError> {
-        let w = &self.wiring;
-        let paths = StorePaths::new(&w.state_dir, &w.checkpoint_dir, &w.input, partition);
-        let (store, seeded) = checkpoint::open_store(&paths, &self.resources)?;
-        let committed_end = ChangelogEnd::parse(&committed.metadata).map(|end| end.0);
-        let restore = ChangelogRestore::start(&self.cfg, partition, &store, committed_end)
-            .map_err(|source| StageError::Restore { partition, source })?;
-        self.report(partition, restore.progress());
-        let task = WindowTask { store, paths, window: Window::Restoring(Box::new(restore)), last_checkpoint: Instant::now(), seeded };
-        Ok((Phase::Restoring, task))
+        let state = TaskState::open(&self.state, partition, committed)?;
+        self.report(partition, state.progress());
+        Ok((Phase::Restoring, WindowTask { state, op: None }))
     }
 
-    /// Applies changelog records for about `budget`; at the changelog's end the
-    /// window operator is rebuilt from the store and the task runs.
-    fn restore(&mut self, outputs: &StageOutputs, task: &mut Task<WindowTask>, budget: Duration) -> Result<bool, StageError> {
+    /// Restores for about `budget`; once the store is up to date the window operator
+    /// is rebuilt from it and the task runs.
+    fn restore(&mut self, outputs: &RecordCollector, task: &mut Task<WindowTask>, budget: Duration) -> Result<bool, StageError> {
         let partition = task.partition;
-        let state = &mut task.state;
-        let Window::Restoring(restore) = &mut state.window else { return Ok(true) };
-        let stepped = restore.step(&mut state.store, budget).map_err(|source| StageError::Restore { partition, source })?;
-        self.report(partition, restore.progress());
+        let WindowTask { state, op } = &mut task.state;
+        if op.is_some() {
+            return Ok(true);
+        }
+        let stepped = state.restore(outputs, budget)?;
+        self.report(partition, state.progress());
         let Some(stats) = stepped else { return Ok(false) };
-        outputs.set_tracked_position(partition, stats.to_offset);
         metrics::add(&self.metrics.aggregate.restored_records, stats.records);
-        let op = WindowOperator::restore(Arc::clone(&self.settings), &mut state.store).map_err(|e| match e {
+        let restored = WindowOperator::restore(Arc::clone(&self.settings), state.store()).map_err(|e| match e {
             RestoreError::Store(e) => StageError::Store(e),
             RestoreError::Windows(source) => StageError::Windows { partition, source },
         })?;
-        tracing::info!(partition, path = %state.paths.live.display(), from_checkpoint = state.seeded,
+        tracing::info!(partition, path = %state.paths().live.display(), from_checkpoint = state.seeded(),
             changelog_from = stats.from_offset, changelog_to = stats.to_offset, restored_records = stats.records,
             uncommitted_records = stats.uncommitted,
-            restore_ms = stats.elapsed.as_millis() as u64, open_buckets = op.open_buckets(),
-            watermark = op.watermark().current, "state store restored");
-        state.window = Window::Running(Box::new(op));
+            restore_ms = stats.elapsed.as_millis() as u64, open_buckets = restored.open_buckets(),
+            watermark = restored.watermark().current, "state store restored");
+        *op = Some(Box::new(restored));
         Ok(true)
     }
 
     /// Divides `open_window_cache` evenly among the running tasks' operators, so
     /// memory does not grow with the number of partitions a replica owns.
     fn tasks_changed(&mut self, tasks: &mut Tasks<WindowTask>) {
-        let each = self.cfg.aggregate.open_window_cache / tasks.len().max(1);
+        let each = self.open_window_cache / tasks.len().max(1);
         let (_, running) = tasks.all_running();
         for task in running {
             if let Some((op, _)) = task.state.running() {
@@ -276,17 +261,9 @@ impl Stage for Aggregating {
         let (outputs, running) = tasks.all_running();
         let mut changes = 0;
         for task in running {
-            let partition = task.partition;
             let Some((op, store)) = task.state.running() else { continue };
             op.flush(store)?;
-            for (key, value) in store.changes() {
-                let record = BaseRecord::<[u8], [u8]>::to(&self.wiring.changelog).key(key).partition(partition);
-                outputs.send(match value {
-                    Some(v) => record.payload(v),
-                    None => record,
-                })?;
-                changes += 1;
-            }
+            changes += task.state.state.send_changes(outputs)?;
         }
         metrics::add(&self.metrics.aggregate.changelog_records, changes);
         Ok(())
@@ -295,7 +272,7 @@ impl Stage for Aggregating {
     /// The outputs are durable: the local store is written, recording the changelog
     /// offset it now reflects.
     fn write_state(&mut self, task: &mut Task<WindowTask>, changelog_next: Option<i64>) -> Result<(), StageError> {
-        Ok(task.state.store.commit(changelog_next)?)
+        task.state.state.commit(changelog_next)
     }
 
     fn committed(&mut self, offsets: bool) {
@@ -318,13 +295,8 @@ impl Stage for Aggregating {
     fn maintain(&mut self, tasks: &mut Tasks<WindowTask>, closing: bool) -> Result<(), StageError> {
         let (_, running) = tasks.all_running();
         for task in running {
-            let state = &mut task.state;
-            if !closing && state.last_checkpoint.elapsed() < self.cfg.checkpoint_interval {
-                continue;
-            }
-            let Window::Running(op) = &state.window else { continue };
-            let took = checkpoint::write(&state.paths, &state.store, task.partition, op.watermark().current)?;
-            state.last_checkpoint = Instant::now();
+            let WindowTask { state, op: Some(op) } = &mut task.state else { continue };
+            let Some(took) = state.checkpoint(self.wiring.checkpoint_interval, closing, op.watermark().current)? else { continue };
             metrics::add(&self.metrics.aggregate.checkpoints, 1);
             metrics::add(&self.metrics.aggregate.checkpoint_ms, took.as_millis() as u64);
             self.metrics.ops.checkpoint_duration.observe(took.as_secs_f64());
@@ -337,7 +309,7 @@ impl Stage for Aggregating {
 
 impl Aggregating {
     /// Produces what `task`'s operator emitted, and counts it.
-    fn emit(&mut self, outputs: &StageOutputs, emitted: Vec<Output>) -> Result<(), StageError> {
+    fn emit(&mut self, outputs: &RecordCollector, emitted: Vec<Output>) -> Result<(), StageError> {
         let m = &self.metrics.aggregate;
         for out in emitted {
             match out {

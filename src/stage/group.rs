@@ -3,7 +3,7 @@
 //! This is where a pulse enters. Each record is validated ([`crate::pulse::validate`]);
 //! a valid pulse is re-keyed by `tenant_id` and written to the grouped topic, anything
 //! else goes to the DLQ with its original bytes and the reason. Outputs and consumed
-//! offsets commit together every `commit_interval` ([`crate::kafka::txn`]: one
+//! offsets commit together every `commit_interval` ([`crate::runtime::record_collector`]: one
 //! transaction of the thread's producer under exactly_once; flush, then offsets, under
 //! at_least_once), also before partitions are revoked, so a rebalance re-processes
 //! nothing.
@@ -28,7 +28,7 @@ use crate::codec::avro::{grouped_to_value, GROUPED_SCHEMA};
 use crate::codec::{OutputCodec, PulseInput};
 use crate::config::Config;
 use crate::kafka::dlq;
-use crate::kafka::txn::StageOutputs;
+use crate::runtime::record_collector::RecordCollector;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
 use crate::pulse::validate::{RecordContext, RejectReason};
@@ -44,7 +44,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
     let reader = GroupIo { input: PulseInput::new(registry), codec, metrics: Arc::clone(&metrics) };
     let (transactional_id, _claim) = instance::transactional_id(cfg, wiring.name)?;
-    let outputs = StageOutputs::new(cfg, wiring.name, &transactional_id, None)?.with_metrics(Arc::clone(&metrics));
+    let outputs = RecordCollector::new(cfg, wiring.name, &transactional_id, None)?.with_metrics(Arc::clone(&metrics));
     let stage = Grouping { order: InputOrder::new(&wiring.input), wiring: wiring.clone(), metrics: Arc::clone(&metrics) };
     tracing::info!(source = %wiring.input, grouped = %wiring.grouped, dlq = %wiring.dlq, group = %wiring.consumer_group,
         guarantee = cfg.processing_guarantee.as_str(), "stage 1 (group) started");
@@ -106,7 +106,7 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
 }
 
 /// Enqueues a routed record's output.
-fn send(wiring: &GroupWiring, outputs: &StageOutputs, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
+fn send(wiring: &GroupWiring, outputs: &RecordCollector, routed: Routed, m: &GroupMetrics) -> Result<(), StageError> {
     match routed {
         Routed::Grouped { tenant_id, value } => {
             outputs.send(BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;

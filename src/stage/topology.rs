@@ -57,6 +57,42 @@ pub struct AggregateWiring {
     pub dedupe_horizon: Duration,
 }
 
+/// `pulses rate` (run beside the processor): where final aggregates are priced and
+/// charges leave. Its ledger is a store per aggregated-topic partition, like stage 2's
+/// windows; the aggregated topic is keyed by tenant, so a tenant's balances live in one
+/// partition's store.
+#[derive(Debug, Clone)]
+pub struct RateWiring {
+    pub name: &'static str,
+    pub input: String,
+    pub consumer_group: String,
+    pub charges: String,
+    pub alerts: String,
+    /// The ledger stores' changelog: partition p holds store p's changes.
+    pub changelog: String,
+    pub state_dir: PathBuf,
+    /// Where the live stores' checkpoints would be (the ledger writes none: it is small
+    /// and restored from its changelog; a checkpoint found there still seeds a store).
+    pub checkpoint_dir: PathBuf,
+}
+
+impl RateWiring {
+    /// What `pulses rate` with `cfg` runs.
+    pub fn of(cfg: &Config) -> Self {
+        let t = &cfg.topics;
+        Self {
+            name: "rate",
+            input: t.aggregated.clone(),
+            consumer_group: format!("{}.rate", cfg.group_id.as_deref().unwrap_or(&cfg.application_id)),
+            charges: t.charges.clone(),
+            alerts: t.alerts.clone(),
+            changelog: format!("{}-rate-ledger-changelog", cfg.application_id),
+            state_dir: cfg.state_dir.join(format!("{}.rate", cfg.application_id)),
+            checkpoint_dir: cfg.checkpoint_root().join(format!("{}.rate", cfg.application_id)),
+        }
+    }
+}
+
 impl Topology {
     /// What `pulses run` with `cfg` runs.
     pub fn of(cfg: &Config) -> Self {
@@ -97,7 +133,7 @@ impl Topology {
 /// The transactional id of a stage thread's producer, one per replica (its process
 /// id is kept in its state dir).
 pub fn transactional_ids(application_id: &str, stage: &str) -> String {
-    crate::kafka::txn::transactional_id(application_id, stage, "<process id>")
+    crate::state::instance::transactional_id_of(application_id, stage, "<process id>")
 }
 
 /// Plain text: one section per kind of element.

@@ -1,7 +1,8 @@
-//! The changelog of stage 2's stores: topic `<application_id>-windows-changelog`,
-//! compacted, partition `p` holding the changes of grouped-topic partition `p`'s store
-//! (like a Kafka Streams changelog). Records are written inside the same transaction
-//! as the outputs and offsets they belong to ([`crate::kafka::txn`]), so the committed
+//! The changelog of a stage's stores (stage 2's windows: `<application_id>-windows-changelog`;
+//! `pulses rate`'s ledger: `<application_id>-rate-ledger-changelog`), compacted,
+//! partition `p` holding the changes of input partition `p`'s store (like a Kafka
+//! Streams changelog). Records are written inside the same transaction
+//! as the outputs and offsets they belong to ([`crate::runtime::record_collector`]), so the committed
 //! changelog is always the state behind the committed outputs.
 //!
 //! Restoring reads the changelog from the store's recorded position to its end, with
@@ -22,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::Message;
@@ -91,9 +93,10 @@ impl ChangelogEnd {
     }
 }
 
-/// How the stage's transactions write the changelog position ([`crate::kafka::txn`]).
-pub fn tracking(topic: &str) -> crate::kafka::txn::Tracked {
-    crate::kafka::txn::Tracked { topic: topic.to_owned(), metadata: ChangelogEnd::metadata }
+/// The client settings of changelog readers (group `<application_id>.restore`, named,
+/// never joined).
+pub fn restore_client(cfg: &Config) -> ClientConfig {
+    crate::kafka::clients::reader(cfg, &format!("{}.restore", cfg.application_id))
 }
 
 /// How far a running restore got: for the restore-progress gauges.
@@ -130,17 +133,17 @@ pub struct ChangelogRestore {
 }
 
 impl ChangelogRestore {
-    /// Starts reading the changelog from `store`'s recorded position.
-    pub fn start(cfg: &Config, partition: i32, store: &PartitionStore, committed_end: Option<i64>) -> Result<Self, RestoreError> {
-        let topic = cfg.changelog_topic();
+    /// Starts reading changelog `topic` from `store`'s recorded position, with a reader
+    /// of `client`'s settings ([`restore_client`]).
+    pub fn start(client: &ClientConfig, topic: &str, partition: i32, store: &PartitionStore, committed_end: Option<i64>)
+        -> Result<Self, RestoreError> {
         let from_offset = store.changelog_position().unwrap_or(0);
         let ranges = BTreeMap::from([(partition, Range { from: from_offset, end: None })]);
-        let reader = PartitionsToEnd::open(cfg, &format!("{}.restore", cfg.application_id), "changelog restore", &topic,
-            ranges, Some(RESTORE_STALL))?;
+        let reader = PartitionsToEnd::open(client, "changelog restore", topic, ranges, Some(RESTORE_STALL))?;
         let end = committed_end.or_else(|| {
             // Only for the progress gauge: an approximate end is fine (the restore
             // itself reads to end-of-partition).
-            reader.consumer().fetch_watermarks(&topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
+            reader.consumer().fetch_watermarks(topic, partition, Duration::from_secs(10)).ok().map(|(_, high)| high)
         });
         Ok(Self {
             partition,

@@ -26,9 +26,15 @@ pub enum InstanceError {
 /// (`<application_id>-<stage>-<process id>`), held by this process while the returned
 /// [`Claim`] lives.
 pub fn transactional_id(cfg: &crate::config::Config, stage: &str) -> Result<(String, Claim), InstanceError> {
-    let id = crate::kafka::txn::transactional_id(&cfg.application_id, stage, process_id(&cfg.state_dir)?);
+    let id = transactional_id_of(&cfg.application_id, stage, process_id(&cfg.state_dir)?);
     let claim = claim(&cfg.state_dir, &id)?;
     Ok((id, claim))
+}
+
+/// The transactional id of `stage`'s producer in the replica whose process id is
+/// `process_id`: `<application_id>-<stage>-<process_id>`.
+pub fn transactional_id_of(application_id: &str, stage: &str, process_id: impl std::fmt::Display) -> String {
+    format!("{application_id}-{stage}-{process_id}")
 }
 
 /// A name held by this process until dropped ([`claim`]).

@@ -10,6 +10,8 @@
 //! - `d` tenant\0pulse_id                 → stream time it was counted at (sortable, 8 bytes)
 //! - `x` at tenant\0pulse_id              → (empty) expiry index of `d`
 //! - `k`                                 → next changelog offset this store reflects
+//! - `l` key                             → an entry of `pulses rate`'s ledger (its own
+//!   key layout, see `rate::ledger`; [`PartitionStore::entry`])
 //!
 //! Every committed write except `x` (derived from `d`) and `k` is also a record of the
 //! stage's changelog topic ([`PartitionStore::changes`]), so another replica can
@@ -185,13 +187,23 @@ impl PartitionStore {
                     None => self.delete(key.to_vec()),
                 }
             }
-            Some(b'm' | b'w' | b'o' | b'c') => match value {
+            Some(&(b'm' | b'w' | b'o' | b'c' | LEDGER)) => match value {
                 Some(v) => self.put(key.to_vec(), v.to_vec()),
                 None => self.delete(key.to_vec()),
             },
             _ => return Err(self.corrupt(format!("changelog record with an unknown key {:?}", String::from_utf8_lossy(key)))),
         }
         Ok(())
+    }
+
+    /// The ledger entry `key` (see the key layout), with this batch's writes.
+    pub fn entry(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.get(&ledger_key(key))
+    }
+
+    /// Writes the ledger entry `key` into the current batch.
+    pub fn put_entry(&mut self, key: &[u8], value: Vec<u8>) {
+        self.put(ledger_key(key), value);
     }
 
     /// Where this store's memory goes, from RocksDB's own accounting (bytes): the
@@ -447,6 +459,15 @@ fn parse_open_key(k: &[u8]) -> Option<WindowKey> {
 const WATERMARK_KEY: &[u8] = b"m";
 const WINDOW_IDS_KEY: &[u8] = b"w";
 const POSITION_KEY: &[u8] = b"k";
+/// The prefix of ledger entries.
+const LEDGER: u8 = b'l';
+
+fn ledger_key(key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 1);
+    k.push(LEDGER);
+    k.extend_from_slice(key);
+    k
+}
 
 impl WindowStore for PartitionStore {
     type Error = StoreError;

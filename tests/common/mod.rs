@@ -7,6 +7,7 @@ pub mod browser;
 pub mod collector;
 pub mod http;
 pub mod own_broker;
+pub mod rating;
 pub mod registry;
 pub mod replicas;
 pub mod serve;

@@ -1,5 +1,6 @@
-//! Exactly-once plumbing: the one producer of a stage thread, and how the outputs of
-//! all its tasks commit together with their consumed offsets.
+//! The record collector of a stage thread (Kafka Streams' RecordCollector): the thread's
+//! one producer, its open transaction and delivery tracking, and how the outputs of all
+//! its tasks commit together with their consumed offsets.
 //!
 //! `exactly_once` (Kafka Streams' EOS v2, KIP-447): one transactional producer per stage
 //! thread, with the transactional id `<application_id>-<stage>-<process id>`, the process
@@ -35,8 +36,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer};
 
-use super::batch::{commit_offsets, offsets_list};
-use super::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
+use crate::kafka::batch::{commit_offsets, offsets_list};
+use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, TrackedProducer};
 use crate::config::{Config, Guarantee};
 use crate::ops::metrics::{Metrics, TxnOutcome};
 
@@ -63,7 +64,7 @@ pub enum TxnError {
     LostInTransaction(Vec<i32>),
 }
 
-impl super::startup::Retriable for TxnError {
+impl crate::kafka::startup::Retriable for TxnError {
     fn is_retriable(&self) -> bool {
         match self {
             Self::Kafka(e) | Self::Transaction { source: e, .. } => e.is_retriable(),
@@ -83,7 +84,7 @@ pub struct Tracked {
 /// The one producer of a stage thread and its open transaction: every task of the
 /// thread sends through it, and [`Self::commit`] commits all of their outputs with all
 /// of their offsets. Owned by the stage's loop.
-pub struct StageOutputs {
+pub struct RecordCollector {
     stage: &'static str,
     /// Topic whose delivered offsets are tracked (stage 2's changelog).
     tracked: Option<Tracked>,
@@ -102,10 +103,10 @@ pub struct StageOutputs {
     failed: Cell<bool>,
 }
 
-/// Outputs made durable by [`StageOutputs::commit`]: where each partition's tracked
+/// Outputs made durable by [`RecordCollector::commit`]: where each partition's tracked
 /// topic ends now, for the caller to record in its local state before
-/// [`StageOutputs::confirm`].
-#[must_use = "at_least_once commits the offsets only in StageOutputs::confirm"]
+/// [`RecordCollector::confirm`].
+#[must_use = "at_least_once commits the offsets only in RecordCollector::confirm"]
 pub struct Durable {
     tracked_next: HashMap<i32, i64>,
     /// at_least_once: the offsets still to commit.
@@ -121,7 +122,7 @@ impl Durable {
     }
 }
 
-impl StageOutputs {
+impl RecordCollector {
     /// The producer of `stage`: under exactly_once transactional with
     /// `transactional_id` (which fences the previous producer of that id: call it before
     /// the stage reads or restores anything), else idempotent. `tracked` is the topic
@@ -340,10 +341,4 @@ impl StageOutputs {
         let tracked = self.tracked.as_ref()?;
         Some((tracked.metadata)(self.producer.context().next_offset(partition)?))
     }
-}
-
-/// The transactional id of `stage`'s producer in the replica whose process id is
-/// `process_id`: `<application_id>-<stage>-<process_id>`.
-pub fn transactional_id(application_id: &str, stage: &str, process_id: impl std::fmt::Display) -> String {
-    format!("{application_id}-{stage}-{process_id}")
 }
