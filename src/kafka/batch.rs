@@ -21,23 +21,18 @@ pub fn log_offset(offset: Offset) -> Option<i64> {
     }
 }
 
-/// Polls a batch and returns it for the caller to process after the poll: waits up to
-/// `max_wait` for a first record, then takes what the client already holds, up to
-/// `max`, without waiting for more (as Kafka Streams' poll returns what it has). So a
-/// batch is processed as soon as it arrives, and under load batches grow by themselves.
-/// Consumer errors (broker hiccups) are logged, not fatal: librdkafka retries them.
+/// Polls until `max` records arrived or `max_wait` has passed, and returns them for
+/// the caller to process after the poll. The stages wait up to their commit's due time:
+/// their outputs become visible only at the commit anyway, and one batch per commit
+/// costs far less CPU at low rates than handing over whatever each poll finds (measured
+/// at 10,000 pulses/s: 37 against 59 CPU s per million, docs/performance.md). Consumer
+/// errors (broker hiccups) are logged, not fatal: librdkafka retries them itself.
 pub fn poll_batch<C: ConsumerContext>(consumer: &BaseConsumer<C>, max: usize, max_wait: Duration) -> Vec<BorrowedMessage<'_>> {
     let started = Instant::now();
     let mut batch = Vec::new();
     while batch.len() < max {
-        let wait = match batch.is_empty() {
-            true => match max_wait.checked_sub(started.elapsed()) {
-                Some(left) => left,
-                None => break,
-            },
-            false => Duration::ZERO,
-        };
-        match consumer.poll(wait) {
+        let Some(left) = max_wait.checked_sub(started.elapsed()) else { break };
+        match consumer.poll(left) {
             None => break,
             Some(Err(e)) => tracing::warn!("consumer: {e}"),
             Some(Ok(msg)) => batch.push(msg),
