@@ -43,7 +43,7 @@ impl PulseInput {
             Err(e @ RegistryError::Unavailable { .. }) => {
                 return Ok(Err(Rejection::new(RejectReason::RegistryUnavailable, e.to_string())))
             }
-            Err(e @ RegistryError::Prepare(_)) => return Err(e),
+            Err(RegistryError::WouldWait) => return Err(RegistryError::WouldWait),
             Err(e) => return Ok(Err(Rejection::new(RejectReason::UnknownSchema, e.to_string()))),
         };
         Ok(avro::decode_record(&schema.parsed, body)

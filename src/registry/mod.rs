@@ -35,9 +35,10 @@ pub enum RegistryError {
     /// The stage is shutting down; the record was not handled.
     #[error("interrupted by shutdown while waiting for the schema registry")]
     Interrupted,
-    /// The caller's preparation for a wait ([`Wait::before`]) failed.
-    #[error("before waiting for the schema registry: {0}")]
-    Prepare(String),
+    /// The registry does not answer and the caller may not wait yet
+    /// ([`Wait::may_wait`]): it commits its work first, then asks again, waiting.
+    #[error("the schema registry does not answer; the caller commits before waiting")]
+    WouldWait,
 }
 
 /// How a caller waits out a registry outage.
@@ -45,20 +46,22 @@ pub enum RegistryError {
 pub struct Wait<'a> {
     /// Turns true when the caller shuts down: stop waiting ([`RegistryError::Interrupted`]).
     pub stop: &'a dyn Fn() -> bool,
-    /// Runs once before the first backoff of a wait; an error stops the wait
-    /// ([`RegistryError::Prepare`]). A stage's first read refuses, commits the work done
-    /// so far (no Kafka transaction stays open past `transaction.timeout.ms` during the
-    /// wait), then reads again with nothing to prepare.
-    pub before: &'a dyn Fn() -> Result<(), String>,
+    /// Whether to wait out an outage at all. A stage's first read may not
+    /// ([`RegistryError::WouldWait`]): it commits the work done so far (no Kafka
+    /// transaction stays open past `transaction.timeout.ms` during the wait), then reads
+    /// again, waiting.
+    pub may_wait: bool,
 }
 
 impl<'a> Wait<'a> {
-    /// Waits with nothing to prepare.
+    /// Waits out an outage until `stop`.
     pub fn until(stop: &'a dyn Fn() -> bool) -> Self {
-        fn nothing() -> Result<(), String> {
-            Ok(())
-        }
-        Self { stop, before: &nothing }
+        Self { stop, may_wait: true }
+    }
+
+    /// Answers [`RegistryError::WouldWait`] where it would wait.
+    pub fn not_yet(stop: &'a dyn Fn() -> bool) -> Self {
+        Self { stop, may_wait: false }
     }
 }
 
@@ -156,7 +159,6 @@ impl Registry {
 
     /// Runs `attempt` under the outage policy.
     fn with_retry<T>(&self, wait: Wait<'_>, mut attempt: impl FnMut() -> Result<T, SRCError>) -> Result<T, RegistryError> {
-        let mut prepared = false;
         let mut retrying = false;
         loop {
             // A call arriving during a long outage fails fast unless a probe is due; a
@@ -192,9 +194,8 @@ impl Registry {
                     if (wait.stop)() {
                         return Err(RegistryError::Interrupted);
                     }
-                    if !prepared {
-                        (wait.before)().map_err(RegistryError::Prepare)?;
-                        prepared = true;
+                    if !wait.may_wait {
+                        return Err(RegistryError::WouldWait);
                     }
                     std::thread::sleep(delay);
                     retrying = true;

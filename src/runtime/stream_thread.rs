@@ -221,16 +221,12 @@ enum Read<R> {
     Failed(StageError),
 }
 
-/// Why a first read refuses to wait for the registry ([`Read::CommitFirst`]).
-const COMMIT_FIRST: &str = "the stage commits before waiting";
-
 /// Reads `msg` without waiting for the registry: a read that would wait comes back as
-/// [`Read::CommitFirst`] (the refusal of [`Wait::before`]).
+/// [`Read::CommitFirst`].
 fn read<R: RecordReader, M: Message>(reader: &R, msg: &M, stop: &dyn Fn() -> bool) -> Read<R::Record> {
-    let refuse = || Err(COMMIT_FIRST.to_owned());
-    match reader.read(msg, Wait { stop, before: &refuse }) {
+    match reader.read(msg, Wait::not_yet(stop)) {
         Ok(record) => Read::Record(record),
-        Err(StageError::Registry(RegistryError::Prepare(why))) if why == COMMIT_FIRST => Read::CommitFirst,
+        Err(StageError::Registry(RegistryError::WouldWait)) => Read::CommitFirst,
         Err(e) => Read::Failed(e),
     }
 }
