@@ -50,7 +50,7 @@ fn two_replicas_one_killed_charge_every_revision_once_with_exact_balances() {
             *total_gb.entry(tenant(i)).or_default() += last;
         }
     }
-    let chunks: Vec<&[(Option<Vec<u8>>, Vec<u8>)]> = records.chunks(records.len() / 10 + 1).collect();
+    let chunks: Vec<_> = records.chunks(records.len() / 10 + 1).collect();
     let cfg = config("1h", "1h");
     let (charges, alerts) = (format!("{}.charges", t.app), format!("{}.alerts", t.app));
     create_topics(&[(&charges, 3), (&alerts, 3)]);
