@@ -43,12 +43,13 @@ ensure_cargo() {
         || die "cargo not found on PATH (install Rust with rustup: https://rustup.rs)"
 }
 
-# Debian packages a fresh machine needs for the build (clang for RocksDB's bindgen),
-# the broker (a Java 17 runtime, Maven to fetch Kafka's jars), kcat, and the browser of
-# the dashboard test (chromium, driven headless by chromedriver); python3-venv for the
-# Python SDK's tests.
-PULSES_APT_PACKAGES=(kcat clang libclang-dev cmake build-essential pkg-config python3 python3-pip python3-venv
-                     zlib1g-dev ca-certificates procps maven openjdk-17-jre-headless
+# Debian packages a fresh machine needs for the build (clang for RocksDB's bindgen,
+# libssl-dev for librdkafka's TLS and SASL/SCRAM and the registry's HTTPS),
+# the broker (a Java 17 runtime, Maven to fetch Kafka's jars; openssl for the secure
+# broker's test certificates), kcat, and the browser of the dashboard test (chromium,
+# driven headless by chromedriver); python3-venv for the Python SDK's tests.
+PULSES_APT_PACKAGES=(kcat clang libclang-dev cmake build-essential pkg-config libssl-dev python3 python3-pip python3-venv
+                     zlib1g-dev ca-certificates openssl procps maven openjdk-17-jre-headless
                      chromium chromium-driver)
 
 # Installs whichever of PULSES_APT_PACKAGES are missing (as root, or with sudo -n).

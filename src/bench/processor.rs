@@ -25,7 +25,7 @@ impl Processor {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let http = format!("127.0.0.1:{port}");
         let config = dir.join("bench.toml");
-        std::fs::write(&config, child_config(plan)?).context("writing the bench config")?;
+        write_private(&config, &child_config(plan)?).context("writing the bench config")?;
         let log = dir.join("pulses-run.log");
         let mut cmd = Command::new(&plan.exe);
         for (k, _) in std::env::vars_os() {
@@ -115,10 +115,22 @@ impl Drop for Processor {
     }
 }
 
-/// The child's configuration: the user's `[kafka]` table, the bench's grace and idle
-/// timeout, and the 1 s and 10 s windows.
+/// Writes `text` to a new file only its owner may read (it may hold passwords).
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+/// The child's configuration: the user's security settings and `[kafka]` table (as
+/// librdkafka properties: the file holds secrets, so it is written readable by its
+/// owner only), the bench's grace and idle timeout, and the 1 s and 10 s windows.
 fn child_config(plan: &Plan) -> anyhow::Result<String> {
     let mut kafka = toml::Table::new();
+    for (k, v) in plan.cfg.kafka_security.librdkafka_properties() {
+        kafka.insert(k.into(), v.into());
+    }
     for (k, v) in &plan.cfg.kafka {
         kafka.insert(k.clone(), v.clone().into());
     }

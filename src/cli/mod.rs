@@ -1,6 +1,7 @@
 //! The command line (SPEC §5). Each subcommand lives in its own file; this one holds
 //! the flags shared by the Kafka-facing commands and how they overlay the config file.
 
+mod acls;
 mod bench;
 mod check;
 mod keys;
@@ -75,6 +76,9 @@ enum Command {
     /// HTTP API: take pulses over HTTP (POST /v1/pulses) with API keys.
     #[command(long_about = serve::LONG_ABOUT)]
     Serve(serve::ServeArgs),
+    /// Print the Kafka ACLs a command needs (least privilege on a secured cluster).
+    #[command(long_about = acls::LONG_ABOUT)]
+    Acls(acls::AclsArgs),
     /// Create, list and revoke the API keys of `pulses serve`.
     #[command(long_about = keys::LONG_ABOUT)]
     Keys(keys::KeysArgs),
@@ -129,6 +133,102 @@ pub struct CommonArgs {
     /// [config default: json]
     #[arg(long, env = "PULSES_OUTPUT_FORMAT", value_name = "FORMAT")]
     pub output_format: Option<crate::config::OutputFormat>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
+}
+
+/// How to reach a secured cluster and registry (README "Security"); each overrides
+/// `[kafka_security]` or `[schema_registry]`. Passwords are read from files or from
+/// environment variables only, never from a flag's value (it would show in `ps`).
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Kafka and registry security")]
+pub struct SecurityArgs {
+    /// Kafka security protocol [config: kafka_security.protocol, default plaintext]
+    #[arg(long, env = "PULSES_KAFKA_SECURITY_PROTOCOL", value_name = "PROTOCOL")]
+    pub kafka_security_protocol: Option<crate::config::SecurityProtocol>,
+    /// SASL mechanism for the sasl_* protocols [config: kafka_security.sasl_mechanism]
+    #[arg(long, env = "PULSES_KAFKA_SASL_MECHANISM", value_name = "MECHANISM")]
+    pub kafka_sasl_mechanism: Option<crate::config::SaslMechanism>,
+    /// SASL user name [config: kafka_security.sasl_username]
+    #[arg(long, env = "PULSES_KAFKA_SASL_USERNAME", value_name = "USER")]
+    pub kafka_sasl_username: Option<String>,
+    /// File holding the SASL password; or put the password itself in
+    /// PULSES_KAFKA_SASL_PASSWORD [config: kafka_security.sasl_password]
+    #[arg(long, env = "PULSES_KAFKA_SASL_PASSWORD_FILE", value_name = "FILE")]
+    pub kafka_sasl_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) the brokers' certificates must chain to [config:
+    /// kafka_security.ssl_ca_location; default: the system's CA store]
+    #[arg(long, env = "PULSES_KAFKA_SSL_CA_LOCATION", value_name = "FILE")]
+    pub kafka_ssl_ca_location: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS [config: kafka_security.ssl_certificate_location]
+    #[arg(long, env = "PULSES_KAFKA_SSL_CERTIFICATE_LOCATION", value_name = "FILE")]
+    pub kafka_ssl_certificate_location: Option<PathBuf>,
+    /// The client certificate's private key (PEM) [config: kafka_security.ssl_key_location]
+    #[arg(long, env = "PULSES_KAFKA_SSL_KEY_LOCATION", value_name = "FILE")]
+    pub kafka_ssl_key_location: Option<PathBuf>,
+    /// File holding the private key's password; or put the password itself in
+    /// PULSES_KAFKA_SSL_KEY_PASSWORD [config: kafka_security.ssl_key_password]
+    #[arg(long, env = "PULSES_KAFKA_SSL_KEY_PASSWORD_FILE", value_name = "FILE")]
+    pub kafka_ssl_key_password_file: Option<PathBuf>,
+    /// Schema registry basic-auth user [config: schema_registry.basic_auth_username]
+    #[arg(long, env = "PULSES_SCHEMA_REGISTRY_USERNAME", value_name = "USER")]
+    pub schema_registry_username: Option<String>,
+    /// File holding the schema registry password; or put the password itself in
+    /// PULSES_SCHEMA_REGISTRY_PASSWORD [config: schema_registry.basic_auth_password]
+    #[arg(long, env = "PULSES_SCHEMA_REGISTRY_PASSWORD_FILE", value_name = "FILE")]
+    pub schema_registry_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for an https:// schema registry [config:
+    /// schema_registry.ssl_ca_location; default: the system's CA store]
+    #[arg(long, env = "PULSES_SCHEMA_REGISTRY_SSL_CA_LOCATION", value_name = "FILE")]
+    pub schema_registry_ssl_ca_location: Option<PathBuf>,
+}
+
+/// A secret from a file flag, else from the environment variable holding it.
+fn secret_from(file: &Option<PathBuf>, env: &str) -> anyhow::Result<Option<crate::config::Secret>> {
+    use crate::config::Secret;
+    Ok(match file {
+        Some(path) => Some(Secret::from_file(path).map_err(anyhow::Error::msg)?),
+        None if std::env::var_os(env).is_some() => Some(Secret::from_env(env).map_err(anyhow::Error::msg)?),
+        None => None,
+    })
+}
+
+impl SecurityArgs {
+    fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
+        let s = &mut cfg.kafka_security;
+        if let Some(p) = self.kafka_security_protocol {
+            s.protocol = p;
+        }
+        if let Some(m) = self.kafka_sasl_mechanism {
+            s.sasl_mechanism = Some(m);
+        }
+        let some = |v: &Option<PathBuf>, target: &mut Option<PathBuf>| {
+            if let Some(v) = v {
+                *target = Some(v.clone());
+            }
+        };
+        if let Some(u) = &self.kafka_sasl_username {
+            s.sasl_username = Some(u.clone());
+        }
+        if let Some(pw) = secret_from(&self.kafka_sasl_password_file, "PULSES_KAFKA_SASL_PASSWORD")? {
+            s.sasl_password = Some(pw);
+        }
+        some(&self.kafka_ssl_ca_location, &mut s.ssl_ca_location);
+        some(&self.kafka_ssl_certificate_location, &mut s.ssl_certificate_location);
+        some(&self.kafka_ssl_key_location, &mut s.ssl_key_location);
+        if let Some(pw) = secret_from(&self.kafka_ssl_key_password_file, "PULSES_KAFKA_SSL_KEY_PASSWORD")? {
+            s.ssl_key_password = Some(pw);
+        }
+        let r = &mut cfg.schema_registry;
+        if let Some(u) = &self.schema_registry_username {
+            r.basic_auth_username = Some(u.clone());
+        }
+        if let Some(pw) = secret_from(&self.schema_registry_password_file, "PULSES_SCHEMA_REGISTRY_PASSWORD")? {
+            r.basic_auth_password = Some(pw);
+        }
+        some(&self.schema_registry_ssl_ca_location, &mut r.ssl_ca_location);
+        Ok(())
+    }
 }
 
 impl CommonArgs {
@@ -166,7 +266,9 @@ impl CommonArgs {
         if let Some(f) = self.output_format {
             cfg.output_format = f;
         }
+        self.security.apply(&mut cfg)?;
         cfg.check()?;
+        crate::kafka::security::check_files(&cfg)?;
         Ok(cfg)
     }
 }
@@ -191,6 +293,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => keys::run(args),
+        Command::Acls(args) => acls::run(args),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,

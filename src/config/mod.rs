@@ -12,7 +12,9 @@ pub use crate::pulse::time::{duration, parse_duration};
 use crate::window::{WindowSettings, WindowSpec};
 
 mod registry;
+mod security;
 pub use registry::{OutputFormat, SchemaRegistryConfig};
+pub use security::{is_secret_property, KafkaSecurity, SaslMechanism, Secret, SecurityProtocol};
 
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -53,8 +55,10 @@ pub struct Config {
     /// `<state_dir>/checkpoints`. A separate volume here survives losing `state_dir`.
     pub checkpoint_dir: Option<PathBuf>,
     pub topics: Topics,
-    /// Extra librdkafka properties applied to every client (e.g. `security.protocol`).
-    pub kafka: BTreeMap<String, String>,
+    /// How every Kafka client authenticates and encrypts (TLS, SASL, mutual TLS).
+    pub kafka_security: KafkaSecurity,
+    /// Extra librdkafka properties applied to every client, last (they win).
+    pub kafka: KafkaProperties,
     /// What every stage's loop shares: when it commits.
     pub stage: StageSettings,
     pub group: GroupStage,
@@ -242,7 +246,8 @@ impl Default for Config {
             checkpoint_interval: Duration::from_secs(60),
             checkpoint_dir: None,
             topics: Topics::default(),
-            kafka: BTreeMap::new(),
+            kafka_security: KafkaSecurity::default(),
+            kafka: KafkaProperties::default(),
             stage: StageSettings::default(),
             group: GroupStage::default(),
             aggregate: AggregateStage::default(),
@@ -301,6 +306,11 @@ impl Config {
     /// partition per grouped-topic partition).
     pub fn changelog_topic(&self) -> String {
         format!("{}-windows-changelog", self.application_id)
+    }
+
+    /// The compacted topic holding `pulses serve`'s API keys: `<application_id>.api-keys`.
+    pub fn api_keys_topic(&self) -> String {
+        format!("{}.api-keys", self.application_id)
     }
 
     /// Where checkpoints go (see [`Config::checkpoint_dir`]).
@@ -382,6 +392,7 @@ impl Config {
         if self.aggregate.open_window_cache == 0 {
             return invalid("aggregate.open_window_cache must be at least 1".into());
         }
+        self.kafka_security.check().map_err(ConfigError::Invalid)?;
         for (key, why) in RESERVED_KAFKA_KEYS {
             if self.kafka.contains_key(*key) {
                 return invalid(format!("[kafka] may not set {key:?}: {why}"));
@@ -390,6 +401,41 @@ impl Config {
         let max_poll = self.kafka.get("max.poll.interval.ms").map(String::as_str);
         self.schema_registry.check(self.output_format, max_poll).map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+}
+
+/// The `[kafka]` table: librdkafka properties by name. Its `Debug` shows secret ones
+/// (passwords, keys, tokens: [`is_secret_property`]) as `***`.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for KafkaProperties {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KafkaProperties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a KafkaProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, if is_secret_property(k) { "***" } else { v.as_str() })))
+            .finish()
     }
 }
 
@@ -452,5 +498,18 @@ mod reserved_keys {
         assert!(err.contains("\"enable.auto.commit\"") && err.contains("offsets move only"), "{err}");
         let ok = Config::from_toml("[kafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = \"20\"").unwrap();
         assert!(ok.check().is_ok());
+    }
+
+    #[test]
+    fn secrets_in_either_table_never_show_in_the_printed_configuration() {
+        let cfg = Config::from_toml(
+            "[kafka_security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"pulses\"\n\
+             sasl_password = \"pw-in-file\"\n[kafka]\n\"ssl.keystore.password\" = \"pw-in-table\"\n\"linger.ms\" = \"7\"",
+        )
+        .unwrap();
+        cfg.check().unwrap();
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(!shown.contains("pw-in-file") && !shown.contains("pw-in-table"), "{shown}");
+        assert!(shown.contains("\"linger.ms\": \"7\"") && shown.contains("sasl_username: Some(\"pulses\")"), "{shown}");
     }
 }

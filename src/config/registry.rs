@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::duration;
+use super::{duration, Secret};
 
 /// Value format of the records pulses writes to the grouped and aggregated topics.
 /// Input is always both: the wire format of each record decides (SPEC §6).
@@ -41,6 +41,12 @@ pub struct SchemaRegistryConfig {
     /// meanwhile, so this must stay below the consumer's `max.poll.interval.ms`.
     #[serde(deserialize_with = "duration")]
     pub retry_max: Duration,
+    /// HTTP basic auth (Confluent Cloud: API key and secret), sent only over https://.
+    pub basic_auth_username: Option<String>,
+    pub basic_auth_password: Option<Secret>,
+    /// CA certificates (PEM) an https:// registry's certificate must chain to; unset:
+    /// the system's CA store.
+    pub ssl_ca_location: Option<std::path::PathBuf>,
 }
 
 impl Default for SchemaRegistryConfig {
@@ -52,6 +58,9 @@ impl Default for SchemaRegistryConfig {
             retry_initial_backoff: Duration::from_millis(100),
             retry_max_backoff: Duration::from_secs(5),
             retry_max: Duration::from_secs(60),
+            basic_auth_username: None,
+            basic_auth_password: None,
+            ssl_ca_location: None,
         }
     }
 }
@@ -66,12 +75,23 @@ impl SchemaRegistryConfig {
             None if output_format == OutputFormat::Avro => {
                 return Err("output_format = \"avro\" needs [schema_registry] url".into())
             }
-            Some(url) if !url.starts_with("http://") => {
+            Some(url) if !url.starts_with("http://") && !url.starts_with("https://") => {
+                return Err(format!("schema_registry.url {url:?} must start with http:// or https://"))
+            }
+            Some(url) if url.split("://").nth(1).is_some_and(|rest| rest.split('/').next().unwrap_or("").contains('@')) => {
+                return Err("schema_registry.url must not hold credentials (they would be logged): use \
+                     schema_registry.basic_auth_username and basic_auth_password"
+                    .into())
+            }
+            Some(url) if url.starts_with("http://") && self.basic_auth_password.is_some() => {
                 return Err(format!(
-                    "schema_registry.url {url:?} must start with http:// (this build has no TLS for the registry client)"
+                    "schema_registry.basic_auth_password would travel in clear text to {url:?}: use an https:// URL"
                 ))
             }
             _ => {}
+        }
+        if self.basic_auth_username.is_some() != self.basic_auth_password.is_some() {
+            return Err("schema_registry.basic_auth_username and basic_auth_password go together".into());
         }
         if self.retry_initial_backoff.is_zero() || self.retry_max_backoff < self.retry_initial_backoff {
             return Err("schema_registry.retry_initial_backoff must be > 0 and <= retry_max_backoff".into());
@@ -107,7 +127,22 @@ mod tests {
         let url = SchemaRegistryConfig { url: Some("http://sr:8081".into()), ..none.clone() };
         assert!(url.check(OutputFormat::Avro, None).is_ok());
         let tls = SchemaRegistryConfig { url: Some("https://sr:8081".into()), ..none.clone() };
-        assert!(tls.check(OutputFormat::Json, None).unwrap_err().contains("http://"));
+        assert!(tls.check(OutputFormat::Avro, None).is_ok());
+        let ftp = SchemaRegistryConfig { url: Some("ftp://sr".into()), ..none.clone() };
+        assert!(ftp.check(OutputFormat::Json, None).unwrap_err().contains("https://"));
+        let inline = SchemaRegistryConfig { url: Some("https://key:secret@sr:8081".into()), ..none.clone() };
+        let err = inline.check(OutputFormat::Json, None).unwrap_err();
+        assert!(err.contains("must not hold credentials") && !err.contains("secret"), "{err}");
+        let auth = |url: &str| SchemaRegistryConfig {
+            url: Some(url.into()),
+            basic_auth_username: Some("key".into()),
+            basic_auth_password: Some(Secret::literal("pw")),
+            ..none.clone()
+        };
+        assert!(auth("https://sr").check(OutputFormat::Json, None).is_ok());
+        assert!(auth("http://sr").check(OutputFormat::Json, None).unwrap_err().contains("clear text"));
+        let half = SchemaRegistryConfig { basic_auth_password: None, ..auth("https://sr") };
+        assert!(half.check(OutputFormat::Json, None).unwrap_err().contains("go together"));
         // 60 s + 5 s + 5 s of waiting must fit in max.poll.interval.ms.
         assert!(url.check(OutputFormat::Json, Some("70001")).is_ok());
         assert!(url.check(OutputFormat::Json, Some("70000")).unwrap_err().contains("max.poll.interval.ms"));

@@ -25,11 +25,14 @@ pub fn admin(cfg: &Config) -> ClientConfig {
     with_user_overrides(defaults(cfg), cfg)
 }
 
-/// Bootstrap servers and client id, without the user's table.
+/// Bootstrap servers, client id and `[kafka_security]`, without the user's table.
 fn defaults(cfg: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers);
     c.set("client.id", &cfg.application_id);
+    for (k, v) in cfg.kafka_security.librdkafka_properties() {
+        c.set(k, v);
+    }
     c
 }
 

@@ -7,5 +7,6 @@ pub mod batch;
 pub mod clients;
 pub mod dlq;
 pub mod reader;
+pub mod security;
 pub mod startup;
 pub mod upstream;

@@ -84,11 +84,27 @@ impl Registry {
     /// A client for `cfg.url`, or `None` when no registry is configured.
     pub fn from_config(cfg: &SchemaRegistryConfig) -> Result<Option<Self>, RegistryError> {
         let Some(url) = cfg.url.as_deref() else { return Ok(None) };
+        let ca = match &cfg.ssl_ca_location {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| RegistryError::Setup(format!("schema_registry.ssl_ca_location {}: {e}", path.display())))?;
+                registry_http::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    RegistryError::Setup(format!("schema_registry.ssl_ca_location {}: not PEM certificates: {e}", path.display()))
+                })?
+            }
+            None => Vec::new(),
+        };
         let settings = || {
-            SrSettings::new_builder(url.trim_end_matches('/').to_owned())
-                .set_timeout(cfg.request_timeout)
-                .build()
-                .map_err(|e| RegistryError::Setup(e.to_string()))
+            let mut client = registry_http::Client::builder().tls_backend_native();
+            for cert in &ca {
+                client = client.add_root_certificate(cert.clone());
+            }
+            let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_owned());
+            builder.set_timeout(cfg.request_timeout);
+            if let (Some(user), Some(password)) = (&cfg.basic_auth_username, &cfg.basic_auth_password) {
+                builder.set_basic_authorization(user, Some(password.expose()));
+            }
+            builder.build_with(client).map_err(|e| RegistryError::Setup(e.to_string()))
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -205,10 +221,16 @@ impl Registry {
     }
 }
 
-/// Transport errors (the converter marks them retriable, as it does 502/503) and any
-/// other 5xx: the registry is down or overloaded, not saying no.
+/// Transport errors (the converter marks them retriable, as it does 502/503), any
+/// other 5xx, and 401/403: the registry is down or overloaded, or refuses pulses'
+/// credentials, which is not the record's fault; none of them may send a record to
+/// the DLQ before the outage budget is spent.
 fn is_outage(e: &SRCError) -> bool {
-    e.retriable || is_server_error(e)
+    e.retriable || is_server_error(e) || is_credentials_error(e)
+}
+
+fn is_credentials_error(e: &SRCError) -> bool {
+    e.error.contains("failed with status 401") || e.error.contains("failed with status 403")
 }
 
 fn is_server_error(e: &SRCError) -> bool {
@@ -216,8 +238,13 @@ fn is_server_error(e: &SRCError) -> bool {
 }
 
 fn describe(e: &SRCError) -> String {
+    let hint = if is_credentials_error(e) {
+        " (check schema_registry.basic_auth_username and basic_auth_password)"
+    } else {
+        ""
+    };
     match &e.cause {
-        Some(c) => format!("{} ({c})", e.error),
-        None => e.error.clone(),
+        Some(c) => format!("{}{hint} ({c})", e.error),
+        None => format!("{}{hint}", e.error),
     }
 }

@@ -46,7 +46,7 @@ impl crate::kafka::startup::Retriable for KeyTableError {
 
 /// The topic holding the keys of `cfg`'s application.
 pub fn topic(cfg: &Config) -> String {
-    format!("{}.api-keys", cfg.application_id)
+    cfg.api_keys_topic()
 }
 
 /// Creates the key topic (one partition, compacted) if it does not exist.

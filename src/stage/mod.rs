@@ -4,6 +4,7 @@
 //! `pulses rate` ([`rate`]) prices the final aggregates. What
 //! each reads, writes and stores is described once in [`topology`].
 
+pub mod acls;
 pub mod aggregate;
 pub mod group;
 pub mod merge;

@@ -10,6 +10,7 @@ pub mod own_broker;
 pub mod rating;
 pub mod registry;
 pub mod replicas;
+pub mod secure;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -31,6 +32,20 @@ pub const DEADLINE: Duration = Duration::from_secs(180);
 
 pub fn bootstrap() -> String {
     std::env::var("PULSES_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The settings every client of the test itself starts from: the broker, and on a
+/// secured broker the test's own credentials (`PULSES_TEST_KAFKA_PROPS`, lines of
+/// `key=value`, set by [`secure::SecureBroker`]).
+pub fn kafka_client() -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap());
+    for line in std::env::var("PULSES_TEST_KAFKA_PROPS").unwrap_or_default().lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            c.set(k.trim(), v.trim());
+        }
+    }
+    c
 }
 
 pub fn repo_root() -> PathBuf {
@@ -65,7 +80,7 @@ pub fn wait_until<T, E: std::fmt::Display>(what: &str, deadline: Duration, mut f
 
 pub fn create_topics(topics: &[(&str, i32)]) {
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).create().expect("admin client");
+        kafka_client().create().expect("admin client");
     let new: Vec<NewTopic<'_>> = topics.iter().map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1))).collect();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let results = rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
@@ -306,8 +321,7 @@ static PRODUCED: std::sync::LazyLock<std::sync::Mutex<HashMap<String, HashMap<i3
 pub type TestProducer = BaseProducer<CheckedDelivery>;
 
 pub fn producer() -> TestProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+    kafka_client()
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .create_with_context(CheckedDelivery::default())
@@ -370,8 +384,7 @@ impl Record {
 }
 
 fn reader(isolation: &str) -> BaseConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+    kafka_client()
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", isolation)
@@ -479,7 +492,7 @@ pub fn open_transactions(topic: &str) -> Vec<i32> {
 /// Committed offsets of `group` on `topic`, by partition (missing: none committed).
 pub fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
     let c: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).set("group.id", group).create().expect("consumer");
+        kafka_client().set("group.id", group).create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in partitions(topic) {
         tpl.add_partition(topic, p);
