@@ -9,6 +9,9 @@
 //!   each stop `pulses run` within seconds, naming the cause, without the secret;
 //! - over SASL_SSL, `run`, `rate`, `serve` and `keys` (started as users start them)
 //!   count, charge and answer exactly, and `replay` reproduces the live windows;
+//! - Avro pulses are decoded through a schema registry served over HTTPS with basic
+//!   auth (the registry double, certificate from the test CA); a wrong registry
+//!   password or an untrusted registry certificate stops `pulses run` at start;
 //! - over mutual TLS, `pulses run` killed with SIGKILL mid-stream and restarted counts
 //!   every pulse exactly once.
 //!
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::agg::*;
 use common::rating::BOOK;
+use common::registry::{avro, RegistryDouble};
 use common::secure::{Login, SecureBroker};
 use common::serve::{batch, create_key, post};
 use common::*;
@@ -36,6 +40,7 @@ fn pulses_works_on_a_secured_cluster_with_least_privilege_and_stops_clearly_on_b
     broker.use_for_pulses(Login::Scram);
     bad_settings_stop_the_command_at_once_naming_the_cause(&broker);
     run_rate_serve_keys_and_replay_over_sasl_ssl(&broker);
+    avro_through_an_https_registry_with_basic_auth(&broker);
     exactly_once_over_mutual_tls_through_a_kill9(&broker);
 }
 
@@ -242,6 +247,74 @@ fn run_rate_serve_keys_and_replay_over_sasl_ssl(b: &SecureBroker) {
 
     for (name, p) in [("serve", &mut serve), ("rate", &mut rate), ("run", &mut run)] {
         assert_eq!(p.terminate(Duration::from_secs(30)).code(), Some(0), "pulses {name} stops cleanly");
+    }
+}
+
+fn avro_through_an_https_registry_with_basic_auth(b: &SecureBroker) {
+    let password = "sr-secret-9c1e";
+    let reg = RegistryDouble::start_https(&b.tls, "sr-user", password);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (good, wrong) = (dir.path().join("sr.password"), dir.path().join("sr-wrong.password"));
+    std::fs::write(&good, password).expect("write");
+    std::fs::write(&wrong, "sr-not-it-4d2b").expect("write");
+    let ca = b.tls.join("ca.pem").display().to_string();
+    let registry = |password_file: &Path, ca: Option<&str>| {
+        let mut env = vec![
+            ("PULSES_SCHEMA_REGISTRY_URL", reg.url.clone()),
+            ("PULSES_SCHEMA_REGISTRY_USERNAME", "sr-user".to_owned()),
+            ("PULSES_SCHEMA_REGISTRY_PASSWORD_FILE", password_file.display().to_string()),
+        ];
+        env.extend(ca.map(|ca| ("PULSES_SCHEMA_REGISTRY_SSL_CA_LOCATION", ca.to_owned())));
+        env
+    };
+    for (what, env, expected) in [
+        ("wrong registry password", registry(&wrong, Some(&ca)), "refused the credentials of \"sr-user\" (HTTP 401)"),
+        ("registry certificate from an unknown CA", registry(&good, None), "TLS to the schema registry at https://127.0.0.1:"),
+    ] {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (stderr, took) = run_refused(&b.sasl_bootstrap(), &env);
+        let last = stderr.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{what}: no error line in {stderr}"));
+        eprintln!("{what}: exit after {} ms: {last}", took.as_millis());
+        assert!(last.contains(expected), "{what}: expected {expected:?} in {last}");
+        assert!(took < Duration::from_secs(30), "{what}: stopped after {took:?}");
+        assert!(!stderr.contains(password) && !stderr.contains("sr-not-it-4d2b"), "{what}: a password in the output: {stderr}");
+    }
+    let refused_before = reg.counters.unauthorized.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused_before >= 1, "the wrong password was sent and refused");
+
+    // 1,000 Avro pulses through the registry over HTTPS, counted exactly.
+    let t = Topics::named("secure-avro");
+    let cfg = config("1h", "2s");
+    grant(b, &t, &cfg, "run");
+    create_topics(&[(&t.source, 3)]);
+    let id = reg.register(&format!("{}-value", t.source), &avro::schema_text("pulse.avsc"));
+    let schema = avro::parse(&avro::schema_text("pulse.avsc"));
+    let base = (now_ms() / 60_000 - 30) * 60_000;
+    let pulses: Vec<P> = (0..1000i64)
+        .map(|i| P {
+            id: format!("a{i}"),
+            tenant: format!("t{}", i % 4),
+            sku: "storage.standard".into(),
+            unit: "GB".into(),
+            amount: Decimal::new(i * 37 % 1000 + 1, 3),
+            at: base + i * 150,
+        })
+        .collect();
+    let records: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        pulses.iter().map(|p| (Some(p.tenant.clone().into_bytes()), avro::pulse(&schema, id, p))).collect();
+    produce(&t.source, &records);
+    for (k, v) in registry(&good, Some(&ca)) {
+        std::env::set_var(k, v);
+    }
+    let mut run = Proc::run(&t, &cfg, &[]);
+    wait_pipeline_done(&t);
+    assert_exact(&t, &pulses, now_ms());
+    assert_eq!(read_all(&t.dlq).len(), 0, "no pulse sent to the DLQ");
+    assert_eq!(reg.counters.unauthorized.load(std::sync::atomic::Ordering::Relaxed), refused_before, "every request of the run authorized");
+    assert!(reg.counters.by_id.load(std::sync::atomic::Ordering::Relaxed) >= 1, "the schema fetched over HTTPS");
+    assert_eq!(run.terminate(Duration::from_secs(30)).code(), Some(0));
+    for (k, _) in registry(&good, Some(&ca)) {
+        std::env::remove_var(k);
     }
 }
 

@@ -124,7 +124,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         exe: std::env::current_exe().context("locating the pulses binary")?,
         work_dir: args.work_dir.clone().unwrap_or_else(std::env::temp_dir),
     };
-    crate::kafka::security::connect(&plan.cfg, &|_| {})?;
+    super::connect(&plan.cfg, &|_| {})?;
     let broker = if args.no_baseline {
         None
     } else {

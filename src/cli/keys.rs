@@ -61,7 +61,7 @@ const READ_WITHIN: Duration = Duration::from_secs(30);
 pub fn run(args: KeysArgs) -> anyhow::Result<()> {
     let (Action::Create { common, .. } | Action::List { common } | Action::Revoke { common, .. }) = &args.action;
     let cfg = common.load()?;
-    crate::kafka::security::connect(&cfg, &|_| {})?;
+    super::connect(&cfg, &|_| {})?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let now = || chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     match args.action {

@@ -273,6 +273,18 @@ impl CommonArgs {
     }
 }
 
+/// The first start-up steps of every Kafka-facing command: the brokers take pulses'
+/// credentials ([`crate::kafka::security::connect`]), and the schema registry, if one
+/// is configured, answers and takes its own ([`crate::registry::access::check`]). An
+/// absent broker or registry is waited for; refused credentials stop the command.
+fn connect(cfg: &Config, waiting: &dyn Fn(Option<String>)) -> anyhow::Result<()> {
+    crate::kafka::security::connect(cfg, waiting)?;
+    crate::kafka::startup::retry("reaching the schema registry", cfg.startup_timeout, waiting, || {
+        crate::registry::access::check(&cfg.schema_registry)
+    })?;
+    Ok(())
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -64,7 +64,7 @@ pub fn run(args: RateArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
     let no_probe = |_| {};
-    crate::kafka::security::connect(&cfg, &no_probe)?;
+    super::connect(&cfg, &no_probe)?;
     let n = startup::retry("reading the aggregated topic", cfg.startup_timeout, &no_probe, || {
         partition_count(&cfg, &cfg.topics.aggregated)
     })

@@ -80,7 +80,7 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
     let no_probe = |_| {};
-    crate::kafka::security::connect(&cfg, &no_probe)?;
+    super::connect(&cfg, &no_probe)?;
     let partitions = startup::retry("reading the aggregated (or source) topic", cfg.startup_timeout, &no_probe, || {
         partition_count(&cfg, &cfg.topics.aggregated).or_else(|_| partition_count(&cfg, &cfg.topics.source))
     })

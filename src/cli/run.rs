@@ -58,7 +58,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let n = args.default_partitions;
     let plain = |name| TopicSpec { name, partitions: n, configs: &[] };
     let waiting = |why| metrics.ops.readiness.waiting_for_broker(why);
-    crate::kafka::security::connect(&cfg, &waiting)?;
+    super::connect(&cfg, &waiting)?;
     startup::retry("creating output topics", cfg.startup_timeout, &waiting, || {
         rt.block_on(ensure_topics(&cfg, &[plain(&t.grouped), plain(&t.dlq), plain(&t.aggregated), plain(&t.late)]))
     })

@@ -42,6 +42,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         cfg.serve.quotas = Some(q);
     }
     let settings = cfg.serve.clone();
+    super::connect(&cfg, &|_| {})?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let listener = http::bind(&addr).await?;

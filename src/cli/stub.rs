@@ -61,7 +61,7 @@ pub fn run(args: StubArgs) -> anyhow::Result<()> {
         bail!("--rate must be a positive number of pulses per second");
     }
     let cfg = args.common.load()?;
-    crate::kafka::security::connect(&cfg, &|_| {})?;
+    super::connect(&cfg, &|_| {})?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
     let avro_schema = match args.format {

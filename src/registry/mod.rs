@@ -7,6 +7,7 @@
 //! for a schema id (404, an unparsable or non-Avro schema) is `unknown_schema`, not
 //! retried. Resolved schemas are cached for the life of the stage (ids are immutable).
 
+pub mod access;
 pub mod retry;
 
 use std::sync::{Arc, Mutex};
@@ -84,21 +85,9 @@ impl Registry {
     /// A client for `cfg.url`, or `None` when no registry is configured.
     pub fn from_config(cfg: &SchemaRegistryConfig) -> Result<Option<Self>, RegistryError> {
         let Some(url) = cfg.url.as_deref() else { return Ok(None) };
-        let ca = match &cfg.ssl_ca_location {
-            Some(path) => {
-                let pem = std::fs::read(path)
-                    .map_err(|e| RegistryError::Setup(format!("schema_registry.ssl_ca_location {}: {e}", path.display())))?;
-                registry_http::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                    RegistryError::Setup(format!("schema_registry.ssl_ca_location {}: not PEM certificates: {e}", path.display()))
-                })?
-            }
-            None => Vec::new(),
-        };
+        let ca = access::ca_certificates(cfg)?;
         let settings = || {
-            let mut client = registry_http::Client::builder().tls_backend_native();
-            for cert in &ca {
-                client = client.add_root_certificate(cert.clone());
-            }
+            let client = access::client_builder(&ca);
             let mut builder = SrSettings::new_builder(url.trim_end_matches('/').to_owned());
             builder.set_timeout(cfg.request_timeout);
             if let (Some(user), Some(password)) = (&cfg.basic_auth_username, &cfg.basic_auth_password) {

@@ -159,8 +159,6 @@ pub async fn run(
     use anyhow::Context;
     // A broker still coming up (or not up yet) is waited for, up to startup_timeout.
     let (c, within, no_probe): (&Config, _, &(dyn Fn(Option<String>) + Sync)) = (&cfg, cfg.startup_timeout, &|_| {});
-    let connecting = Arc::clone(&cfg);
-    tokio::task::spawn_blocking(move || crate::kafka::security::connect(&connecting, &|_| {})).await??;
     startup::retry_async("creating the API key topic", within, no_probe, || key_table::ensure_topic(c)).await?;
     // The view reads the aggregates topic: a serve started before `pulses run` ever ran
     // creates it, as run would (an existing topic is left as it is).

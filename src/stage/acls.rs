@@ -178,7 +178,9 @@ fn merge(acls: Vec<Acl>) -> Vec<Acl> {
     for acl in acls {
         match out.iter_mut().find(|o| o.resource == acl.resource) {
             Some(o) => {
-                o.why = format!("{}; {}", o.why, acl.why);
+                if !o.why.contains(&acl.why) {
+                    o.why = format!("{}; {}", o.why, acl.why);
+                }
                 for op in acl.operations {
                     if !o.operations.contains(&op) {
                         o.operations.push(op);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::http::{serve, Response};
+use super::http::{serve, serve_https, Request, Response};
 
 #[derive(Default)]
 struct State {
@@ -17,6 +17,8 @@ struct State {
     /// subject → ids of its versions, oldest first.
     subjects: HashMap<String, Vec<u32>>,
     outage_until: Option<Instant>,
+    /// `Basic ...`: every request without it is answered 401.
+    required_authorization: Option<String>,
 }
 
 #[derive(Default)]
@@ -27,6 +29,8 @@ pub struct Counters {
     pub latest: AtomicU64,
     /// Requests answered 503 because of an outage.
     pub unavailable: AtomicU64,
+    /// Requests answered 401: no or wrong basic-auth credentials.
+    pub unauthorized: AtomicU64,
     pub not_found: AtomicU64,
 }
 
@@ -40,12 +44,29 @@ pub struct RegistryDouble {
 
 impl RegistryDouble {
     pub fn start() -> Self {
+        Self::start_with(|respond| serve(respond))
+    }
+
+    /// A registry double over HTTPS (certificate and key in `tls`, e.g. the secure
+    /// broker's `broker.pem`, valid for 127.0.0.1) that answers 401 to any request
+    /// without HTTP basic auth `user`:`password`, as Confluent Cloud's does.
+    pub fn start_https(tls: &std::path::Path, user: &str, password: &str) -> Self {
+        use base64::Engine;
+        let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")));
+        let (cert, key) = (tls.join("broker.pem"), tls.join("broker.key"));
+        let d = Self::start_with(move |respond| serve_https(&cert, &key, respond));
+        d.state.lock().unwrap().required_authorization = Some(expected);
+        d
+    }
+
+    /// Starts the double's handler on the server `listen` starts; `listen` returns its URL.
+    fn start_with(listen: impl FnOnce(Box<dyn Fn(Request) -> Response + Send + Sync>) -> String) -> Self {
         let (state, counters): (Arc<Mutex<State>>, Arc<Counters>) = (Arc::default(), Arc::default());
         let d = Self { url: String::new(), state: Arc::clone(&state), counters: Arc::clone(&counters) };
-        let url = serve(move |req| {
-            let (status, body) = d.handle(&req.method, &req.path, &req.body);
+        let url = listen(Box::new(move |req: Request| {
+            let (status, body) = d.handle(&req);
             Response { status, content_type: "application/vnd.schemaregistry.v1+json", body }
-        });
+        }));
         Self { url, state, counters }
     }
 
@@ -77,10 +98,15 @@ impl RegistryDouble {
         self.state.lock().unwrap().outage_until.is_none_or(|t| Instant::now() >= t)
     }
 
-    fn handle(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    fn handle(&self, req: &Request) -> (u16, String) {
+        let (method, path, body) = (req.method.as_str(), req.path.as_str(), req.body.as_slice());
         let c = &self.counters;
         c.requests.fetch_add(1, Ordering::Relaxed);
         let mut s = self.state.lock().unwrap();
+        if s.required_authorization.as_ref().is_some_and(|a| req.authorization.as_ref() != Some(a)) {
+            c.unauthorized.fetch_add(1, Ordering::Relaxed);
+            return (401, r#"{"error_code":40101,"message":"Unauthorized"}"#.into());
+        }
         if s.outage_until.is_some_and(|t| Instant::now() < t) {
             c.unavailable.fetch_add(1, Ordering::Relaxed);
             return (503, r#"{"error_code":50300,"message":"registry double: outage"}"#.into());
