@@ -11,12 +11,11 @@
 
 mod common;
 
-use std::str::FromStr;
-
 use std::process::{Command, Stdio};
 
 use common::agg::*;
 use common::own_broker::OwnBroker;
+use common::rating::wait_charged;
 use common::serve::{batch, client, post};
 use common::*;
 use rust_decimal::Decimal;
@@ -103,11 +102,7 @@ fn run_rate_serve_and_keys_started_before_the_broker_come_up_with_it_and_are_exa
     assert_exact(&t, &all, now_ms());
 
     // Every final minute aggregate charged once: 400 × $0.001.
-    let total = |topic: &str| -> Decimal {
-        read_all(topic).iter().map(|r| Decimal::from_str(r.json()["amount"].as_str().unwrap_or("0")).unwrap_or_default()).sum()
-    };
-    wait_for("charges summing to 0.400", DEADLINE, || (total(&charges) == Decimal::from_str("0.400").unwrap()).then_some(()));
-    assert_eq!(read_all(&charges).len(), 3, "one charge per tenant and final minute window");
+    wait_charged(&charges, "0.400", 3);
     // (run's first attempt may simply last until the broker answers: no retry then.)
     for (name, p) in [("run", &run), ("rate", &rate), ("serve", &serve)] {
         eprintln!("pulses {name}: {} start-up retries logged", p.log().matches("broker not ready yet; retrying").count());

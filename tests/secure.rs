@@ -12,6 +12,9 @@
 //! - Avro pulses are decoded through a schema registry served over HTTPS with basic
 //!   auth (the registry double, certificate from the test CA); a wrong registry
 //!   password or an untrusted registry certificate stops `pulses run` at start;
+//! - with any one of the ACLs `pulses acls` lists missing, `run`, `rate`, `serve`,
+//!   `keys` and `replay` each stop within seconds, naming the principal, the operation
+//!   refused and the resource;
 //! - over mutual TLS, `pulses run` killed with SIGKILL mid-stream and restarted counts
 //!   every pulse exactly once.
 //!
@@ -23,11 +26,10 @@ mod common;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::agg::*;
-use common::rating::BOOK;
+use common::rating::{wait_charged, BOOK};
 use common::registry::{avro, RegistryDouble};
 use common::secure::{Login, SecureBroker};
 use common::serve::{batch, create_key, post};
@@ -41,15 +43,41 @@ fn pulses_works_on_a_secured_cluster_with_least_privilege_and_stops_clearly_on_b
     bad_settings_stop_the_command_at_once_naming_the_cause(&broker);
     run_rate_serve_keys_and_replay_over_sasl_ssl(&broker);
     avro_through_an_https_registry_with_basic_auth(&broker);
+    each_missing_acl_stops_the_command_naming_it(&broker);
     exactly_once_over_mutual_tls_through_a_kill9(&broker);
 }
 
-/// `pulses run` with `env` over the inherited settings: its exit status, stderr and how
-/// long it took. Fails the test if it is still running after a minute (a command that
-/// retries a refused login until `startup_timeout`, 5 minutes, is what must not be).
-fn run_refused(bootstrap: &str, env: &[(&str, &str)]) -> (String, Duration) {
-    let state = tempfile::tempdir().expect("tempdir");
+/// Runs `command` (a pulses command expected to refuse to work) to its end: its last
+/// `error:` line, its whole stderr, and how long it took. Fails the test if it is
+/// still running after a minute (a command that retries a refused login until
+/// `startup_timeout`, 5 minutes, is what must not be) or if it succeeds.
+fn refused(command: &mut Command, what: &str) -> (String, String, Duration) {
     let started = Instant::now();
+    let mut child = command.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("start pulses");
+    let mut stderr = String::new();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr);
+            panic!("{what}: still running after 60 s: {stderr}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = started.elapsed();
+    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr).expect("read stderr");
+    assert!(!status.success(), "{what}: must fail: {stderr}");
+    let last = stderr.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{what}: no error line in {stderr}"));
+    eprintln!("{what}: exit after {} ms: {last}", took.as_millis());
+    (last.to_owned(), stderr.clone(), took)
+}
+
+/// `pulses run` at `bootstrap` with `env` over the inherited settings, refused (see
+/// [`refused`]): its last error line, its stderr, how long it took.
+fn run_refused(what: &str, bootstrap: &str, env: &[(&str, &str)]) -> (String, String, Duration) {
+    let state = tempfile::tempdir().expect("tempdir");
     let mut command = Command::new(pulses_bin());
     if env.contains(&("PULSES_KAFKA_SECURITY_PROTOCOL", "ssl")) {
         // Mutual TLS: no SASL settings (pulses refuses SASL settings it would ignore).
@@ -57,30 +85,13 @@ fn run_refused(bootstrap: &str, env: &[(&str, &str)]) -> (String, Duration) {
             command.env_remove(k);
         }
     }
-    let mut child = command
+    command
         .args(["run", "--bootstrap-servers", bootstrap, "--application-id", &unique("refused")])
         .args(["--http-addr", "127.0.0.1:0"])
         .arg("--state-dir")
         .arg(state.path())
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pulses run");
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("pulses run with {env:?} still running after 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().expect("stderr"), &mut stderr).expect("read stderr");
-    assert!(!status.success(), "pulses run with {env:?} must fail: {stderr}");
-    (stderr, started.elapsed())
+        .envs(env.iter().copied());
+    refused(&mut command, what)
 }
 
 /// A TLS server presenting `cert` (a stand-in broker with a bad certificate), on a
@@ -137,7 +148,9 @@ fn bad_settings_stop_the_command_at_once_naming_the_cause(b: &SecureBroker) {
     };
     // The stand-ins speak TLS only; SASL_SSL starts with the same handshake.
     let ssl_only: Vec<(&str, String)> = vec![];
-    let cases: Vec<(&str, String, Vec<(&str, String)>, &str)> = vec![
+    // (what, bootstrap, environment, expected in the error)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         ("wrong password", sasl.clone(), vec![("PULSES_KAFKA_SASL_PASSWORD_FILE", wrong.clone())],
             "SASL authentication as \"pulses\" (SCRAM-SHA-512) failed"),
         ("untrusted broker certificate", sasl.clone(), vec![("PULSES_KAFKA_SSL_CA_LOCATION", tls("rogue-ca.pem"))],
@@ -156,9 +169,7 @@ fn bad_settings_stop_the_command_at_once_naming_the_cause(b: &SecureBroker) {
     ];
     for (what, bootstrap, env, expected) in cases {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (stderr, took) = run_refused(&bootstrap, &env);
-        let last = stderr.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{what}: no error line in {stderr}"));
-        eprintln!("{what}: exit after {} ms: {last}", took.as_millis());
+        let (last, stderr, took) = run_refused(what, &bootstrap, &env);
         assert!(last.contains(expected), "{what}: expected {expected:?} in {last}");
         assert!(took < Duration::from_secs(30), "{what}: stopped after {took:?}, not at once");
         for secret in ["not-the-password-7f3a", real_password.as_str()] {
@@ -167,14 +178,67 @@ fn bad_settings_stop_the_command_at_once_naming_the_cause(b: &SecureBroker) {
     }
 }
 
-/// Grants `User:pulses` what `pulses acls` prints for `commands` with `config`.
-fn grant(b: &SecureBroker, t: &Topics, config: &str, commands: &str) {
+/// Grants `User:pulses` what `pulses acls` prints for `commands` with `config`;
+/// returns those `kafka-acls` lines.
+fn grant(b: &SecureBroker, t: &Topics, config: &str, commands: &str) -> Vec<String> {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), config).expect("write config");
     let mut args = t.flags();
     args.extend(["--config".to_owned(), file.path().display().to_string()]);
     let lines = b.grant("User:pulses", commands, &args);
     eprintln!("granted User:pulses ({commands}):\n{lines}");
+    lines.lines().map(str::to_owned).collect()
+}
+
+/// The resource a `kafka-acls` line is on: the value after `--topic`, `--group` or
+/// `--transactional-id`.
+fn resource_of(line: &str) -> &str {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| matches!(*w, "--topic" | "--group" | "--transactional-id")).expect("a resource option");
+    words[at + 1]
+}
+
+fn each_missing_acl_stops_the_command_naming_it(b: &SecureBroker) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let book = dir.path().join("price-book.toml");
+    std::fs::write(&book, BOOK).expect("price book");
+    let book = book.display().to_string();
+    let mut cases = 0;
+    for (command, args) in [
+        ("run", vec!["run", "--http-addr", "127.0.0.1:0"]),
+        ("rate", vec!["rate", "--price-book", &book, "--http-addr", "127.0.0.1:0"]),
+        ("serve", vec!["serve", "--http-addr", "127.0.0.1:0"]),
+        ("keys", vec!["keys", "list"]),
+        ("replay", vec!["replay", "--from", "2026-01-01T00:00:00Z"]),
+    ] {
+        // Topics of their own, with what the command needs granted, nothing else; the
+        // source topic (with a few pulses) and the aggregated topic made by an admin.
+        let t = Topics::named(&format!("acl-{command}"));
+        let cfg = format!("{}\n[topics]\ncharges = \"{app}.charges\"\nalerts = \"{app}.alerts\"\nreplay = \"{app}.replayed\"\n",
+            config("1h", "2s"), app = t.app);
+        let lines = grant(b, &t, &cfg, command);
+        create_topics(&[(&t.source, 2), (&t.aggregated, 2)]);
+        let base = now_ms() - 3_600_000;
+        produce_pulses(&t.source, &(0..10).map(|i| P { id: format!("a{i}"), tenant: "t".into(), sku: "s".into(), unit: "u".into(),
+            amount: Decimal::ONE, at: base + i }).collect::<Vec<_>>());
+        let config_file = dir.path().join(format!("{command}.toml"));
+        std::fs::write(&config_file, &cfg).expect("write config");
+        for line in &lines {
+            let resource = resource_of(line);
+            b.acl(&line.replacen("--add", "--remove --force", 1));
+            let state = tempfile::tempdir().expect("tempdir");
+            let what = format!("{command} without `{line}`");
+            let (last, _, took) = refused(
+                Command::new(pulses_bin()).args(&args).args(t.flags()).arg("--config").arg(&config_file).arg("--state-dir").arg(state.path()),
+                &what,
+            );
+            assert!(last.contains("not authorized: User:pulses may not") && last.contains(resource), "{what}: {last}");
+            assert!(took < Duration::from_secs(30), "{command} without `{line}`: stopped after {took:?}");
+            b.acl(line);
+            cases += 1;
+        }
+    }
+    eprintln!("{cases} missing ACLs, each refused by name");
 }
 
 fn run_rate_serve_keys_and_replay_over_sasl_ssl(b: &SecureBroker) {
@@ -215,11 +279,7 @@ fn run_rate_serve_keys_and_replay_over_sasl_ssl(b: &SecureBroker) {
     assert_exact(&t, &all, now_ms());
 
     // Charged once per final minute window: 400 × $0.001.
-    let total = |topic: &str| -> Decimal {
-        read_all(topic).iter().map(|r| Decimal::from_str(r.json()["amount"].as_str().unwrap_or("0")).unwrap_or_default()).sum()
-    };
-    wait_for("charges summing to 0.400", DEADLINE, || (total(&charges) == Decimal::from_str("0.400").unwrap()).then_some(()));
-    assert_eq!(read_all(&charges).len(), 3, "one charge per tenant and final minute window");
+    wait_charged(&charges, "0.400", 3);
 
     // Usage over HTTP, from the aggregates serve reads over SASL_SSL.
     let want: std::collections::BTreeMap<AggKey, Expect> =
@@ -272,9 +332,7 @@ fn avro_through_an_https_registry_with_basic_auth(b: &SecureBroker) {
         ("registry certificate from an unknown CA", registry(&good, None), "TLS to the schema registry at https://127.0.0.1:"),
     ] {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let (stderr, took) = run_refused(&b.sasl_bootstrap(), &env);
-        let last = stderr.lines().rfind(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{what}: no error line in {stderr}"));
-        eprintln!("{what}: exit after {} ms: {last}", took.as_millis());
+        let (last, stderr, took) = run_refused(what, &b.sasl_bootstrap(), &env);
         assert!(last.contains(expected), "{what}: expected {expected:?} in {last}");
         assert!(took < Duration::from_secs(30), "{what}: stopped after {took:?}");
         assert!(!stderr.contains(password) && !stderr.contains("sr-not-it-4d2b"), "{what}: a password in the output: {stderr}");

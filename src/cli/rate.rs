@@ -81,7 +81,15 @@ pub fn run(args: RateArgs) -> anyhow::Result<()> {
     let settings = RateSettings { book, window: args.window };
     let metrics = Arc::new(Metrics::default());
     let mut s = RateSummary::default();
-    runtime::supervise(wiring.name, &shutdown, &metrics, || rating::run(&cfg, &settings, &shutdown, Arc::clone(&metrics), &mut s))?;
+    let identity = runtime::Identity {
+        cfg: &cfg,
+        input: &wiring.input,
+        consumer_group: &wiring.consumer_group,
+        transactional_ids: format!("{}-{}-", cfg.application_id, wiring.name),
+    };
+    runtime::supervise(wiring.name, &identity, &shutdown, &metrics, || {
+        rating::run(&cfg, &settings, &shutdown, Arc::clone(&metrics), &mut s)
+    })?;
     eprintln!(
         "rate: read {} aggregates, wrote {} charges and {} alerts ({} not final or other windows, {} already charged, \
          {} unpriced, {} beyond exact decimals, {} undecodable; {} ledger changes restored, {} aggregates re-applied \

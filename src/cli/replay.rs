@@ -82,7 +82,12 @@ pub fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let no_probe = |_| {};
     super::connect(&cfg, &no_probe)?;
     let partitions = startup::retry("reading the aggregated (or source) topic", cfg.startup_timeout, &no_probe, || {
-        partition_count(&cfg, &cfg.topics.aggregated).or_else(|_| partition_count(&cfg, &cfg.topics.source))
+        match partition_count(&cfg, &cfg.topics.aggregated) {
+            // Not allowed to see it is not the same as not there: say so.
+            Err(denied @ crate::kafka::admin::AdminError::Denied(_)) => Err(denied),
+            Ok(n) => Ok(n),
+            Err(_) => partition_count(&cfg, &cfg.topics.source),
+        }
     })
     .context("reading the partition count of the aggregated (or source) topic")?;
     let replay_topic = [TopicSpec { name: &cfg.topics.replay, partitions, configs: &[] }];

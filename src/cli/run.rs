@@ -79,7 +79,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let handle = std::thread::Builder::new()
             .name(format!("stage-{name}"))
             .spawn(move || {
-                let result = runtime::supervise(name, &shutdown, &metrics, || f(&cfg, &shutdown, Arc::clone(&metrics)));
+                let topology = Topology::of(&cfg);
+                let (input, group) = match stage {
+                    StageName::Group => (&topology.group.input, &topology.group.consumer_group),
+                    StageName::Aggregate => (&topology.aggregate.input, &topology.aggregate.consumer_group),
+                };
+                let identity = runtime::Identity {
+                    cfg: &cfg,
+                    input,
+                    consumer_group: group,
+                    transactional_ids: format!("{}-{name}-", cfg.application_id),
+                };
+                let result =
+                    runtime::supervise(name, &identity, &shutdown, &metrics, || f(&cfg, &shutdown, Arc::clone(&metrics)));
                 // A stage failed beyond repair stops the others: better a restart than
                 // half a pipeline.
                 shutdown.store(true, Ordering::Release);

@@ -17,6 +17,8 @@ pub enum AdminError {
     Create { topic: String, code: RDKafkaErrorCode },
     #[error("topic {0} does not exist (or has no partitions)")]
     Missing(String),
+    #[error(transparent)]
+    Denied(#[from] super::security::Denied),
 }
 
 impl super::startup::Retriable for AdminError {
@@ -26,6 +28,7 @@ impl super::startup::Retriable for AdminError {
             Self::Create { code, .. } => !super::startup::is_fatal_code(*code),
             // Being created (here or by another replica): it shows up.
             Self::Missing(_) => true,
+            Self::Denied(_) => false,
         }
     }
 }
@@ -59,6 +62,9 @@ pub async fn ensure_topics(cfg: &Config, topics: &[TopicSpec<'_>]) -> Result<(),
     for result in admin.create_topics(&new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) if super::security::is_authorization_code(code) => {
+                return Err(super::security::Denied::new(cfg, "Create", format!("topic {topic}"), code.to_string()).into())
+            }
             Err((topic, code)) => return Err(AdminError::Create { topic, code }),
         }
     }
@@ -95,11 +101,20 @@ async fn wait_until_visible(cfg: &Config, names: &[&str], within: Duration) -> R
 
 /// The number of partitions of an existing `topic`.
 pub fn partition_count(cfg: &Config, topic: &str) -> Result<i32, AdminError> {
+    partition_ids(cfg, topic).map(|ids| ids.len() as i32)
+}
+
+/// The partitions of an existing `topic`; [`AdminError::Denied`] when the principal
+/// may not see it, which the broker answers differently from a missing topic.
+pub fn partition_ids(cfg: &Config, topic: &str) -> Result<Vec<i32>, AdminError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = super::clients::admin(cfg).create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     match md.topics().first() {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().len() as i32),
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
+        Some(t) if t.error().map(RDKafkaErrorCode::from).is_some_and(super::security::is_authorization_code) => {
+            Err(super::security::Denied::new(cfg, "Describe", format!("topic {topic}"), "Broker: Topic authorization failed").into())
+        }
         _ => Err(AdminError::Missing(topic.to_owned())),
     }
 }

@@ -56,6 +56,70 @@ impl Retriable for SecurityError {
     }
 }
 
+/// Who pulses is to the broker's authorizer, as far as its settings tell: the SASL
+/// user, else the client certificate's subject (the broker's
+/// `ssl.principal.mapping.rules` make the name of it), else `User:ANONYMOUS`.
+pub fn principal(cfg: &Config) -> String {
+    let s = &cfg.kafka_security;
+    if let (true, Some(user)) = (s.protocol.uses_sasl(), &s.sasl_username) {
+        return format!("User:{user}");
+    }
+    if let (true, Some(cert)) = (s.protocol.uses_tls(), &s.ssl_certificate_location) {
+        if let Some(c) = std::fs::read(cert).ok().and_then(|pem| X509::from_pem(&pem).ok()) {
+            return format!("the principal of the client certificate {}", distinguished_name(c.subject_name()));
+        }
+    }
+    "User:ANONYMOUS".into()
+}
+
+/// The codes of a request the broker's authorizer refused.
+pub fn is_authorization_code(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        TopicAuthorizationFailed | GroupAuthorizationFailed | TransactionalIdAuthorizationFailed | ClusterAuthorizationFailed
+            | DelegationTokenAuthorizationFailed
+    )
+}
+
+/// An operation the broker's authorizer refused, said so that an operator can grant
+/// it: who, which operation, on what. Never retried: no wait grants an ACL.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("not authorized: {principal} may not {operation} {resource} (the broker refused it: {detail}); `pulses acls` prints the ACLs each command needs")]
+pub struct Denied {
+    pub principal: String,
+    pub operation: String,
+    pub resource: String,
+    pub detail: String,
+}
+
+impl Denied {
+    pub fn new(cfg: &Config, operation: &str, resource: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self { principal: principal(cfg), operation: operation.to_owned(), resource: resource.into(), detail: detail.into() }
+    }
+
+    /// A refused topic operation, read from what librdkafka or pulses said about it
+    /// (`text`): a delivery is a Write, a subscription a Read, a creation a Create, a
+    /// metadata request a Describe; `fallback` (operation, resource) when it names none.
+    pub fn of_topic(cfg: &Config, text: &str, fallback: (&str, &str)) -> Self {
+        let named = |marker: &str, ends: &[char]| {
+            let rest = &text[text.find(marker)? + marker.len()..];
+            let topic: String = rest.chars().take_while(|c| !ends.contains(c)).collect();
+            (!topic.is_empty()).then_some(topic)
+        };
+        let (operation, topic) = if let Some(t) = named("delivery to ", &[' ']) {
+            ("Write", t)
+        } else if let Some(t) = named("Subscribed topic not available: ", &[':', ' ']) {
+            ("Read", t)
+        } else if let Some(t) = named("creating topic ", &[':', ' ']) {
+            ("Create", t)
+        } else {
+            (fallback.0, fallback.1.to_owned())
+        };
+        Self::new(cfg, operation, format!("topic {topic}"), text)
+    }
+}
+
 /// Checks the TLS files of `[kafka_security]` and `[schema_registry]` (see the module
 /// documentation). Touches no network.
 pub fn check_files(cfg: &Config) -> Result<(), SecurityError> {
@@ -333,6 +397,27 @@ mod tests {
         let (host, _) = first_address("sasl_ssl://localhost:9094").unwrap();
         assert_eq!(host, "localhost");
         assert!(first_address("no-port").is_none());
+    }
+
+    #[test]
+    fn a_refused_topic_operation_is_named_from_the_message() {
+        let cfg = Config {
+            kafka_security: KafkaSecurity {
+                protocol: SecurityProtocol::SaslSsl,
+                sasl_username: Some("pulses".into()),
+                ..KafkaSecurity::default()
+            },
+            ..Config::default()
+        };
+        let d = Denied::of_topic(&cfg, "delivery to t.grouped failed: Message production error: TopicAuthorizationFailed", ("Read", "x"));
+        assert_eq!((d.principal.as_str(), d.operation.as_str(), d.resource.as_str()), ("User:pulses", "Write", "topic t.grouped"));
+        let d = Denied::of_topic(&cfg, "Subscribed topic not available: t.source: Broker: Topic authorization failed", ("Write", "x"));
+        assert_eq!((d.operation.as_str(), d.resource.as_str()), ("Read", "topic t.source"));
+        let d = Denied::of_topic(&cfg, "creating topic t.dlq: TopicAuthorizationFailed", ("Read", "x"));
+        assert_eq!((d.operation.as_str(), d.resource.as_str()), ("Create", "topic t.dlq"));
+        let d = Denied::of_topic(&Config::default(), "Broker: Topic authorization failed", ("Describe", "t.agg"));
+        assert_eq!((d.principal.as_str(), d.operation.as_str(), d.resource.as_str()), ("User:ANONYMOUS", "Describe", "topic t.agg"));
+        assert!(d.to_string().starts_with("not authorized: User:ANONYMOUS may not Describe topic t.agg"), "{d}");
     }
 
     #[test]

@@ -11,14 +11,6 @@ use crate::kafka::clients::QuietEof;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The partitions of `topic`.
-pub fn partitions(consumer: &BaseConsumer<QuietEof>, topic: &str) -> Result<Vec<i32>, ReplayError> {
-    let md = consumer.fetch_metadata(Some(topic), TIMEOUT)?;
-    match md.topics().first() {
-        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
-        _ => Err(ReplayError::Setup(format!("topic {topic} does not exist"))),
-    }
-}
 
 /// Per partition, the first offset whose record timestamp is at or after `from_ms`
 /// (Kafka's offsets-for-time); None when no record is that recent.

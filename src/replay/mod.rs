@@ -57,6 +57,8 @@ pub enum ReplayError {
     Store(#[from] crate::state::StoreError),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Admin(#[from] crate::kafka::admin::AdminError),
     #[error("{0} aggregate(s) could not be delivered: {1}")]
     Delivery(u64, String),
     #[error("interrupted before the end of the input; the output topic holds a partial replay")]
@@ -134,7 +136,10 @@ pub fn run(
     // Late pulses of windows before T1 are read up to T1 + retention (record time).
     let read_before = s.to_ms.map(|to| to.saturating_add(settings.retention_ms));
     let mut reader = PartitionsToEnd::new(cfg, &format!("{}.replay", cfg.application_id), "replay", topic, None)?;
-    let partitions = bounds::partitions(reader.consumer(), topic)?;
+    let partitions = crate::kafka::admin::partition_ids(cfg, topic).map_err(|e| match e {
+        crate::kafka::admin::AdminError::Missing(_) => ReplayError::Setup(format!("topic {topic} does not exist")),
+        e => ReplayError::Admin(e),
+    })?;
     let starts = bounds::start_offsets(reader.consumer(), topic, &partitions, s.from_ms)?;
     let ends = bounds::end_offsets(reader.consumer(), topic, &partitions)?;
     let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();

@@ -49,6 +49,22 @@ pub enum StageError {
     /// on the same state dir).
     #[error(transparent)]
     Instance(#[from] crate::state::instance::InstanceError),
+    /// The broker refused a request of the stage's consumer (`reason`, as librdkafka
+    /// reported it); [`supervise`] names it as [`StageError::Denied`].
+    #[error("kafka: {reason}")]
+    Refused { code: rdkafka::types::RDKafkaErrorCode, reason: String },
+    /// The broker's authorizer refused an operation: who, what, on which resource.
+    #[error(transparent)]
+    Denied(#[from] crate::kafka::security::Denied),
+}
+
+/// What a stage's authorization errors name (see [`StageError::named`]).
+pub struct Identity<'a> {
+    pub cfg: &'a crate::config::Config,
+    pub input: &'a str,
+    pub consumer_group: &'a str,
+    /// The prefix of the stage's transactional ids (`<application_id>-<stage>-`).
+    pub transactional_ids: String,
 }
 
 impl StageError {
@@ -61,6 +77,10 @@ impl StageError {
     pub fn is_recoverable(&self) -> bool {
         use crate::runtime::record_collector::TxnError;
         use crate::state::RestoreError;
+        if self.authorization().is_some() {
+            // No replacement is granted an ACL the stage lacks.
+            return false;
+        }
         match self {
             Self::Kafka(_) => true,
             Self::Output(e) => {
@@ -76,8 +96,45 @@ impl StageError {
             }
             Self::Restore { source, .. } => matches!(source, RestoreError::Kafka(_) | RestoreError::Stalled { .. }),
             Self::Store(_) | Self::Windows { .. } | Self::Checkpoint(_) | Self::Admin(_) | Self::Registry(_)
-            | Self::Encode(_) | Self::Instance(_) | Self::Ledger(_) => false,
+            | Self::Encode(_) | Self::Instance(_) | Self::Ledger(_) | Self::Refused { .. } | Self::Denied(_) => false,
         }
+    }
+
+    /// The authorization code of this error, if the broker's authorizer refused what
+    /// the stage asked: its consumer's subscription or group, its producer's
+    /// transactional id, a delivery, or the offsets sent to its transaction.
+    pub fn authorization(&self) -> Option<rdkafka::types::RDKafkaErrorCode> {
+        use crate::kafka::security::is_authorization_code;
+        use crate::runtime::record_collector::TxnError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let code = match self {
+            Self::Kafka(e) | Self::Output(TxnError::Kafka(e) | TxnError::Transaction { source: e, .. }) => e.rdkafka_error_code(),
+            // librdkafka's delivery report names the code in words only.
+            Self::Output(TxnError::Delivery(_, text)) if text.contains("AuthorizationFailed") => {
+                Some(RDKafkaErrorCode::TopicAuthorizationFailed)
+            }
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        };
+        code.filter(|c| is_authorization_code(*c))
+    }
+
+    /// This error, an authorization failure said as [`StageError::Denied`]: the
+    /// principal, the operation and the resource of `stage` it concerns.
+    pub fn named(self, stage: &Identity<'_>) -> StageError {
+        use crate::kafka::security::Denied;
+        use rdkafka::types::RDKafkaErrorCode::*;
+        let Some(code) = self.authorization() else { return self };
+        let detail = self.to_string();
+        let cfg = stage.cfg;
+        StageError::Denied(match code {
+            GroupAuthorizationFailed => Denied::new(cfg, "Read", format!("consumer group {}", stage.consumer_group), detail),
+            TransactionalIdAuthorizationFailed => {
+                Denied::new(cfg, "Write", format!("transactional ids starting with {}", stage.transactional_ids), detail)
+            }
+            TopicAuthorizationFailed => Denied::of_topic(cfg, &detail, ("Read", stage.input)),
+            _ => Denied::new(cfg, "use", "the cluster", detail),
+        })
     }
 }
 
@@ -95,7 +152,7 @@ const HEALTHY_RUN: Duration = Duration::from_secs(60);
 /// stores, so its replacement starts from the committed offsets, the committed state
 /// (local store and changelog) and a fresh transactional producer of the same id that
 /// fences any leftover transaction. Any other error is returned, and the process stops.
-pub fn supervise<F>(name: &str, shutdown: &AtomicBool, metrics: &Metrics, mut stage: F) -> Result<(), StageError>
+pub fn supervise<F>(name: &str, identity: &Identity<'_>, shutdown: &AtomicBool, metrics: &Metrics, mut stage: F) -> Result<(), StageError>
 where
     F: FnMut() -> Result<(), StageError>,
 {
@@ -104,7 +161,7 @@ where
         let started = Instant::now();
         let error = match stage() {
             Ok(()) => return Ok(()),
-            Err(e) if shutdown.load(Ordering::Acquire) || !e.is_recoverable() => return Err(e),
+            Err(e) if shutdown.load(Ordering::Acquire) || !e.is_recoverable() => return Err(e.named(identity)),
             Err(e) => e,
         };
         if started.elapsed() >= HEALTHY_RUN {

@@ -67,13 +67,21 @@ pub struct StageContext {
     /// closing the consumer needs, and nothing is committed (the loop committed what
     /// it could before).
     closing: AtomicBool,
+    /// The first request of this consumer the broker's authorizer refused (the
+    /// subscription's topic, the group): the loop stops on it.
+    refused: std::sync::Mutex<Option<(rdkafka::types::RDKafkaErrorCode, String)>>,
 }
 
 impl StageContext {
     /// A context for `stage`, and the loop's end of its inbox.
     pub fn new(stage: &'static str, metrics: Arc<Metrics>) -> (Self, Receiver<Rebalance>) {
         let (tx, rx) = mpsc::channel();
-        (Self { stage, metrics, inbox: tx, closing: AtomicBool::new(false) }, rx)
+        (Self { stage, metrics, inbox: tx, closing: AtomicBool::new(false), refused: Default::default() }, rx)
+    }
+
+    /// What the broker's authorizer refused, if anything (see [`Self::refused`]).
+    pub fn refused(&self) -> Option<(rdkafka::types::RDKafkaErrorCode, String)> {
+        self.refused.lock().ok().and_then(|r| r.clone())
     }
 
     /// From now on rebalances apply at once (the loop no longer reads the inbox).
@@ -85,6 +93,15 @@ impl StageContext {
 impl ClientContext for StageContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
         lag::record(&self.metrics, self.stage, &statistics);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::error!(stage = self.stage, "consumer: {error}: {reason}");
+        if let Some(code) = error.rdkafka_error_code().filter(|c| crate::kafka::security::is_authorization_code(*c)) {
+            if let Ok(mut refused) = self.refused.lock() {
+                refused.get_or_insert((code, reason.to_owned()));
+            }
+        }
     }
 }
 

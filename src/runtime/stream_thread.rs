@@ -141,7 +141,10 @@ where
             false => settings.max_batch.1.min(policy.until_due(Instant::now())),
         };
         // Poll, then process: nothing of the stage runs inside the poll.
-        let batch = poll_batch(&consumer, settings.max_batch.0, wait);
+        let batch = poll_batch(&consumer, settings.max_batch.0, wait)?;
+        if let Some((code, reason)) = consumer.context().refused() {
+            return Err(StageError::Refused { code, reason });
+        }
         let records = batch.len();
         let mut interrupted = false;
         for msg in &batch {

@@ -160,6 +160,12 @@ pub async fn run(
     // A broker still coming up (or not up yet) is waited for, up to startup_timeout.
     let (c, within, no_probe): (&Config, _, &(dyn Fn(Option<String>) + Sync)) = (&cfg, cfg.startup_timeout, &|_| {});
     startup::retry_async("creating the API key topic", within, no_probe, || key_table::ensure_topic(c)).await?;
+    // POST /v1/pulses writes the source topic: a principal that may not even see it
+    // would take no pulse, so it is refused here rather than on every request. (A
+    // source topic not created yet is no reason to wait.)
+    if let Err(crate::kafka::admin::AdminError::Denied(d)) = crate::kafka::admin::partition_count(c, &c.topics.source) {
+        return Err(crate::kafka::security::Denied { operation: "Write".into(), ..d }.into());
+    }
     // The view reads the aggregates topic: a serve started before `pulses run` ever ran
     // creates it, as run would (an existing topic is left as it is).
     let aggregated = [TopicSpec { name: &c.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] }];

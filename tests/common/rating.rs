@@ -54,6 +54,13 @@ pub fn start_rate(t: &Topics, config_toml: &str, state: tempfile::TempDir, outpu
     Rating { charges, alerts, proc }
 }
 
+/// Waits until the charges in `topic` sum to `total`, then asserts there are `count`.
+pub fn wait_charged(topic: &str, total: &str, count: usize) {
+    let sum = || -> Decimal { read_all(topic).iter().map(|r| d(r.json()["amount"].as_str().unwrap_or("0"))).sum() };
+    wait_for(&format!("charges summing to {total}"), DEADLINE, || (sum() == d(total)).then_some(()));
+    assert_eq!(read_all(topic).len(), count, "one charge per tenant and final window");
+}
+
 pub fn amounts(topic: &str) -> Vec<(String, Decimal)> {
     read_all(topic).iter().map(|r| {
         let v = r.json();

@@ -44,7 +44,7 @@ pub struct RegistryDouble {
 
 impl RegistryDouble {
     pub fn start() -> Self {
-        Self::start_with(|respond| serve(respond))
+        Self::start_with(serve)
     }
 
     /// A registry double over HTTPS (certificate and key in `tls`, e.g. the secure

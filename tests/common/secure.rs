@@ -132,6 +132,15 @@ impl SecureBroker {
     }
 }
 
+impl SecureBroker {
+    /// Runs Kafka's ACL tool with `args` (one `pulses acls --format kafka-acls` line,
+    /// or the same with `--remove --force` for `--add`).
+    pub fn acl(&self, args: &str) {
+        let args: Vec<&str> = std::iter::once("acl").chain(args.split_whitespace()).collect();
+        self.script(&args);
+    }
+}
+
 impl Drop for SecureBroker {
     fn drop(&mut self) {
         if std::thread::panicking() && std::env::var_os("PULSES_TEST_KEEP_BROKER").is_some() {
