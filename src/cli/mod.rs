@@ -274,14 +274,19 @@ impl CommonArgs {
 }
 
 /// The first start-up steps of every Kafka-facing command: the brokers take pulses'
-/// credentials ([`crate::kafka::security::connect`]), and the schema registry, if one
-/// is configured, answers and takes its own ([`crate::registry::access::check`]). An
-/// absent broker or registry is waited for; refused credentials stop the command.
+/// credentials ([`crate::kafka::security::connect`]; an absent broker is waited for),
+/// and the schema registry, if one is configured, takes its own
+/// ([`crate::registry::access::check`]). Refused credentials stop the command. A
+/// registry that does not answer is not waited for here: it is an outage like any
+/// other (JSON pulses flow; Avro ones wait out `retry_max`, then go to the DLQ as
+/// `registry_unavailable`).
 fn connect(cfg: &Config, waiting: &dyn Fn(Option<String>)) -> anyhow::Result<()> {
+    use crate::registry::access::{check, AccessError};
     crate::kafka::security::connect(cfg, waiting)?;
-    crate::kafka::startup::retry("reaching the schema registry", cfg.startup_timeout, waiting, || {
-        crate::registry::access::check(&cfg.schema_registry)
-    })?;
+    match check(&cfg.schema_registry) {
+        Err(e @ AccessError::NotYet { .. }) => tracing::warn!("{e}; going on, Avro records wait for it"),
+        other => other?,
+    }
     Ok(())
 }
 

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use super::RegistryError;
 use crate::config::SchemaRegistryConfig;
-use crate::kafka::startup::Retriable;
 
 /// The CA certificates of `schema_registry.ssl_ca_location` (none: the system's store).
 pub fn ca_certificates(cfg: &SchemaRegistryConfig) -> Result<Vec<registry_http::Certificate>, RegistryError> {
@@ -33,15 +32,9 @@ pub enum AccessError {
     /// The TLS handshake failed: untrusted, expired or misnamed certificate.
     #[error("TLS to the schema registry at {url} failed: {detail} (schema_registry.ssl_ca_location names the CA its certificate must chain to)")]
     Tls { url: String, detail: String },
-    /// Not reachable yet, or 5xx: retried until `startup_timeout`.
-    #[error("the schema registry at {url} does not answer yet: {detail}")]
+    /// Not reachable, or 5xx: an outage, not a refusal.
+    #[error("the schema registry at {url} does not answer: {detail}")]
     NotYet { url: String, detail: String },
-}
-
-impl Retriable for AccessError {
-    fn is_retriable(&self) -> bool {
-        matches!(self, Self::NotYet { .. })
-    }
 }
 
 /// Asks the registry for its subjects once, with pulses' credentials. `Ok` when no
@@ -112,10 +105,10 @@ mod tests {
     }
 
     #[test]
-    fn a_registry_not_listening_is_waited_for() {
+    fn a_registry_not_listening_is_an_outage_not_a_refusal() {
         let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap();
         let cfg = SchemaRegistryConfig { url: Some(format!("http://127.0.0.1:{port}")), ..SchemaRegistryConfig::default() };
         let err = check(&cfg).unwrap_err();
-        assert!(err.is_retriable(), "{err}");
+        assert!(matches!(err, AccessError::NotYet { .. }), "{err}");
     }
 }
