@@ -347,17 +347,7 @@ fn avro_through_an_https_registry_with_basic_auth(b: &SecureBroker) {
     create_topics(&[(&t.source, 3)]);
     let id = reg.register(&format!("{}-value", t.source), &avro::schema_text("pulse.avsc"));
     let schema = avro::parse(&avro::schema_text("pulse.avsc"));
-    let base = (now_ms() / 60_000 - 30) * 60_000;
-    let pulses: Vec<P> = (0..1000i64)
-        .map(|i| P {
-            id: format!("a{i}"),
-            tenant: format!("t{}", i % 4),
-            sku: "storage.standard".into(),
-            unit: "GB".into(),
-            amount: Decimal::new(i * 37 % 1000 + 1, 3),
-            at: base + i * 150,
-        })
-        .collect();
+    let pulses = vcpu_pulses("a", 4, 250, (now_ms() / 60_000 - 30) * 60_000, 600);
     let records: Vec<(Option<Vec<u8>>, Vec<u8>)> =
         pulses.iter().map(|p| (Some(p.tenant.clone().into_bytes()), avro::pulse(&schema, id, p))).collect();
     produce(&t.source, &records);
@@ -383,17 +373,7 @@ fn exactly_once_over_mutual_tls_through_a_kill9(b: &SecureBroker) {
     create_topics(&[(&t.source, 3)]);
     b.use_for_pulses(Login::MutualTls);
     // 3,000 pulses of 6 tenants over 10 minutes of event time, all in Kafka at once.
-    let base = (now_ms() / 60_000 - 20) * 60_000;
-    let pulses: Vec<P> = (0..3000i64)
-        .map(|i| P {
-            id: format!("m{i}"),
-            tenant: format!("t{}", i % 6),
-            sku: "vcpu.seconds".into(),
-            unit: "s".into(),
-            amount: Decimal::new(i % 89 + 1, 2),
-            at: base + i * 200,
-        })
-        .collect();
+    let pulses = vcpu_pulses("m", 6, 500, (now_ms() / 60_000 - 20) * 60_000, 1200);
     produce_pulses(&t.source, &pulses);
     let mtls = |f: Box<dyn FnOnce() -> Proc + '_>| {
         // The pulses processes dial the mutual-TLS listener; the test's own clients

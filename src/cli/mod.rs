@@ -193,40 +193,30 @@ fn secret_from(file: &Option<PathBuf>, env: &str) -> anyhow::Result<Option<crate
     })
 }
 
+/// Sets `target` to the flag's value, if the flag (or its variable) was given.
+fn overlay<T: Clone>(flag: &Option<T>, target: &mut Option<T>) {
+    if let Some(v) = flag {
+        *target = Some(v.clone());
+    }
+}
+
 impl SecurityArgs {
     fn apply(&self, cfg: &mut Config) -> anyhow::Result<()> {
         let s = &mut cfg.kafka_security;
         if let Some(p) = self.kafka_security_protocol {
             s.protocol = p;
         }
-        if let Some(m) = self.kafka_sasl_mechanism {
-            s.sasl_mechanism = Some(m);
-        }
-        let some = |v: &Option<PathBuf>, target: &mut Option<PathBuf>| {
-            if let Some(v) = v {
-                *target = Some(v.clone());
-            }
-        };
-        if let Some(u) = &self.kafka_sasl_username {
-            s.sasl_username = Some(u.clone());
-        }
-        if let Some(pw) = secret_from(&self.kafka_sasl_password_file, "PULSES_KAFKA_SASL_PASSWORD")? {
-            s.sasl_password = Some(pw);
-        }
-        some(&self.kafka_ssl_ca_location, &mut s.ssl_ca_location);
-        some(&self.kafka_ssl_certificate_location, &mut s.ssl_certificate_location);
-        some(&self.kafka_ssl_key_location, &mut s.ssl_key_location);
-        if let Some(pw) = secret_from(&self.kafka_ssl_key_password_file, "PULSES_KAFKA_SSL_KEY_PASSWORD")? {
-            s.ssl_key_password = Some(pw);
-        }
+        overlay(&self.kafka_sasl_mechanism, &mut s.sasl_mechanism);
+        overlay(&self.kafka_sasl_username, &mut s.sasl_username);
+        overlay(&secret_from(&self.kafka_sasl_password_file, "PULSES_KAFKA_SASL_PASSWORD")?, &mut s.sasl_password);
+        overlay(&self.kafka_ssl_ca_location, &mut s.ssl_ca_location);
+        overlay(&self.kafka_ssl_certificate_location, &mut s.ssl_certificate_location);
+        overlay(&self.kafka_ssl_key_location, &mut s.ssl_key_location);
+        overlay(&secret_from(&self.kafka_ssl_key_password_file, "PULSES_KAFKA_SSL_KEY_PASSWORD")?, &mut s.ssl_key_password);
         let r = &mut cfg.schema_registry;
-        if let Some(u) = &self.schema_registry_username {
-            r.basic_auth_username = Some(u.clone());
-        }
-        if let Some(pw) = secret_from(&self.schema_registry_password_file, "PULSES_SCHEMA_REGISTRY_PASSWORD")? {
-            r.basic_auth_password = Some(pw);
-        }
-        some(&self.schema_registry_ssl_ca_location, &mut r.ssl_ca_location);
+        overlay(&self.schema_registry_username, &mut r.basic_auth_username);
+        overlay(&secret_from(&self.schema_registry_password_file, "PULSES_SCHEMA_REGISTRY_PASSWORD")?, &mut r.basic_auth_password);
+        overlay(&self.schema_registry_ssl_ca_location, &mut r.ssl_ca_location);
         Ok(())
     }
 }
@@ -254,15 +244,11 @@ impl CommonArgs {
         set(&mut cfg.topics.aggregated, &self.aggregated_topic);
         set(&mut cfg.topics.dlq, &self.dlq_topic);
         set(&mut cfg.topics.late, &self.late_topic);
-        if let Some(g) = &self.group_id {
-            cfg.group_id = Some(g.clone());
-        }
+        overlay(&self.group_id, &mut cfg.group_id);
         if let Some(d) = &self.state_dir {
             cfg.state_dir.clone_from(d);
         }
-        if let Some(url) = &self.schema_registry_url {
-            cfg.schema_registry.url = Some(url.clone());
-        }
+        overlay(&self.schema_registry_url, &mut cfg.schema_registry.url);
         if let Some(f) = self.output_format {
             cfg.output_format = f;
         }

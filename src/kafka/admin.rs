@@ -62,7 +62,7 @@ pub async fn ensure_topics(cfg: &Config, topics: &[TopicSpec<'_>]) -> Result<(),
     for result in admin.create_topics(&new, &opts).await? {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) if super::security::is_authorization_code(code) => {
+            Err((topic, code)) if super::startup::is_authorization_code(code) => {
                 return Err(super::security::Denied::new(cfg, "Create", format!("topic {topic}"), code.to_string()).into())
             }
             Err((topic, code)) => return Err(AdminError::Create { topic, code }),
@@ -112,7 +112,7 @@ pub fn partition_ids(cfg: &Config, topic: &str) -> Result<Vec<i32>, AdminError> 
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     match md.topics().first() {
         Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(t.partitions().iter().map(|p| p.id()).collect()),
-        Some(t) if t.error().map(RDKafkaErrorCode::from).is_some_and(super::security::is_authorization_code) => {
+        Some(t) if t.error().map(RDKafkaErrorCode::from).is_some_and(super::startup::is_authorization_code) => {
             Err(super::security::Denied::new(cfg, "Describe", format!("topic {topic}"), "Broker: Topic authorization failed").into())
         }
         _ => Err(AdminError::Missing(topic.to_owned())),

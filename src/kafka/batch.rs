@@ -39,7 +39,7 @@ pub fn poll_batch<C: ConsumerContext>(
         let Some(left) = max_wait.checked_sub(started.elapsed()) else { break };
         match consumer.poll(left) {
             None => break,
-            Some(Err(e)) if e.rdkafka_error_code().is_some_and(crate::kafka::security::is_authorization_code) => return Err(e),
+            Some(Err(e)) if e.rdkafka_error_code().is_some_and(crate::kafka::startup::is_authorization_code) => return Err(e),
             Some(Err(e)) => tracing::warn!("consumer: {e}"),
             Some(Ok(msg)) => batch.push(msg),
         }

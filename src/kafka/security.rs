@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use openssl::ssl::{HandshakeError, SslConnector, SslFiletype, SslMethod, SslVerifyMode};
+use openssl::ssl::{HandshakeError, SslConnector, SslMethod, SslVerifyMode};
 use openssl::x509::{X509VerifyResult, X509};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -70,16 +70,6 @@ pub fn principal(cfg: &Config) -> String {
         }
     }
     "User:ANONYMOUS".into()
-}
-
-/// The codes of a request the broker's authorizer refused.
-pub fn is_authorization_code(code: RDKafkaErrorCode) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        code,
-        TopicAuthorizationFailed | GroupAuthorizationFailed | TransactionalIdAuthorizationFailed | ClusterAuthorizationFailed
-            | DelegationTokenAuthorizationFailed
-    )
 }
 
 /// An operation the broker's authorizer refused, said so that an operator can grant
@@ -157,7 +147,6 @@ fn read_certificates(setting: &'static str, path: &Path) -> Result<Vec<X509>, Se
 /// The client certificate is current and the key opens and belongs to it.
 fn check_client_pair(s: &KafkaSecurity, cert_path: &Path, key_path: &Path) -> Result<(), SecurityError> {
     const CERT: &str = "kafka_security.ssl_certificate_location";
-    const KEY: &str = "kafka_security.ssl_key_location";
     let cert = read_certificates(CERT, cert_path)?.swap_remove(0);
     let now = openssl::asn1::Asn1Time::days_from_now(0).map_err(|e| file_error(CERT, cert_path, e.to_string()))?;
     if cert.not_after() < now {
@@ -166,19 +155,26 @@ fn check_client_pair(s: &KafkaSecurity, cert_path: &Path, key_path: &Path) -> Re
     if cert.not_before() > now {
         return Err(file_error(CERT, cert_path, format!("the client certificate is not valid before {}", cert.not_before())));
     }
-    let pem = read(KEY, key_path)?;
-    let key = match &s.ssl_key_password {
-        Some(pw) => openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw.expose().as_bytes())
-            .map_err(|_| file_error(KEY, key_path, "the private key does not open with ssl_key_password (wrong password, or not a PEM key)"))?,
-        None => openssl::pkey::PKey::private_key_from_pem(&pem).map_err(|_| {
-            file_error(KEY, key_path, "not a readable PEM private key (if it is encrypted, set kafka_security.ssl_key_password)")
-        })?,
-    };
+    let key = private_key(s, key_path)?;
     let public = cert.public_key().map_err(|e| file_error(CERT, cert_path, e.to_string()))?;
     if !public.public_eq(&key) {
         return Err(file_error(KEY, key_path, format!("the private key does not belong to the certificate {}", cert_path.display())));
     }
     Ok(())
+}
+
+const KEY: &str = "kafka_security.ssl_key_location";
+
+/// The client's private key at `path`, opened with `ssl_key_password` if there is one.
+fn private_key(s: &KafkaSecurity, path: &Path) -> Result<openssl::pkey::PKey<openssl::pkey::Private>, SecurityError> {
+    let pem = read(KEY, path)?;
+    match &s.ssl_key_password {
+        Some(pw) => openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw.expose().as_bytes())
+            .map_err(|_| file_error(KEY, path, "the private key does not open with ssl_key_password (wrong password, or not a PEM key)")),
+        None => openssl::pkey::PKey::private_key_from_pem(&pem).map_err(|_| {
+            file_error(KEY, path, "not a readable PEM private key (if it is encrypted, set kafka_security.ssl_key_password)")
+        }),
+    }
 }
 
 /// What librdkafka reported about security while [`connect`] waited.
@@ -269,15 +265,8 @@ pub fn diagnose_tls(s: &KafkaSecurity, host: &str, addr: SocketAddr) -> Result<(
     }
     if let (Some(cert), Some(key)) = (&s.ssl_certificate_location, &s.ssl_key_location) {
         b.set_certificate_chain_file(cert).map_err(|e| format!("ssl_certificate_location {}: {e}", cert.display()))?;
-        match &s.ssl_key_password {
-            Some(pw) => {
-                let pem = std::fs::read(key).map_err(|e| format!("ssl_key_location {}: {e}", key.display()))?;
-                let pkey = openssl::pkey::PKey::private_key_from_pem_passphrase(&pem, pw.expose().as_bytes())
-                    .map_err(|_| format!("ssl_key_location {}: does not open with ssl_key_password", key.display()))?;
-                b.set_private_key(&pkey).map_err(|e| e.to_string())?;
-            }
-            None => b.set_private_key_file(key, SslFiletype::PEM).map_err(|e| format!("ssl_key_location {}: {e}", key.display()))?,
-        }
+        let key = private_key(s, key).map_err(|e| e.to_string())?;
+        b.set_private_key(&key).map_err(|e| e.to_string())?;
     }
     // OpenSSL keeps no peer certificate after a failed handshake: remember the one
     // that failed verification, to name it.

@@ -20,20 +20,26 @@ pub trait Retriable {
     fn is_retriable(&self) -> bool;
 }
 
-/// The codes no wait mends: who we are, what we may do, what we asked for.
-pub fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
+/// The codes of a request the broker's authorizer refused (what we may do).
+pub fn is_authorization_code(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         code,
-        Authentication
+        TopicAuthorizationFailed | GroupAuthorizationFailed | TransactionalIdAuthorizationFailed | ClusterAuthorizationFailed
+            | DelegationTokenAuthorizationFailed
+    )
+}
+
+/// The codes no wait mends: who we are, what we may do, what we asked for.
+pub fn is_fatal_code(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    is_authorization_code(code)
+        || matches!(
+            code,
+            Authentication
             | SaslAuthenticationFailed
             | SSL
             | SecurityDisabled
-            | TopicAuthorizationFailed
-            | GroupAuthorizationFailed
-            | ClusterAuthorizationFailed
-            | TransactionalIdAuthorizationFailed
-            | DelegationTokenAuthorizationFailed
             | InvalidConfig
             | InvalidArgument
             | InvalidPartitions

@@ -104,7 +104,7 @@ impl StageError {
     /// the stage asked: its consumer's subscription or group, its producer's
     /// transactional id, a delivery, or the offsets sent to its transaction.
     pub fn authorization(&self) -> Option<rdkafka::types::RDKafkaErrorCode> {
-        use crate::kafka::security::is_authorization_code;
+        use crate::kafka::startup::is_authorization_code;
         use crate::runtime::record_collector::TxnError;
         use rdkafka::types::RDKafkaErrorCode;
         let code = match self {

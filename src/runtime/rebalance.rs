@@ -97,7 +97,7 @@ impl ClientContext for StageContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::error!(stage = self.stage, "consumer: {error}: {reason}");
-        if let Some(code) = error.rdkafka_error_code().filter(|c| crate::kafka::security::is_authorization_code(*c)) {
+        if let Some(code) = error.rdkafka_error_code().filter(|c| crate::kafka::startup::is_authorization_code(*c)) {
             if let Ok(mut refused) = self.refused.lock() {
                 refused.get_or_insert((code, reason.to_owned()));
             }

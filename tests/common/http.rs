@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 
 /// One request a stand-in server received.
 pub struct Request {
@@ -22,21 +22,25 @@ pub struct Response {
     pub body: String,
 }
 
-type Handler = std::sync::Arc<dyn Fn(Request) -> Response + Send + Sync>;
-
 /// Serves HTTP/1.1 on 127.0.0.1 (any free port) with `handle`, one thread per
 /// (keep-alive) connection, until the test process ends; returns the base URL.
 pub fn serve(handle: impl Fn(Request) -> Response + Send + Sync + 'static) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let handle: Handler = std::sync::Arc::new(handle);
+    accept_each(listener, move |stream| serve_connection(stream, &handle));
+    url
+}
+
+/// Hands each connection `listener` accepts to `connection` on a thread of its own,
+/// until the test process ends.
+fn accept_each(listener: TcpListener, connection: impl Fn(TcpStream) + Send + Sync + 'static) {
+    let connection = std::sync::Arc::new(connection);
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let handle = std::sync::Arc::clone(&handle);
-            std::thread::spawn(move || serve_connection(stream, &handle));
+            let connection = std::sync::Arc::clone(&connection);
+            std::thread::spawn(move || connection(stream));
         }
     });
-    url
 }
 
 /// [`serve`] over TLS with the certificate `cert` and its key `key` (PEM files):
@@ -46,25 +50,19 @@ pub fn serve_https(cert: &std::path::Path, key: &std::path::Path, handle: impl F
     let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).expect("TLS acceptor");
     acceptor.set_private_key_file(key, SslFiletype::PEM).expect("server key");
     acceptor.set_certificate_chain_file(cert).expect("server certificate");
-    let acceptor = std::sync::Arc::new(acceptor.build());
+    let acceptor = acceptor.build();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
     let url = format!("https://{}", listener.local_addr().expect("addr"));
-    let handle: Handler = std::sync::Arc::new(handle);
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let (handle, acceptor) = (std::sync::Arc::clone(&handle), std::sync::Arc::clone(&acceptor));
-            std::thread::spawn(move || {
-                // A client that refuses our certificate ends here.
-                if let Ok(tls) = acceptor.accept(stream) {
-                    serve_connection(tls, &handle);
-                }
-            });
+    accept_each(listener, move |stream| {
+        // A client that refuses our certificate ends here.
+        if let Ok(tls) = acceptor.accept(stream) {
+            serve_connection(tls, &handle);
         }
     });
     url
 }
 
-fn serve_connection<S: Read + Write>(stream: S, handle: &Handler) {
+fn serve_connection<S: Read + Write>(stream: S, handle: &dyn Fn(Request) -> Response) {
     let mut reader = BufReader::new(stream);
     while let Some(request) = read_request(&mut reader) {
         let r = handle(request);
