@@ -18,10 +18,11 @@ write its own tenant's pulses. Also serves /metrics, /healthz and /readyz (ready
 API keys are loaded). SIGTERM stops accepting, finishes the requests in flight, flushes
 the producer and exits 0.
 
-GET /v1/usage and POST /v1/quota/check answer from this replica's copy of the
-aggregates topic (RocksDB under --state-dir/serve-view, resumed from its stored
-positions after a restart); /readyz waits until that copy has caught up. Quotas come
-from --quotas FILE. Settings: the [serve] section of the config file.";
+GET /v1/usage (also GET /v1/aggregations) and POST /v1/quota/check answer from this
+replica's copy of the aggregates topic (RocksDB under --state-dir/serve-view, resumed
+from its stored positions after a restart); GET /v1/charges from its copy of the charges
+topic (--state-dir/serve-charges-view); /readyz waits until both have caught up. Quotas
+come from --quotas FILE. Settings: the [serve] section of the config file.";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -10,6 +10,7 @@ use crate::pulse::validate::{normalise, validate, RecordContext};
 use crate::pulse::wire::{self, Wire};
 use crate::pulse::{GroupedPulse, RejectReason, Rejection};
 use crate::window::WindowAggregate;
+use crate::rate::records::Charge;
 
 /// Stage 1's decoder of `source.pulses` values.
 #[derive(Debug)]
@@ -104,6 +105,21 @@ impl RecordInput<WindowAggregate> {
             what: "aggregate",
             json: |b| WindowAggregate::from_json(b).map_err(|e| e.to_string()),
             avro: avro::aggregate_from_value,
+        }
+    }
+}
+
+/// The charges view's decoder of `tenant.rated.charges` values: JSON, the only format
+/// `pulses rate` writes.
+pub type ChargeInput = RecordInput<Charge>;
+
+impl RecordInput<Charge> {
+    pub fn charges() -> Self {
+        Self {
+            registry: None,
+            what: "charge",
+            json: |b| serde_json::from_slice(b).map_err(|e| e.to_string()),
+            avro: |_| Err(avro::ReadError("charges are written in JSON only".into())),
         }
     }
 }

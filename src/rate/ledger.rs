@@ -73,14 +73,6 @@ pub struct Ledger {
     writes: BTreeMap<String, String>,
 }
 
-/// The billing period of a window: the UTC calendar month of its start, `YYYY-MM`.
-pub fn period_of(window_start_ms: i64) -> String {
-    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(window_start_ms)
-        .unwrap_or_default()
-        .format("%Y-%m")
-        .to_string()
-}
-
 impl Ledger {
     /// Rates one final aggregate at wall-clock `now_ms`.
     pub fn rate<S: Kv>(&mut self, store: &mut S, book: &PriceBook, agg: &WindowAggregate, now_ms: i64) -> Result<Rated, LedgerError> {
@@ -91,7 +83,7 @@ impl Ledger {
         }
         let Some(model) = book.model(&agg.product_sku, &agg.use_unit) else { return Ok(Rated::Unpriced) };
         let overflow = || Overflow { quantity: agg.total_amount };
-        let period = period_of(agg.window_start);
+        let period = super::period::of(agg.window_start);
         let old_quantity = before.map_or(Decimal::ZERO, |c| c.quantity);
         let quantity_delta = agg.total_amount.checked_sub(old_quantity).ok_or_else(overflow)?;
 

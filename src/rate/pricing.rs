@@ -3,7 +3,7 @@
 //! to cumulative amounts (see [`super::ledger`]), never tier by tier.
 
 use rust_decimal::Decimal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::price_book::{Model, Tier};
 
@@ -15,7 +15,7 @@ pub struct Overflow {
 }
 
 /// The units of one tier and what they cost (unrounded).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierLine {
     /// 1-based tier number in the price book.
     pub tier: usize,

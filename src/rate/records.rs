@@ -10,7 +10,7 @@ use crate::pulse::{ids, time};
 
 /// One charge: the money a new or corrected aggregate adds to (or, for a downward
 /// correction, removes from) a tenant's bill.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Charge {
     /// `hash(aggregate_id|revision)`: one charge per aggregate revision.
     pub charge_id: String,

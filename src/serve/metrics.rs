@@ -44,9 +44,9 @@ pub struct ServeMetrics {
     pub in_flight: Gauge,
 }
 
-/// The usage view's lag and reads, read at scrape time.
+/// The views' lags and reads, read at scrape time.
 #[derive(Debug)]
-struct ViewMetrics(Arc<super::view::UsageView>);
+struct ViewMetrics(Arc<super::view::UsageView>, Arc<super::view::ChargesView>);
 
 impl prometheus_client::collector::Collector for ViewMetrics {
     fn encode(&self, mut e: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
@@ -59,7 +59,9 @@ impl prometheus_client::collector::Collector for ViewMetrics {
         let at = ConstGauge::new(as_of.updated_at_ms as f64 / 1000.0);
         at.encode(e.encode_descriptor("pulses_view_updated_at_seconds", "When the usage view's lag was last measured (Unix time).", None, at.metric_type())?)?;
         let read = ConstCounter::new(self.0.records_read.load(std::sync::atomic::Ordering::Relaxed));
-        read.encode(e.encode_descriptor("pulses_view_records_read", "Aggregate records the usage view read since this process started (a restart resumes from stored positions).", None, read.metric_type())?)
+        read.encode(e.encode_descriptor("pulses_view_records_read", "Aggregate records the usage view read since this process started (a restart resumes from stored positions).", None, read.metric_type())?)?;
+        let lag = ConstGauge::new(self.1.as_of().lag);
+        lag.encode(e.encode_descriptor("pulses_charges_view_lag", "Charge records the charges view has yet to read (all partitions).", None, lag.metric_type())?)
     }
 }
 
@@ -70,7 +72,7 @@ fn latency_histogram() -> Histogram {
 
 impl ServeMetrics {
     /// New metrics, registered in `registry`.
-    pub fn register(registry: &mut Registry, view: Arc<super::view::UsageView>) -> Self {
+    pub fn register(registry: &mut Registry, view: Arc<super::view::UsageView>, charges: Arc<super::view::ChargesView>) -> Self {
         let m = Self {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
@@ -97,7 +99,7 @@ impl ServeMetrics {
             "Requests answered 503 because the broker did not acknowledge their pulses (failed, or not in time).",
             m.producer_errors.clone(),
         );
-        registry.register_collector(Box::new(ViewMetrics(view)));
+        registry.register_collector(Box::new(ViewMetrics(view, charges)));
         m
     }
 }

@@ -3,8 +3,11 @@
 //! load balancer.
 //!
 //! - [`ingest`]: `POST /v1/pulses`, where a pulse enters over HTTP;
-//! - [`view`]: the usage view, every replica's copy of the aggregates topic;
-//! - [`usage`]: `GET /v1/usage`, `POST /v1/quota/check`, `GET /v1/me`, from the view;
+//! - [`view`]: the usage and charges views, every replica's copies of the aggregates
+//!   and charges topics;
+//! - [`usage`]: `GET /v1/usage` (alias `GET /v1/aggregations`), `POST /v1/quota/check`,
+//!   `GET /v1/me`, from the usage view;
+//! - [`charges`]: `GET /v1/charges`, from the charges view;
 //! - [`quota`]: the quota file and the check (pure);
 //! - [`dashboard`]: `GET /`, the usage dashboard, embedded;
 //! - [`keys`]: what an API key is and how its secret is checked (pure);
@@ -12,6 +15,7 @@
 //! - [`metrics`]: requests, latency, pulses accepted and rejected, the view's lag;
 //! - [`error`]: the JSON error answers.
 
+pub mod charges;
 pub mod dashboard;
 pub mod error;
 pub mod ingest;
@@ -32,6 +36,7 @@ use prometheus_client::registry::Registry;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::codec::ChargeInput;
 use crate::config::{Config, ServeSettings};
 use crate::kafka::admin::{ensure_topics, TopicSpec, DEFAULT_PARTITIONS};
 use crate::kafka::clients;
@@ -42,7 +47,7 @@ use key_table::KeyTable;
 use keys::Caller;
 use metrics::ServeMetrics;
 use quota::QuotaStore;
-use view::UsageView;
+use view::{ChargesView, UsageView};
 
 /// API key header.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -56,6 +61,7 @@ pub struct App {
     pub metrics: Arc<ServeMetrics>,
     pub limits: Limits,
     pub view: Arc<UsageView>,
+    pub charges: Arc<ChargesView>,
     pub quotas: QuotaStore,
     /// The finest configured window: quotas sum it.
     pub finest_window: String,
@@ -107,6 +113,8 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
     let api = Router::new()
         .route("/v1/pulses", post(ingest::post_pulses))
         .route("/v1/usage", get(usage::get_usage))
+        .route("/v1/aggregations", get(usage::get_usage))
+        .route("/v1/charges", get(charges::get_charges))
         .route("/v1/quota/check", post(usage::post_quota_check))
         .route("/v1/me", get(usage::get_me))
         .with_state(Arc::clone(&app))
@@ -135,15 +143,16 @@ pub fn producer(cfg: &Config, settings: &ServeSettings) -> Result<FutureProducer
 }
 
 /// A registry with the serve metrics, and whether the process is ready: keys loaded
-/// and the usage view caught up with the aggregates topic.
-pub fn registry(keys: &Arc<KeyTable>, view: &Arc<UsageView>) -> (Registry, Arc<ServeMetrics>, http::ReadyCheck) {
+/// and both views caught up with their topics.
+pub fn registry(keys: &Arc<KeyTable>, view: &Arc<UsageView>, charges: &Arc<ChargesView>) -> (Registry, Arc<ServeMetrics>, http::ReadyCheck) {
     let mut registry = Registry::default();
-    let metrics = Arc::new(ServeMetrics::register(&mut registry, Arc::clone(view)));
-    let (table, view) = (Arc::clone(keys), Arc::clone(view));
-    let ready: http::ReadyCheck = Arc::new(move || match (table.caught_up(), view.as_of().caught_up) {
-        (true, true) => Ok(()),
-        (false, _) => Err("loading API keys".into()),
-        (_, false) => Err("reading the aggregates into the usage view".into()),
+    let metrics = Arc::new(ServeMetrics::register(&mut registry, Arc::clone(view), Arc::clone(charges)));
+    let (table, view, charges) = (Arc::clone(keys), Arc::clone(view), Arc::clone(charges));
+    let ready: http::ReadyCheck = Arc::new(move || match (table.caught_up(), view.as_of().caught_up, charges.as_of().caught_up) {
+        (true, true, true) => Ok(()),
+        (false, _, _) => Err("loading API keys".into()),
+        (_, false, _) => Err("reading the aggregates into the usage view".into()),
+        (_, _, false) => Err("reading the charges into the charges view".into()),
     });
     (registry, metrics, ready)
 }
@@ -166,17 +175,21 @@ pub async fn run(
     if let Err(crate::kafka::admin::AdminError::Denied(d)) = crate::kafka::admin::partition_count(c, &c.topics.source) {
         return Err(crate::kafka::security::Denied { operation: "Write".into(), ..d }.into());
     }
-    // The view reads the aggregates topic: a serve started before `pulses run` ever ran
-    // creates it, as run would (an existing topic is left as it is).
-    let aggregated = [TopicSpec { name: &c.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] }];
-    startup::retry_async("creating the aggregates topic", within, no_probe, || ensure_topics(c, &aggregated))
+    // The views read the aggregates and charges topics: a serve started before `pulses
+    // run` or `pulses rate` ever ran creates them, as those would (an existing topic is
+    // left as it is).
+    let viewed = [
+        TopicSpec { name: &c.topics.aggregated, partitions: DEFAULT_PARTITIONS, configs: &[] },
+        TopicSpec { name: &c.topics.charges, partitions: DEFAULT_PARTITIONS, configs: &[] },
+    ];
+    startup::retry_async("creating the aggregates and charges topics", within, no_probe, || ensure_topics(c, &viewed))
         .await
-        .with_context(|| format!("creating {}", c.topics.aggregated))?;
+        .with_context(|| format!("creating {} and {}", c.topics.aggregated, c.topics.charges))?;
     let quotas = QuotaStore::open(settings.quotas.clone())?;
     let finest_window = cfg.windows.iter().min_by_key(|w| w.size_ms()).map(|w| w.name.clone()).context("no windows configured")?;
-    let view_dir = cfg.state_dir.join("serve-view");
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
-    let view = Arc::new(UsageView::open(&view_dir)?);
+    let view = Arc::new(UsageView::open(&cfg.state_dir.join("serve-view"))?);
+    let charges = Arc::new(ChargesView::open(&cfg.state_dir.join("serve-charges-view"))?);
     let keys = Arc::new(KeyTable::default());
     let stop = Arc::new(AtomicBool::new(false));
     let followers = [
@@ -185,14 +198,18 @@ pub async fn run(
         })
         .await?,
         startup::retry_async("reading the aggregates topic", within, no_probe, || async {
-            view::follow(c, Arc::clone(&view), Arc::clone(&stop))
+            view::follow(c, &c.topics.aggregated, Arc::clone(&view), view::aggregate_input(c)?, Arc::clone(&stop))
+        })
+        .await?,
+        startup::retry_async("reading the charges topic", within, no_probe, || async {
+            view::follow(c, &c.topics.charges, Arc::clone(&charges), ChargeInput::charges(), Arc::clone(&stop))
         })
         .await?,
     ];
-    let (registry, metrics, ready) = registry(&keys, &view);
+    let (registry, metrics, ready) = registry(&keys, &view, &charges);
     let producer = producer(&cfg, &settings).context("creating the ingest producer")?;
     let limits = Limits::new(settings.max_in_flight_requests, settings.max_in_flight_bytes);
-    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits, view, quotas, finest_window });
+    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits, view, charges, quotas, finest_window });
     let reloads = tokio::spawn(reload_quotas(Arc::clone(&app)));
     let ops = Ops { registry: Arc::new(registry), ready };
     http::serve(listener, router(Arc::clone(&app), ops), shutdown).await.context("serving HTTP")?;

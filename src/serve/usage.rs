@@ -70,7 +70,7 @@ pub fn totals(windows: &[WindowAggregate]) -> Option<Vec<Total>> {
 
 /// The tenant a request asks about: its key's (a tenant key asking for another gets
 /// 403); an admin key must name one.
-fn tenant_of(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
+pub(super) fn tenant_of(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
     match (caller, asked) {
         (Caller::Tenant { tenant_id, .. }, None) => Ok(tenant_id.clone()),
         (caller, Some(t)) if caller.may_act_for(t) => Ok(t.to_owned()),
@@ -79,7 +79,7 @@ fn tenant_of(caller: &Caller, asked: Option<&str>) -> Result<String, ApiError> {
     }
 }
 
-fn timestamp(name: &str, value: Option<&str>, default: i64) -> Result<i64, ApiError> {
+pub(super) fn timestamp(name: &str, value: Option<&str>, default: i64) -> Result<i64, ApiError> {
     match value {
         None => Ok(default),
         Some(v) => chrono::DateTime::parse_from_rfc3339(v)

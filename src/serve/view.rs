@@ -1,13 +1,16 @@
-//! The usage view: a local RocksDB copy of `tenant.aggregated.pulses.amount` (every
-//! partition, `read_committed`), holding the latest revision of each window aggregate,
-//! final or interim. Every serve replica holds all of it, as Kafka Streams holds a
-//! GlobalKTable, so any replica answers any usage or quota question.
+//! The views: local RocksDB copies of a topic (every partition, `read_committed`), one
+//! record per key. Every serve replica holds all of each, as Kafka Streams holds a
+//! GlobalKTable, so any replica answers any question.
 //!
-//! Keys sort for the queries: `a` tenant ∅ window ∅ start ∅ sku ∅ unit, with `start`
-//! as 8 big-endian bytes (sign bit flipped), so one tenant's windows of one size are
-//! one range in start order. The read position of each partition (`o` partition) is
-//! written in the same batch as the records it covers: a restart resumes there
-//! instead of reading the topic again.
+//! - the usage view, of `tenant.aggregated.pulses.amount`: the latest revision of each
+//!   window aggregate, final or interim. Keys `a` tenant ∅ window ∅ start sku ∅ unit;
+//! - the charges view, of `tenant.rated.charges`: every charge once (a re-sent charge
+//!   has the same `charge_id`). Keys `c` tenant ∅ start charge_id.
+//!
+//! `start` is 8 big-endian bytes (sign bit flipped), so one tenant's records sort by
+//! window start and a time range is one scan. The read position of each partition
+//! (`o` partition) is written in the same batch as the records it covers: a restart
+//! resumes there instead of reading the topic again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,20 +23,66 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
 
-use crate::codec::{AggregateInput, InputError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{AggregateInput, InputError, RecordInput};
 use crate::config::Config;
 use crate::kafka::clients::{self, QuietEof};
+use crate::rate::records::Charge;
 use crate::registry::{Registry, Wait};
 use crate::window::WindowAggregate;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ViewError {
-    #[error("usage view at {path}: {source}")]
+    #[error("view at {path}: {source}")]
     Store { path: PathBuf, source: rocksdb::Error },
-    #[error("usage view: kafka: {0}")]
+    #[error("view: kafka: {0}")]
     Kafka(#[from] KafkaError),
-    #[error("usage view: {0}")]
+    #[error("view: {0}")]
     Setup(String),
+}
+
+/// A record a view keeps: where it is stored, and whether it replaces the one held
+/// under the same key.
+pub trait Viewed: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// What the view is called in logs and thread names.
+    const NAME: &'static str;
+    fn key(&self) -> Vec<u8>;
+    fn replaces(&self, held: &Self) -> bool;
+}
+
+impl Viewed for WindowAggregate {
+    const NAME: &'static str = "usage-view";
+    fn key(&self) -> Vec<u8> {
+        let mut k = range_prefix(AGGREGATE, &[&self.tenant_id, &self.window]);
+        k.extend_from_slice(&ordered(self.window_start));
+        for (i, part) in [&self.product_sku, &self.use_unit].into_iter().enumerate() {
+            if i > 0 {
+                k.push(0);
+            }
+            k.extend_from_slice(part.as_bytes());
+        }
+        k
+    }
+    /// The latest revision wins; a re-delivered one is the same record.
+    fn replaces(&self, held: &Self) -> bool {
+        self.revision >= held.revision
+    }
+}
+
+impl Viewed for Charge {
+    const NAME: &'static str = "charges-view";
+    fn key(&self) -> Vec<u8> {
+        let mut k = range_prefix(CHARGE, &[&self.tenant_id]);
+        k.extend_from_slice(&ordered(self.window_start));
+        k.extend_from_slice(self.charge_id.as_bytes());
+        k
+    }
+    /// A charge id names one aggregate revision's charge: a re-sent one is equal.
+    fn replaces(&self, _held: &Self) -> bool {
+        true
+    }
 }
 
 impl crate::kafka::startup::Retriable for ViewError {
@@ -57,40 +106,37 @@ pub struct AsOf {
     pub caught_up: bool,
 }
 
-/// The view's store and status.
-pub struct UsageView {
+/// A view's store and status.
+pub struct View<T> {
     db: DB,
     path: PathBuf,
     as_of: Mutex<AsOf>,
     /// Records read since this process started (a restart resumes, so few).
     pub records_read: std::sync::atomic::AtomicU64,
+    kept: std::marker::PhantomData<fn() -> T>,
 }
+
+/// The usage view: window aggregates.
+pub type UsageView = View<WindowAggregate>;
+/// The charges view: charges.
+pub type ChargesView = View<Charge>;
 
 const AGGREGATE: u8 = b'a';
+const CHARGE: u8 = b'c';
 const OFFSET: u8 = b'o';
 
-/// The store key of `a`'s window.
-fn key(tenant: &str, window: &str, start: i64, sku: &str, unit: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(tenant.len() + window.len() + sku.len() + unit.len() + 14);
-    k.push(AGGREGATE);
-    k.extend_from_slice(tenant.as_bytes());
-    k.push(0);
-    k.extend_from_slice(window.as_bytes());
-    k.push(0);
-    k.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(sku.as_bytes());
-    k.push(0);
-    k.extend_from_slice(unit.as_bytes());
-    k
+/// A time as key bytes that sort as the times do.
+fn ordered(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
 }
 
-/// The prefix of every key of `tenant`'s `window` windows.
-fn range_prefix(tenant: &str, window: &str) -> Vec<u8> {
-    let mut k = vec![AGGREGATE];
-    k.extend_from_slice(tenant.as_bytes());
-    k.push(0);
-    k.extend_from_slice(window.as_bytes());
-    k.push(0);
+/// The prefix of every key of `kind` whose leading parts are `parts`.
+fn range_prefix(kind: u8, parts: &[&str]) -> Vec<u8> {
+    let mut k = vec![kind];
+    for part in parts {
+        k.extend_from_slice(part.as_bytes());
+        k.push(0);
+    }
     k
 }
 
@@ -99,18 +145,19 @@ fn offset_key(partition: i32) -> [u8; 5] {
     [OFFSET, p[0], p[1], p[2], p[3]]
 }
 
-impl std::fmt::Debug for UsageView {
+impl<T: Viewed> std::fmt::Debug for View<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UsageView").field("path", &self.path).field("as_of", &self.as_of()).finish()
+        f.debug_struct(T::NAME).field("path", &self.path).field("as_of", &self.as_of()).finish()
     }
 }
 
-impl UsageView {
+impl<T: Viewed> View<T> {
     pub fn open(path: &Path) -> Result<Self, ViewError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         let db = DB::open(&opts, path).map_err(|source| ViewError::Store { path: path.to_owned(), source })?;
-        Ok(Self { db, path: path.to_owned(), as_of: Mutex::new(AsOf::default()), records_read: Default::default() })
+        let as_of = Mutex::new(AsOf::default());
+        Ok(Self { db, path: path.to_owned(), as_of, records_read: Default::default(), kept: std::marker::PhantomData })
     }
 
     fn store_err(&self, source: rocksdb::Error) -> ViewError {
@@ -132,26 +179,26 @@ impl UsageView {
         Ok(out)
     }
 
-    /// Applies a batch of aggregates read from the topic, keeping the latest revision
-    /// of each window, with the positions after them, atomically.
-    pub fn apply(&self, aggregates: Vec<WindowAggregate>, positions: &BTreeMap<i32, i64>) -> Result<(), ViewError> {
-        let mut latest: BTreeMap<Vec<u8>, WindowAggregate> = BTreeMap::new();
-        for a in aggregates {
-            let k = key(&a.tenant_id, &a.window, a.window_start, &a.product_sku, &a.use_unit);
+    /// Applies a batch of records read from the topic, each replacing the one held
+    /// under its key if it should, with the positions after them, atomically.
+    pub fn apply(&self, records: Vec<T>, positions: &BTreeMap<i32, i64>) -> Result<(), ViewError> {
+        let mut latest: BTreeMap<Vec<u8>, T> = BTreeMap::new();
+        for r in records {
+            let k = r.key();
             let newer = match latest.get(&k) {
-                Some(held) => a.revision >= held.revision,
+                Some(held) => r.replaces(held),
                 None => match self.db.get(&k).map_err(|e| self.store_err(e))? {
-                    Some(stored) => serde_json::from_slice::<WindowAggregate>(&stored).map_or(true, |s| a.revision >= s.revision),
+                    Some(stored) => serde_json::from_slice::<T>(&stored).map_or(true, |s| r.replaces(&s)),
                     None => true,
                 },
             };
             if newer {
-                latest.insert(k, a);
+                latest.insert(k, r);
             }
         }
         let mut batch = WriteBatch::default();
-        for (k, a) in &latest {
-            let v = serde_json::to_vec(a).map_err(|e| ViewError::Setup(format!("encoding an aggregate: {e}")))?;
+        for (k, r) in &latest {
+            let v = serde_json::to_vec(r).map_err(|e| ViewError::Setup(format!("encoding a {} record: {e}", T::NAME)))?;
             batch.put(k, v);
         }
         for (p, next) in positions {
@@ -160,21 +207,21 @@ impl UsageView {
         self.db.write(batch).map_err(|e| self.store_err(e))
     }
 
-    /// `tenant`'s aggregates of `window` whose start is in `[from, to)`, by start.
-    pub fn windows(&self, tenant: &str, window: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
-        let prefix = range_prefix(tenant, window);
-        let mut first = prefix.clone();
-        first.extend_from_slice(&((from as u64) ^ (1 << 63)).to_be_bytes());
+    /// The records under `prefix` whose key's start (the 8 bytes after the prefix)
+    /// is in `[from, to)`, by start.
+    fn range(&self, prefix: &[u8], from: i64, to: i64) -> Result<Vec<T>, ViewError> {
+        let mut first = prefix.to_vec();
+        first.extend_from_slice(&ordered(from));
+        let end = ordered(to);
         let mut out = Vec::new();
         for item in self.db.iterator(IteratorMode::From(&first, Direction::Forward)) {
             let (k, v) = item.map_err(|e| self.store_err(e))?;
-            if !k.starts_with(&prefix) {
+            if !k.starts_with(prefix) || k.get(prefix.len()..prefix.len() + 8).is_none_or(|start| start >= &end[..]) {
                 break;
             }
-            match serde_json::from_slice::<WindowAggregate>(&v) {
-                Ok(a) if a.window_start >= to => break,
-                Ok(a) => out.push(a),
-                Err(e) => tracing::warn!("usage view: an undecodable stored aggregate skipped: {e}"),
+            match serde_json::from_slice::<T>(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => tracing::warn!("{}: an undecodable stored record skipped: {e}", T::NAME),
             }
         }
         Ok(out)
@@ -191,18 +238,38 @@ impl UsageView {
     }
 }
 
+impl UsageView {
+    /// `tenant`'s aggregates of `window` whose start is in `[from, to)`, by start.
+    pub fn windows(&self, tenant: &str, window: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
+        self.range(&range_prefix(AGGREGATE, &[tenant, window]), from, to)
+    }
+}
+
+impl ChargesView {
+    /// `tenant`'s charges of windows whose start is in `[from, to)`, by start.
+    pub fn charges(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<Charge>, ViewError> {
+        self.range(&range_prefix(CHARGE, &[tenant]), from, to)
+    }
+}
+
 /// How often the lag is measured.
 const LAG_EVERY: Duration = Duration::from_millis(500);
 
-/// Reads the aggregated topic into `view` until `stop`, on a thread of its own.
-pub fn follow(cfg: &Config, view: Arc<UsageView>, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>, ViewError> {
-    let topic = cfg.topics.aggregated.clone();
-    let mut config = clients::reader(cfg, &format!("{}.usage-view", cfg.application_id));
+/// Reads `topic` into `view` with `input` until `stop`, on a thread of its own.
+pub fn follow<T: Viewed>(
+    cfg: &Config,
+    topic: &str,
+    view: Arc<View<T>>,
+    input: RecordInput<T>,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, ViewError> {
+    let topic = topic.to_owned();
+    let mut config = clients::reader(cfg, &format!("{}.{}", cfg.application_id, T::NAME));
     // A fetch parked at the broker may wait out fetch.wait.max.ms (librdkafka: 500 ms)
     // before a committed transaction's records reach a read_committed reader: with
     // 50 ms, a correction is in the view well within SPEC §8's second.
     config.set("fetch.wait.max.ms", "50");
-    let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof { reader: "usage-view" })?;
+    let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof { reader: T::NAME })?;
     let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
     if partitions.is_empty() {
@@ -215,11 +282,9 @@ pub fn follow(cfg: &Config, view: Arc<UsageView>, stop: Arc<AtomicBool>) -> Resu
         tpl.add_partition_offset(&topic, *p, from)?;
     }
     consumer.assign(&tpl)?;
-    tracing::info!(%topic, ?resume, "usage view resumes from its stored positions");
-    let registry = Registry::from_config(&cfg.schema_registry).map_err(|e| ViewError::Setup(e.to_string()))?.map(Arc::new);
-    let input = AggregateInput::aggregates(registry);
+    tracing::info!(%topic, ?resume, "{} resumes from its stored positions", T::NAME);
     std::thread::Builder::new()
-        .name("usage-view".into())
+        .name(T::NAME.into())
         .spawn(move || {
             let mut follower = Follower { consumer, topic, partitions, positions: resume, at_end: Default::default(), last_lag: None };
             while !stop.load(Ordering::Acquire) {
@@ -229,7 +294,13 @@ pub fn follow(cfg: &Config, view: Arc<UsageView>, stop: Arc<AtomicBool>) -> Resu
                 }
             }
         })
-        .map_err(|e| ViewError::Setup(format!("starting the usage view: {e}")))
+        .map_err(|e| ViewError::Setup(format!("starting the {}: {e}", T::NAME)))
+}
+
+/// The usage view's decoder: aggregates in JSON or Avro, as stage 2 writes them.
+pub fn aggregate_input(cfg: &Config) -> Result<AggregateInput, ViewError> {
+    let registry = Registry::from_config(&cfg.schema_registry).map_err(|e| ViewError::Setup(e.to_string()))?.map(Arc::new);
+    Ok(AggregateInput::aggregates(registry))
 }
 
 struct Follower {
@@ -243,7 +314,7 @@ struct Follower {
 
 impl Follower {
     /// Reads what is there (up to a batch), applies it, and now and then measures the lag.
-    fn step(&mut self, view: &UsageView, input: &AggregateInput, stop: &AtomicBool) -> Result<(), ViewError> {
+    fn step<T: Viewed>(&mut self, view: &View<T>, input: &RecordInput<T>, stop: &AtomicBool) -> Result<(), ViewError> {
         let mut batch = Vec::new();
         let mut moved = BTreeMap::new();
         let mut read = 0;
@@ -260,7 +331,7 @@ impl Follower {
                     match input.decode(payload, Wait::until(&stopping)) {
                         Ok(a) => batch.push(a),
                         Err(InputError::Invalid(e)) => {
-                            tracing::error!(partition = msg.partition(), offset = msg.offset(), "usage view: not an aggregate, skipped: {e}");
+                            tracing::error!(partition = msg.partition(), offset = msg.offset(), "{}: an undecodable record skipped: {e}", T::NAME);
                         }
                         // Stay on this record: undo what this batch read of its partition.
                         Err(InputError::Registry(e)) => {
@@ -275,7 +346,7 @@ impl Follower {
                 Some(Err(KafkaError::PartitionEOF(p))) => {
                     self.at_end.insert(p);
                 }
-                Some(Err(e)) => tracing::warn!("usage view: {e}"),
+                Some(Err(e)) => tracing::warn!("{}: {e}", T::NAME),
                 None => break,
             }
         }

@@ -155,6 +155,7 @@ pub fn needed(command: Command, cfg: &Config) -> Vec<Acl> {
         Command::Serve => {
             acls.push(topic(&cfg.topics.source, &[Write], "POST /v1/pulses writes pulses"));
             acls.push(topic(&cfg.topics.aggregated, &[Read, Create], "the usage view reads aggregates; created at start if missing"));
+            acls.push(topic(&cfg.topics.charges, &[Read, Create], "the charges view reads charges; created at start if missing"));
             acls.push(topic(&key_topic, &[Read, Create], "API keys; created at start if missing"));
         }
         Command::Keys => {
