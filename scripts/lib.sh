@@ -1,5 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # SC2034: the variables are used by the sourcing scripts
-# Shared helpers for scripts/broker, scripts/test, scripts/demo and .ci/run.
+# Shared helpers for scripts/broker, scripts/test, scripts/demo, scripts/bench-peers,
+# scripts/load-test and .ci/run.
 # Source it; it defines variables and functions only (no side effects).
 #
 # Environment (all optional):
@@ -32,6 +33,22 @@ with_lock() {
         flock 9
         "$@"
     )
+}
+
+# A venv at $1 holding the pinned requirements file $2 (reinstalled when it changes).
+ensure_venv() {
+    local venv="$1" requirements="$2" stamp want
+    stamp="$venv/.requirements-stamp"
+    want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    if [[ ! -x "$venv/bin/python" ]]; then
+        log "creating venv $venv"
+        python3 -m venv "$venv"
+    fi
+    if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+        log "installing $requirements into $venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        echo "$want" >"$stamp"
+    fi
 }
 
 ensure_cargo() {

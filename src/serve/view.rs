@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
-use rocksdb::{Direction, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{BlockBasedOptions, Cache, Direction, IteratorMode, Options, WriteBatch, DB};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -29,6 +29,7 @@ use serde::Serialize;
 use crate::codec::{AggregateInput, InputError, RecordInput};
 use crate::config::Config;
 use crate::kafka::clients::{self, QuietEof};
+use crate::ops::memory::HeapTrimmer;
 use crate::rate::records::Charge;
 use crate::registry::{Registry, Wait};
 use crate::window::WindowAggregate;
@@ -151,10 +152,26 @@ impl<T: Viewed> std::fmt::Debug for View<T> {
     }
 }
 
+/// The memtable size of each view's store: with two memtables per view and two views,
+/// at most 32 MiB of serve's memory is memtables.
+const VIEW_WRITE_BUFFER_BYTES: usize = 8 << 20;
+/// The block cache of each view's store: 16 MiB more per view.
+const VIEW_BLOCK_CACHE_BYTES: usize = 16 << 20;
+
 impl<T: Viewed> View<T> {
     pub fn open(path: &Path) -> Result<Self, ViewError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
+        // A view holds one row per window or charge; RocksDB's default 64 MiB memtables
+        // (two per view) would make up most of serve's memory for no read it needs.
+        opts.set_write_buffer_size(VIEW_WRITE_BUFFER_BYTES);
+        opts.set_max_write_buffer_number(2);
+        // The block cache is what reads fill: sized here so serve's memory has a stated
+        // bound. Index blocks stay outside it (they are small, one per file); inside a
+        // cache this small, scans evicted them and serve's CPU doubled under load.
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&Cache::new_lru_cache(VIEW_BLOCK_CACHE_BYTES));
+        opts.set_block_based_table_factory(&table);
         let db = DB::open(&opts, path).map_err(|source| ViewError::Store { path: path.to_owned(), source })?;
         let as_of = Mutex::new(AsOf::default());
         Ok(Self { db, path: path.to_owned(), as_of, records_read: Default::default(), kept: std::marker::PhantomData })
@@ -287,11 +304,15 @@ pub fn follow<T: Viewed>(
         .name(T::NAME.into())
         .spawn(move || {
             let mut follower = Follower { consumer, topic, partitions, positions: resume, at_end: Default::default(), last_lag: None };
+            // The view's RocksDB flushes and compactions free memory in glibc's arenas
+            // that serve would otherwise keep (as stage 2's store does: ops::memory).
+            let mut trimmer = HeapTrimmer::default();
             while !stop.load(Ordering::Acquire) {
                 if let Err(e) = follower.step(&view, &input, &stop) {
                     tracing::error!("{e}; retrying in 1 s");
                     std::thread::sleep(Duration::from_secs(1));
                 }
+                trimmer.maybe_trim();
             }
         })
         .map_err(|e| ViewError::Setup(format!("starting the {}: {e}", T::NAME)))
