@@ -190,7 +190,8 @@ class Sampler(threading.Thread):
         self.procs = {name: psutil.Process(p.pid) for name, p in stack.procs.items()}
         if broker_pid:
             self.procs["broker"] = psutil.Process(broker_pid)
-        self.locust = None
+        self.locust = None  # set by run_locust once Locust is started
+        self._locust_procs = {}  # pid -> psutil.Process, primed for cpu_percent
 
     def cpu_of(self, p):
         try:
@@ -241,8 +242,6 @@ class Sampler(threading.Thread):
         return {"server_buckets": dict(buckets), "serve_in_flight": in_flight}
 
     def locust_tree(self):
-        if not hasattr(self, "_locust_procs"):
-            self._locust_procs = {}
         try:
             root = psutil.Process(self.locust.pid)
             for p in [root, *root.children(recursive=True)]:

@@ -9,8 +9,8 @@ use crate::pulse::json::decode_grouped;
 use crate::pulse::validate::{normalise, validate, RecordContext};
 use crate::pulse::wire::{self, Wire};
 use crate::pulse::{GroupedPulse, RejectReason, Rejection};
-use crate::window::WindowAggregate;
 use crate::rate::records::Charge;
+use crate::window::WindowAggregate;
 
 /// Stage 1's decoder of `source.pulses` values.
 #[derive(Debug)]

@@ -11,11 +11,10 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::usage::{tenant_of, timestamp, AsOf};
+use super::usage::{read_view, tenant_of, timestamp, AsOf};
 use super::App;
 use crate::rate::period;
 use crate::rate::records::Charge;
-use crate::pulse::time;
 
 #[derive(Debug, Deserialize)]
 pub struct ChargesQuery {
@@ -104,17 +103,11 @@ pub async fn get_charges(State(app): State<Arc<App>>, headers: HeaderMap, Query(
     if from > to {
         return Err(ApiError::bad_request("invalid_parameter", "`to` is before `from`"));
     }
-    let view = Arc::clone(&app.charges);
-    let t = tenant.clone();
-    let mut charges = tokio::task::spawn_blocking(move || view.charges(&t, from, to))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let (view, t) = (Arc::clone(&app.charges), tenant.clone());
+    let mut charges = read_view(move || view.charges(&t, from, to)).await?;
     charges.retain(|c| q.product_sku.as_ref().is_none_or(|s| *s == c.product_sku) && q.use_unit.as_ref().is_none_or(|u| *u == c.use_unit));
     let (totals, total) = totals(&charges).ok_or_else(|| ApiError::internal("a total does not fit an exact decimal"))?;
-    let a = app.charges.as_of();
-    let as_of = AsOf { lag: a.lag, updated_at: time::format_ms(a.updated_at_ms) };
-    Ok(Json(Charges { tenant_id: tenant, period: q.period, as_of, charges, totals, total }))
+    Ok(Json(Charges { tenant_id: tenant, period: q.period, as_of: app.charges.as_of().into(), charges, totals, total }))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use super::error::ApiError;
 use super::keys::Caller;
 use super::quota;
+use super::view;
 use super::App;
 use crate::pulse::time;
 use crate::window::WindowAggregate;
@@ -88,20 +89,29 @@ pub(super) fn timestamp(name: &str, value: Option<&str>, default: i64) -> Result
     }
 }
 
-impl App {
-    fn as_of(&self) -> AsOf {
-        let a = self.view.as_of();
+impl From<view::AsOf> for AsOf {
+    fn from(a: view::AsOf) -> Self {
         AsOf { lag: a.lag, updated_at: time::format_ms(a.updated_at_ms) }
     }
+}
 
-    /// `tenant`'s aggregates of `window` starting in `[from, to)`, read from the view
-    /// off the async workers (RocksDB reads block).
+/// Runs `read` of a view off the async workers (RocksDB reads block).
+pub(super) async fn read_view<R: Send + 'static>(read: impl FnOnce() -> Result<R, view::ViewError> + Send + 'static) -> Result<R, ApiError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
+impl App {
+    fn as_of(&self) -> AsOf {
+        self.view.as_of().into()
+    }
+
+    /// `tenant`'s aggregates of `window` starting in `[from, to)`, read from the view.
     async fn windows(&self, tenant: String, window: String, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ApiError> {
         let view = Arc::clone(&self.view);
-        tokio::task::spawn_blocking(move || view.windows(&tenant, &window, from, to))
-            .await
-            .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::internal(e.to_string()))
+        read_view(move || view.windows(&tenant, &window, from, to)).await
     }
 }
 
