@@ -14,9 +14,11 @@
 //! - [`cli`] is the command line, [`config`] the configuration, [`ops`] the counters.
 
 pub mod bench;
+pub mod billing;
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod invoice;
 pub mod kafka;
 pub mod ops;
 pub mod pulse;

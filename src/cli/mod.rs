@@ -4,6 +4,7 @@
 mod acls;
 mod bench;
 mod check;
+mod invoice;
 mod keys;
 mod rate;
 mod replay;
@@ -63,6 +64,9 @@ enum Command {
     /// Reference rating consumer: price final aggregates, keep balances, raise alerts.
     #[command(long_about = rate::LONG_ABOUT)]
     Rate(rate::RateArgs),
+    /// Issue a billing period's invoices (and, on request, adjustments), exactly once.
+    #[command(long_about = invoice::LONG_ABOUT)]
+    Invoice(invoice::InvoiceArgs),
     /// Re-compute aggregates from the source topic for a time range (re-rating).
     #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
@@ -291,6 +295,7 @@ pub fn main() -> ExitCode {
         Command::Stub(args) => stub::run(args),
         Command::Check(args) => check::run(args),
         Command::Rate(args) => rate::run(args),
+        Command::Invoice(args) => invoice::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Bench(args) => bench::run(args),

@@ -124,6 +124,21 @@ impl RecordInput<Charge> {
     }
 }
 
+/// `pulses serve`'s decoder of `tenant.invoices` values (JSON only, as `pulses invoice`
+/// writes them).
+pub type InvoiceInput = RecordInput<crate::invoice::Invoice>;
+
+impl RecordInput<crate::invoice::Invoice> {
+    pub fn invoices() -> Self {
+        Self {
+            registry: None,
+            what: "invoice",
+            json: |b| serde_json::from_slice(b).map_err(|e| e.to_string()),
+            avro: |_| Err(avro::ReadError("invoices are written in JSON only".into())),
+        }
+    }
+}
+
 impl<T> RecordInput<T> {
     pub fn decode(&self, bytes: &[u8], wait: Wait<'_>) -> Result<T, InputError> {
         let invalid = |e: &dyn std::fmt::Display| InputError::Invalid(e.to_string());

@@ -15,5 +15,5 @@ pub mod avro;
 pub mod input;
 pub mod output;
 
-pub use input::{AggregateInput, ChargeInput, GroupedInput, InputError, PulseInput, RecordInput};
+pub use input::{AggregateInput, ChargeInput, InvoiceInput, GroupedInput, InputError, PulseInput, RecordInput};
 pub use output::OutputCodec;

@@ -199,6 +199,8 @@ pub struct Topics {
     /// `pulses rate`: charges and threshold alerts.
     pub charges: String,
     pub alerts: String,
+    /// `pulses invoice` and `POST /v1/invoices`: invoices and adjustments (compacted).
+    pub invoices: String,
     /// `pulses replay`: where re-computed aggregates go.
     pub replay: String,
 }
@@ -269,6 +271,7 @@ impl Default for Topics {
             late: "tenant.late.pulses".into(),
             charges: "tenant.rated.charges".into(),
             alerts: "tenant.usage.alerts".into(),
+            invoices: "tenant.invoices".into(),
             replay: "tenant.aggregated.pulses.amount.replay".into(),
         }
     }
@@ -354,7 +357,7 @@ impl Config {
         }
         let t = &self.topics;
         for (what, name) in [("source", &t.source), ("grouped", &t.grouped), ("aggregated", &t.aggregated), ("dlq", &t.dlq), ("late", &t.late),
-            ("charges", &t.charges), ("alerts", &t.alerts), ("replay", &t.replay)] {
+            ("charges", &t.charges), ("alerts", &t.alerts), ("invoices", &t.invoices), ("replay", &t.replay)] {
             if !valid_kafka_name(name) {
                 return invalid(format!("topics.{what} {name:?} is not a valid topic name"));
             }

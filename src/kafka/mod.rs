@@ -6,6 +6,7 @@ pub mod backlog;
 pub mod batch;
 pub mod clients;
 pub mod dlq;
+pub mod partitioner;
 pub mod reader;
 pub mod security;
 pub mod startup;

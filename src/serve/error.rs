@@ -24,11 +24,13 @@ pub struct ApiError {
     pub errors: Vec<PulseError>,
     /// Seconds a client should wait before retrying (503, 429).
     pub retry_after: Option<u64>,
+    /// More fields of the answer (e.g. the existing `invoice_id` of a 409).
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
-        Self { status, code, detail: detail.into(), errors: Vec::new(), retry_after: None }
+        Self { status, code, detail: detail.into(), errors: Vec::new(), retry_after: None, extra: Default::default() }
     }
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
@@ -56,6 +58,12 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
     }
 
+    /// The same answer with `field` set in its body.
+    pub fn with(mut self, field: &str, value: impl Serialize) -> Self {
+        self.extra.insert(field.to_owned(), serde_json::to_value(value).unwrap_or_default());
+        self
+    }
+
     pub fn too_many_requests(detail: impl Into<String>) -> Self {
         Self { retry_after: Some(1), ..Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", detail) }
     }
@@ -67,11 +75,13 @@ struct Body<'a> {
     detail: &'a str,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     errors: &'a [PulseError],
+    #[serde(flatten)]
+    extra: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Body { error: self.code, detail: &self.detail, errors: &self.errors };
+        let body = Body { error: self.code, detail: &self.detail, errors: &self.errors, extra: &self.extra };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

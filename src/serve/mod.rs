@@ -19,6 +19,8 @@ pub mod charges;
 pub mod dashboard;
 pub mod error;
 pub mod ingest;
+pub mod invoice_page;
+pub mod invoices;
 pub mod key_table;
 pub mod keys;
 pub mod metrics;
@@ -36,7 +38,7 @@ use prometheus_client::registry::Registry;
 use rdkafka::producer::FutureProducer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::codec::ChargeInput;
+use crate::codec::{ChargeInput, InvoiceInput};
 use crate::config::{Config, ServeSettings};
 use crate::kafka::admin::{ensure_topics, TopicSpec, DEFAULT_PARTITIONS};
 use crate::kafka::clients;
@@ -47,7 +49,7 @@ use key_table::KeyTable;
 use keys::Caller;
 use metrics::ServeMetrics;
 use quota::QuotaStore;
-use view::{ChargesView, UsageView};
+use view::{ChargesView, InvoicesView, UsageView};
 
 /// API key header.
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -62,6 +64,7 @@ pub struct App {
     pub limits: Limits,
     pub view: Arc<UsageView>,
     pub charges: Arc<ChargesView>,
+    pub invoices: Arc<InvoicesView>,
     pub quotas: QuotaStore,
     /// The finest configured window: quotas sum it.
     pub finest_window: String,
@@ -115,6 +118,8 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
         .route("/v1/usage", get(usage::get_usage))
         .route("/v1/aggregations", get(usage::get_usage))
         .route("/v1/charges", get(charges::get_charges))
+        .route("/v1/invoices", get(invoices::list_invoices).post(invoices::post_invoices))
+        .route("/v1/invoices/{id}", get(invoices::get_invoice))
         .route("/v1/quota/check", post(usage::post_quota_check))
         .route("/v1/me", get(usage::get_me))
         .with_state(Arc::clone(&app))
@@ -185,11 +190,15 @@ pub async fn run(
     startup::retry_async("creating the aggregates and charges topics", within, no_probe, || ensure_topics(c, &viewed))
         .await
         .with_context(|| format!("creating {} and {}", c.topics.aggregated, c.topics.charges))?;
+    startup::retry_async("creating the invoices topic", within, no_probe, || crate::billing::ensure_invoices_topic(c))
+        .await
+        .with_context(|| format!("creating {}", c.topics.invoices))?;
     let quotas = QuotaStore::open(settings.quotas.clone())?;
     let finest_window = cfg.windows.iter().min_by_key(|w| w.size_ms()).map(|w| w.name.clone()).context("no windows configured")?;
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("creating {}", cfg.state_dir.display()))?;
     let view = Arc::new(UsageView::open(&cfg.state_dir.join("serve-view"))?);
     let charges = Arc::new(ChargesView::open(&cfg.state_dir.join("serve-charges-view"))?);
+    let invoices = Arc::new(InvoicesView::open(&cfg.state_dir.join("serve-invoices-view"))?);
     let keys = Arc::new(KeyTable::default());
     let stop = Arc::new(AtomicBool::new(false));
     let followers = [
@@ -205,11 +214,15 @@ pub async fn run(
             view::follow(c, &c.topics.charges, Arc::clone(&charges), ChargeInput::charges(), Arc::clone(&stop))
         })
         .await?,
+        startup::retry_async("reading the invoices topic", within, no_probe, || async {
+            view::follow(c, &c.topics.invoices, Arc::clone(&invoices), InvoiceInput::invoices(), Arc::clone(&stop))
+        })
+        .await?,
     ];
     let (registry, metrics, ready) = registry(&keys, &view, &charges);
     let producer = producer(&cfg, &settings).context("creating the ingest producer")?;
     let limits = Limits::new(settings.max_in_flight_requests, settings.max_in_flight_bytes);
-    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits, view, charges, quotas, finest_window });
+    let app = Arc::new(App { cfg, settings, keys, producer, metrics, limits, view, charges, invoices, quotas, finest_window });
     let reloads = tokio::spawn(reload_quotas(Arc::clone(&app)));
     let ops = Ops { registry: Arc::new(registry), ready };
     http::serve(listener, router(Arc::clone(&app), ops), shutdown).await.context("serving HTTP")?;

@@ -7,6 +7,9 @@
 //! - the charges view, of `tenant.rated.charges`: every charge once (a re-sent charge
 //!   has the same `charge_id`). Keys `c` tenant ∅ start charge_id.
 //!
+//! - the invoices view, of `tenant.invoices`: every invoice, credit and debit note.
+//!   Keys `i` tenant ∅ period start document id, and `n` document id → that key.
+//!
 //! `start` is 8 big-endian bytes (sign bit flipped), so one tenant's records sort by
 //! window start and a time range is one scan. The read position of each partition
 //! (`o` partition) is written in the same batch as the records it covers: a restart
@@ -30,6 +33,7 @@ use crate::codec::{AggregateInput, InputError, RecordInput};
 use crate::config::Config;
 use crate::kafka::clients::{self, QuietEof};
 use crate::ops::memory::HeapTrimmer;
+use crate::invoice::Invoice;
 use crate::rate::records::Charge;
 use crate::registry::{Registry, Wait};
 use crate::window::WindowAggregate;
@@ -51,6 +55,10 @@ pub trait Viewed: Serialize + DeserializeOwned + Send + Sync + 'static {
     const NAME: &'static str;
     fn key(&self) -> Vec<u8>;
     fn replaces(&self, held: &Self) -> bool;
+    /// A second key that finds the record (written as alias → key), if any.
+    fn alias(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 impl Viewed for WindowAggregate {
@@ -84,6 +92,29 @@ impl Viewed for Charge {
     fn replaces(&self, _held: &Self) -> bool {
         true
     }
+}
+
+impl Viewed for Invoice {
+    const NAME: &'static str = "invoices-view";
+    fn key(&self) -> Vec<u8> {
+        let mut k = range_prefix(INVOICE, &[&self.tenant_id]);
+        k.extend_from_slice(&ordered(self.period_start));
+        k.extend_from_slice(self.invoice_id.as_bytes());
+        k
+    }
+    /// Issued documents never change: the latest record of a key is the document.
+    fn replaces(&self, _held: &Self) -> bool {
+        true
+    }
+    fn alias(&self) -> Option<Vec<u8>> {
+        Some(invoice_alias(&self.invoice_id))
+    }
+}
+
+fn invoice_alias(id: &str) -> Vec<u8> {
+    let mut k = vec![INVOICE_ID];
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 impl crate::kafka::startup::Retriable for ViewError {
@@ -121,10 +152,14 @@ pub struct View<T> {
 pub type UsageView = View<WindowAggregate>;
 /// The charges view: charges.
 pub type ChargesView = View<Charge>;
+/// The invoices view: invoices and their adjustments.
+pub type InvoicesView = View<Invoice>;
 
 const AGGREGATE: u8 = b'a';
 const CHARGE: u8 = b'c';
 const OFFSET: u8 = b'o';
+const INVOICE: u8 = b'i';
+const INVOICE_ID: u8 = b'n';
 
 /// A time as key bytes that sort as the times do.
 fn ordered(ms: i64) -> [u8; 8] {
@@ -152,8 +187,8 @@ impl<T: Viewed> std::fmt::Debug for View<T> {
     }
 }
 
-/// The memtable size of each view's store: with two memtables per view and two views,
-/// at most 32 MiB of serve's memory is memtables.
+/// The memtable size of each view's store: with two memtables per view and three views
+/// (usage, charges, invoices), at most 48 MiB of serve's memory is memtables.
 const VIEW_WRITE_BUFFER_BYTES: usize = 8 << 20;
 /// The block cache of each view's store: 16 MiB more per view.
 const VIEW_BLOCK_CACHE_BYTES: usize = 16 << 20;
@@ -217,6 +252,9 @@ impl<T: Viewed> View<T> {
         for (k, r) in &latest {
             let v = serde_json::to_vec(r).map_err(|e| ViewError::Setup(format!("encoding a {} record: {e}", T::NAME)))?;
             batch.put(k, v);
+            if let Some(alias) = r.alias() {
+                batch.put(alias, k);
+            }
         }
         for (p, next) in positions {
             batch.put(offset_key(*p), next.to_be_bytes());
@@ -266,6 +304,22 @@ impl ChargesView {
     /// `tenant`'s charges of windows whose start is in `[from, to)`, by start.
     pub fn charges(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<Charge>, ViewError> {
         self.range(&range_prefix(CHARGE, &[tenant]), from, to)
+    }
+}
+
+impl InvoicesView {
+    /// `tenant`'s documents of periods starting in `[from, to)`, by period start.
+    pub fn invoices(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<Invoice>, ViewError> {
+        self.range(&range_prefix(INVOICE, &[tenant]), from, to)
+    }
+
+    /// The document `id`, if the view holds it.
+    pub fn get(&self, id: &str) -> Result<Option<Invoice>, ViewError> {
+        let Some(key) = self.db.get(invoice_alias(id)).map_err(|e| self.store_err(e))? else { return Ok(None) };
+        match self.db.get(key).map_err(|e| self.store_err(e))? {
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => Ok(None),
+        }
     }
 }
 

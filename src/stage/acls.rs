@@ -86,6 +86,8 @@ pub enum Command {
     /// `pulses run --stages aggregate`.
     Aggregate,
     Rate,
+    /// `pulses invoice`, and `POST /v1/invoices` of a `serve` replica that issues.
+    Invoice,
     Serve,
     Replay,
     Keys,
@@ -152,8 +154,19 @@ pub fn needed(command: Command, cfg: &Config) -> Vec<Acl> {
             acls.push(group(&r.consumer_group, &[Read], "rate's consumer group (offsets commit in its transactions)"));
             acls.push(transactional_ids(format!("{app}-{}-", r.name), "rate's transactional producer, one id per replica"));
         }
+        Command::Invoice => {
+            let r = RateWiring::of(cfg);
+            acls.push(topic(&a.changelog, &[Read], "stage 2's committed watermarks: is the period's every window final?"));
+            acls.push(topic(&cfg.topics.grouped, &[Describe], "its partition count, to find a tenant's partition"));
+            acls.push(topic(&r.input, &[Read], "the aggregated partitions' ends, and what lies between them and rate's offsets"));
+            acls.push(group(&r.consumer_group, &[Describe], "rate's committed offsets: is every final aggregate charged?"));
+            acls.push(topic(&r.charges, &[Read], "the period's charges"));
+            acls.push(topic(&cfg.topics.invoices, &[Read, Write, Create], "invoices and adjustments: read to number them, written; created if missing"));
+            acls.push(transactional_ids(format!("{app}-invoice-"), "the issuer of each invoices partition, one id per partition"));
+        }
         Command::Serve => {
             acls.push(topic(&cfg.topics.source, &[Write], "POST /v1/pulses writes pulses"));
+            acls.push(topic(&cfg.topics.invoices, &[Read, Create], "the invoices view reads invoices; created at start if missing (POST /v1/invoices also needs `--command invoice`'s ACLs)"));
             acls.push(topic(&cfg.topics.aggregated, &[Read, Create], "the usage view reads aggregates; created at start if missing"));
             acls.push(topic(&cfg.topics.charges, &[Read, Create], "the charges view reads charges; created at start if missing"));
             acls.push(topic(&key_topic, &[Read, Create], "API keys; created at start if missing"));
@@ -226,6 +239,7 @@ pub fn command_name(command: Command) -> &'static str {
         Command::Group => "run --stages group",
         Command::Aggregate => "run --stages aggregate",
         Command::Rate => "rate",
+        Command::Invoice => "invoice",
         Command::Serve => "serve",
         Command::Replay => "replay",
         Command::Keys => "keys",

@@ -96,6 +96,41 @@ async function drawQuotas(tenant, totals) {
   if (bars.length) $("quotas").replaceChildren(...bars);
 }
 
+// The tenant's invoices, each opening its printable page (GET /v1/invoices/{id}.html,
+// fetched with the key) in the frame below the list.
+async function drawInvoices(tenant) {
+  const list = await api(`/v1/invoices?${new URLSearchParams({ tenant_id: tenant })}`);
+  $("no-invoices").hidden = list.invoices.length > 0;
+  $("invoices").tBodies[0].replaceChildren(...list.invoices.map((inv) => {
+    const tr = document.createElement("tr");
+    tr.appendChild(cell(`${inv.issuer}-${String(inv.number).padStart(6, "0")}`));
+    tr.appendChild(cell(inv.kind.replace("_", " ")));
+    tr.appendChild(cell(inv.period));
+    tr.appendChild(cell(`${inv.total} ${inv.currency}`, true));
+    tr.appendChild(cell(inv.issued_at));
+    const td = document.createElement("td");
+    const open = document.createElement("a");
+    open.href = "#";
+    open.className = "open-invoice";
+    open.dataset.id = inv.invoice_id;
+    open.textContent = "open";
+    open.addEventListener("click", (e) => { e.preventDefault(); showInvoice(inv.invoice_id); });
+    td.appendChild(open);
+    tr.appendChild(td);
+    return tr;
+  }));
+}
+
+async function showInvoice(id) {
+  const res = await fetch(`/v1/invoices/${encodeURIComponent(id)}.html`, { headers: { "X-API-Key": key } });
+  if (!res.ok) {
+    $("status").textContent = `invoice ${id}: ${res.status}`;
+    return;
+  }
+  $("invoice-frame").srcdoc = await res.text();
+  $("invoice-view").hidden = false;
+}
+
 async function refresh() {
   const tenant = me.admin ? $("tenant").value.trim() : me.tenant_id;
   if (!tenant) {
@@ -111,6 +146,7 @@ async function refresh() {
     rows($("latest").tBodies[0], latest,
       [["window_start"], ["product_sku"], ["use_unit"], ["total_amount", true], ["pulse_count", true], ["revision", true], ["final"]]);
     await drawQuotas(tenant, usage.totals);
+    await drawInvoices(tenant);
     $("status").textContent = `as of ${usage.as_of.updated_at} (lag ${usage.as_of.lag})`;
     document.body.dataset.refreshed = String(Date.now());
   } catch (e) {
@@ -119,4 +155,6 @@ async function refresh() {
 }
 
 $("login").addEventListener("submit", signIn);
+$("print-invoice").addEventListener("click", () => $("invoice-frame").contentWindow.print());
+$("close-invoice").addEventListener("click", () => { $("invoice-view").hidden = true; });
 if (key) signIn();

@@ -1,0 +1,77 @@
+//! A period's charges, read from `tenant.rated.charges` (read_committed) and folded per
+//! tenant ([`PeriodCharges`]), in log order: the order the ledger wrote them in.
+//!
+//! A charge is produced after its window closed, so its record time is after the
+//! window's start; reading starts at the first record stamped [`LOOKBACK`] before the
+//! period (offsets for times), not at the start of the topic's history. The fold
+//! checks every line against the ledger's running totals, so a charge missed for any
+//! reason stops the invoice instead of under-billing it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::consumer::Consumer;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::closing::reader_config;
+use super::BillingError;
+use crate::config::Config;
+use crate::invoice::{InvoiceError, PeriodCharges};
+use crate::kafka::reader::{PartitionsToEnd, Range};
+use crate::rate::records::Charge;
+
+/// How far before the period's start reading begins: a margin for clocks.
+const LOOKBACK: Duration = Duration::from_secs(7 * 86_400);
+
+/// What reading found: each tenant's fold, or why it cannot be invoiced.
+pub type Folds = BTreeMap<String, Result<PeriodCharges, InvoiceError>>;
+
+/// Reads `partitions` of the charges topic up to their ends now, folding the charges of
+/// `period` (starting at `period_start`) of `tenant` (or of every tenant).
+pub fn read(cfg: &Config, partitions: &[i32], period: &str, period_start: i64, tenant: Option<&str>) -> Result<(Folds, u64), BillingError> {
+    let topic = &cfg.topics.charges;
+    let mut reader = PartitionsToEnd::open(&reader_config(cfg), "invoice charges", topic, BTreeMap::new(), Some(Duration::from_secs(60)))?;
+    let from_ms = period_start.saturating_sub(LOOKBACK.as_millis() as i64);
+    let mut ranges = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(from_ms))?;
+    }
+    let found = reader.consumer().offsets_for_times(tpl, Duration::from_secs(10))?;
+    for p in partitions {
+        let (low, high) = reader.consumer().fetch_watermarks(topic, *p, Duration::from_secs(10))?;
+        let from = match found.find_partition(topic, *p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            // No record stamped after it: nothing of the period.
+            _ => high,
+        };
+        ranges.insert(*p, Range { from, end: Some(high) });
+    }
+    reader.assign(ranges)?;
+    let mut folds: Folds = BTreeMap::new();
+    let mut read = 0u64;
+    while !reader.is_done() {
+        let Some(msg) = reader.next(Duration::from_millis(500))? else { continue };
+        read += 1;
+        let Some(payload) = msg.payload() else { continue };
+        let charge: Charge = match serde_json::from_slice(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                // Not a charge pulses wrote; a charge it cannot read would break the
+                // fold's check against the ledger, which names the tenant.
+                tracing::error!(partition = msg.partition(), offset = msg.offset(), "an undecodable charge record skipped: {e}");
+                continue;
+            }
+        };
+        if charge.period != period || tenant.is_some_and(|t| t != charge.tenant_id) {
+            continue;
+        }
+        let fold = folds.entry(charge.tenant_id.clone()).or_insert_with(|| Ok(PeriodCharges::new(&charge.tenant_id, period)));
+        if let Ok(f) = fold {
+            if let Err(e) = f.add(&charge) {
+                *fold = Err(e);
+            }
+        }
+    }
+    Ok((folds, read))
+}

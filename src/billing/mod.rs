@@ -1,0 +1,235 @@
+//! Issuing invoices (SPEC §9): the I/O around [`crate::invoice`]. `pulses invoice` and
+//! `POST /v1/invoices` both call [`issue`]:
+//!
+//! 1. [`closing`]: is the period closed on the tenant's partitions (every window final,
+//!    every final aggregate charged)? If not, the tenant's outcome is `period_open`.
+//! 2. [`charges`]: the period's charges, folded per tenant and checked against the
+//!    ledger's running totals.
+//! 3. [`issuer`]: one fenced transaction per partition of `tenant.invoices` issues each
+//!    invoice once, numbered gap-free.
+
+pub mod charges;
+pub mod closing;
+pub mod issuer;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rust_decimal::Decimal;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::invoice::closing::is_closed;
+use crate::invoice::Invoice;
+use crate::kafka::partitioner::partition_of;
+use crate::kafka::reader::ReadError;
+use crate::pulse::time::format_ms;
+use crate::rate::period;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BillingError {
+    /// The request itself is wrong (a period that is no `YYYY-MM`, a bad tenant id).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("reading: {0}")]
+    Read(#[from] ReadError),
+    #[error("{0}")]
+    Corrupt(String),
+    #[error("topic {0} does not exist (is `pulses run` running?)")]
+    MissingTopic(String),
+}
+
+/// What to issue.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `YYYY-MM`.
+    pub period: String,
+    /// One tenant, or every tenant with charges in the period.
+    pub tenant: Option<String>,
+    /// Also issue adjustments for corrections after an invoice was issued.
+    pub adjustments: bool,
+}
+
+/// What happened for one tenant.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// This run issued it (an invoice, or with `adjustments` a credit or debit note).
+    Issued(Box<Invoice>),
+    /// The invoice was issued before (by another run, replica or process).
+    /// `adjustment_pending`: the total of corrections since, not yet issued.
+    AlreadyIssued { invoice_id: String, number: String, adjustment_pending: Option<Decimal> },
+    /// The period is not closed for the tenant yet: what is still open.
+    PeriodOpen { reason: String },
+    /// The tenant has no charges in the period.
+    NothingToBill,
+    /// The charges cannot make an invoice (they disagree with the ledger, or mix
+    /// currencies): nothing was issued.
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantOutcome {
+    pub tenant_id: String,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// A run's outcomes and how long its steps took.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub period: String,
+    pub outcomes: Vec<TenantOutcome>,
+    pub charges_read: u64,
+    pub closing_ms: u64,
+    pub charges_ms: u64,
+    pub issue_ms: u64,
+    /// Per issued document: its transaction's start to commit (ms), p50/p99/max.
+    pub latency_ms: [f64; 3],
+}
+
+impl Report {
+    pub fn count(&self, what: fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|o| what(&o.outcome)).count()
+    }
+}
+
+/// One issuer's outcomes and its documents' latencies.
+type IssuerResult = Result<(Vec<TenantOutcome>, Vec<Duration>), BillingError>;
+
+/// Partition counts of the topics billing reads.
+struct Layout {
+    grouped: i32,
+    aggregated: i32,
+    charges: i32,
+    invoices: i32,
+}
+
+impl Layout {
+    fn read(cfg: &Config) -> Result<Self, BillingError> {
+        let consumer = closing::metadata_consumer(cfg)?;
+        let count = |topic: &str| -> Result<i32, BillingError> {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+            match md.topics().first().map(|t| t.partitions().len()) {
+                Some(n) if n > 0 => Ok(n as i32),
+                _ => Err(BillingError::MissingTopic(topic.to_owned())),
+            }
+        };
+        let t = &cfg.topics;
+        Ok(Self { grouped: count(&t.grouped)?, aggregated: count(&t.aggregated)?, charges: count(&t.charges)?, invoices: count(&t.invoices)? })
+    }
+}
+
+/// Issues what `req` asks for. Per-tenant problems are outcomes; an error is a failure
+/// of the run itself (Kafka unreachable, a topic missing).
+pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
+    let bounds = period::bounds(&req.period).map_err(BillingError::BadRequest)?;
+    if let Some(t) = &req.tenant {
+        if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+            return Err(BillingError::BadRequest(format!("tenant_id {t:?} is not 1-128 chars of [A-Za-z0-9._:-]")));
+        }
+    }
+    let layout = Layout::read(cfg)?;
+    let only = |n: i32| -> Vec<i32> {
+        match &req.tenant {
+            Some(t) => vec![partition_of(t.as_bytes(), n)],
+            None => (0..n).collect(),
+        }
+    };
+
+    // 1. Closing: every window final, then every final aggregate charged.
+    let started = Instant::now();
+    let grace_ms = cfg.aggregate.grace.as_millis() as i64;
+    let mut open: BTreeMap<(char, i32), String> = BTreeMap::new();
+    for (g, watermark) in closing::stage2_watermarks(cfg, &only(layout.grouped))? {
+        if !watermark.is_some_and(|w| is_closed(w, bounds.1, grace_ms)) {
+            let at = watermark.map_or("none recorded yet".to_owned(), format_ms);
+            open.insert(('g', g), format!(
+                "windows still open: stage 2's watermark of {}[{g}] is {at}; {} closes at {} (period end + grace {} ms)",
+                cfg.topics.grouped, req.period, format_ms(bounds.1 + grace_ms), grace_ms));
+        }
+    }
+    let closed_aggregated: Vec<i32> = only(layout.aggregated);
+    for (a, rated) in closing::rated_through(cfg, &closed_aggregated)? {
+        if let closing::Rated::Behind { at, end } = rated {
+            let at = at.map_or("nothing committed".to_owned(), |o| format!("offset {o}"));
+            open.insert(('a', a), format!("final aggregates not charged yet: pulses rate is at {at} of {end} on {}[{a}]", cfg.topics.aggregated));
+        }
+    }
+    let closing_ms = started.elapsed().as_millis() as u64;
+
+    // 2. The period's charges.
+    let started = Instant::now();
+    let (mut folds, charges_read) = charges::read(cfg, &only(layout.charges), &req.period, bounds.0, req.tenant.as_deref())?;
+    let charges_ms = started.elapsed().as_millis() as u64;
+    if let Some(t) = &req.tenant {
+        folds.entry(t.clone()).or_insert_with(|| Ok(crate::invoice::PeriodCharges::new(t, &req.period)));
+    }
+
+    // 3. Issue, per invoices partition.
+    let started = Instant::now();
+    let mut outcomes = Vec::new();
+    let mut work: BTreeMap<i32, Vec<issuer::Work>> = BTreeMap::new();
+    for (tenant, fold) in folds {
+        let t = tenant.as_bytes();
+        let still_open = [('g', partition_of(t, layout.grouped)), ('a', partition_of(t, layout.aggregated))]
+            .iter()
+            .filter_map(|k| open.get(k).cloned())
+            .collect::<Vec<_>>();
+        let outcome = match fold {
+            _ if !still_open.is_empty() => Some(Outcome::PeriodOpen { reason: still_open.join("; ") }),
+            Err(e) => Some(Outcome::Failed { reason: e.to_string() }),
+            Ok(f) if f.is_empty() => Some(Outcome::NothingToBill),
+            Ok(charges) => {
+                work.entry(partition_of(t, layout.invoices)).or_default().push(issuer::Work { tenant_id: tenant.clone(), charges });
+                None
+            }
+        };
+        if let Some(outcome) = outcome {
+            outcomes.push(TenantOutcome { tenant_id: tenant, outcome });
+        }
+    }
+    // The issuers of different partitions share nothing: they work side by side.
+    let issued: Vec<IssuerResult> = std::thread::scope(|s| {
+        let handles: Vec<_> = work
+            .iter()
+            .map(|(partition, work)| {
+                s.spawn(move || {
+                    let mut latencies = Vec::new();
+                    issuer::issue(cfg, *partition, &req.period, bounds, req.adjustments, work, &mut latencies).map(|o| (o, latencies))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(BillingError::Corrupt("an issuer thread panicked".into())))).collect()
+    });
+    let mut latencies = Vec::new();
+    for result in issued {
+        let (o, l) = result?;
+        outcomes.extend(o);
+        latencies.extend(l);
+    }
+    outcomes.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    let issue_ms = started.elapsed().as_millis() as u64;
+    Ok(Report { period: req.period.clone(), outcomes, charges_read, closing_ms, charges_ms, issue_ms, latency_ms: percentiles(latencies) })
+}
+
+fn percentiles(mut v: Vec<Duration>) -> [f64; 3] {
+    if v.is_empty() {
+        return [0.0; 3];
+    }
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3;
+    [at(0.5), at(0.99), at(1.0)]
+}
+
+/// Creates `tenant.invoices` (compacted) if missing, with as many partitions as the
+/// charges topic, which `pulses rate` creates.
+pub async fn ensure_invoices_topic(cfg: &Config) -> Result<(), crate::kafka::admin::AdminError> {
+    use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
+    let n = partition_count(cfg, &cfg.topics.charges)?;
+    ensure_topics(cfg, &[TopicSpec { name: &cfg.topics.invoices, partitions: n, configs: COMPACTED }]).await
+}
