@@ -24,6 +24,7 @@ pub mod ops;
 pub mod pulse;
 pub mod rate;
 pub mod replay;
+pub mod rerating;
 pub mod registry;
 pub mod runtime;
 pub mod state;

@@ -29,9 +29,36 @@ pub type Folds = BTreeMap<String, Result<PeriodCharges, InvoiceError>>;
 /// Reads `partitions` of the charges topic up to their ends now, folding the charges of
 /// `period` (starting at `period_start`) of `tenant` (or of every tenant).
 pub fn read(cfg: &Config, partitions: &[i32], period: &str, period_start: i64, tenant: Option<&str>) -> Result<(Folds, u64), BillingError> {
+    let mut folds: Folds = BTreeMap::new();
+    let read = for_each(cfg, partitions, period_start, |charge| {
+        if charge.period != period || tenant.is_some_and(|t| t != charge.tenant_id) {
+            return;
+        }
+        let fold = folds.entry(charge.tenant_id.clone()).or_insert_with(|| Ok(PeriodCharges::new(&charge.tenant_id, period)));
+        if let Ok(f) = fold {
+            if let Err(e) = f.add(&charge) {
+                *fold = Err(e);
+            }
+        }
+    })?;
+    Ok((folds, read))
+}
+
+/// Hands every charge of `partitions` (all of them when empty) stamped from
+/// [`LOOKBACK`] before `from_ms` up to the partitions' ends now to `f`, in log order per
+/// partition; the records read.
+pub fn for_each(cfg: &Config, partitions: &[i32], from_ms: i64, mut f: impl FnMut(Charge)) -> Result<u64, BillingError> {
     let topic = &cfg.topics.charges;
     let mut reader = PartitionsToEnd::open(&reader_config(cfg), "invoice charges", topic, BTreeMap::new(), Some(Duration::from_secs(60)))?;
-    let from_ms = period_start.saturating_sub(LOOKBACK.as_millis() as i64);
+    let all: Vec<i32>;
+    let partitions = if partitions.is_empty() {
+        let md = reader.consumer().fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        all = md.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
+        &all[..]
+    } else {
+        partitions
+    };
+    let from_ms = from_ms.saturating_sub(LOOKBACK.as_millis() as i64);
     let mut ranges = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
@@ -48,30 +75,17 @@ pub fn read(cfg: &Config, partitions: &[i32], period: &str, period_start: i64, t
         ranges.insert(*p, Range { from, end: Some(high) });
     }
     reader.assign(ranges)?;
-    let mut folds: Folds = BTreeMap::new();
     let mut read = 0u64;
     while !reader.is_done() {
         let Some(msg) = reader.next(Duration::from_millis(500))? else { continue };
         read += 1;
         let Some(payload) = msg.payload() else { continue };
-        let charge: Charge = match serde_json::from_slice(payload) {
-            Ok(c) => c,
-            Err(e) => {
-                // Not a charge pulses wrote; a charge it cannot read would break the
-                // fold's check against the ledger, which names the tenant.
-                tracing::error!(partition = msg.partition(), offset = msg.offset(), "an undecodable charge record skipped: {e}");
-                continue;
-            }
-        };
-        if charge.period != period || tenant.is_some_and(|t| t != charge.tenant_id) {
-            continue;
-        }
-        let fold = folds.entry(charge.tenant_id.clone()).or_insert_with(|| Ok(PeriodCharges::new(&charge.tenant_id, period)));
-        if let Ok(f) = fold {
-            if let Err(e) = f.add(&charge) {
-                *fold = Err(e);
-            }
+        match serde_json::from_slice::<Charge>(payload) {
+            Ok(c) => f(c),
+            // Not a charge pulses wrote; a charge it cannot read would break the fold's
+            // check against the ledger, which names the tenant.
+            Err(e) => tracing::error!(partition = msg.partition(), offset = msg.offset(), "an undecodable charge record skipped: {e}"),
         }
     }
-    Ok((folds, read))
+    Ok(read)
 }

@@ -1,36 +1,25 @@
 //! Issuing exactly once. Each partition of `tenant.invoices` has one issuer: the holder
-//! of the transactional id `<application_id>-invoice-<partition>`. Taking the id
-//! (`init_transactions`) fences any earlier holder and finishes its open transaction,
-//! committed or aborted; the new holder then reads the partition to its end and knows
-//! every document issued there, so it numbers the next one gap-free and never issues
-//! a second invoice for a tenant and period. A holder fenced while it works (another
-//! run, another replica) fails to commit, takes the id back, reads again, and finds
-//! what the other one issued: `invoice_already_exists`. A run killed with SIGKILL
-//! leaves an open transaction that the next holder aborts, so nothing half-issued is
-//! ever visible, and its numbers are given again.
+//! of the transactional id `<application_id>-invoice-<partition>` ([`super::fenced`]).
+//! Having read the partition to its end, the issuer knows every document issued there,
+//! so it numbers the next one gap-free and never issues a second invoice for a tenant
+//! and period. A holder fenced while it works (another run, another replica) fails to
+//! commit, takes the id back, reads again, and finds what the other one issued:
+//! `invoice_already_exists`. A run killed with SIGKILL leaves an open transaction that
+//! the next holder aborts, so nothing half-issued is ever visible, and its numbers are
+//! given again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
-use rdkafka::producer::{BaseRecord, Producer};
-use rdkafka::Message;
-
-use super::closing::reader_config;
-use super::{BillingError, Outcome, TenantOutcome};
+use super::{fenced, BillingError, Outcome, TenantOutcome};
 use crate::config::Config;
 use crate::invoice::adjust::adjustment;
 use crate::invoice::records::{invoice_key, issuer};
 use crate::invoice::{Invoice, PeriodCharges};
-use crate::kafka::clients::{self, DeliveryTracker};
-use crate::kafka::reader::{PartitionsToEnd, Range};
 use crate::pulse::time::now_ms;
 
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Documents per transaction: a killed run loses at most this much work.
 const PER_TRANSACTION: usize = 200;
-/// Attempts at a partition before giving up (each after being fenced or failing).
-const ATTEMPTS: u32 = 5;
 
 /// What one issuer is asked to do: tenants of its partition with their period's charges.
 pub struct Work {
@@ -69,18 +58,9 @@ pub fn issue(
     let transactional_id = format!("{}-invoice-{partition}", cfg.application_id);
     // Documents this run committed, so a retry after being fenced reports them as issued.
     let mut ours: BTreeMap<String, Invoice> = BTreeMap::new();
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        match issue_once(cfg, &transactional_id, partition, period, bounds, adjustments, work, &mut ours, latencies) {
-            Ok(outcomes) => return Ok(outcomes),
-            Err(e) if attempt < ATTEMPTS => {
-                tracing::warn!(partition, attempt, "issuing invoices: {e}; taking the issuer id again and re-reading");
-                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    fenced::retrying(&format!("issuing invoices in partition {partition}"), || {
+        issue_once(cfg, &transactional_id, partition, period, bounds, adjustments, work, &mut ours, latencies)
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -95,8 +75,7 @@ fn issue_once(
     ours: &mut BTreeMap<String, Invoice>,
     latencies: &mut Vec<Duration>,
 ) -> Result<Vec<TenantOutcome>, BillingError> {
-    let producer = clients::transactional_producer(cfg, transactional_id, DeliveryTracker::default())?;
-    producer.init_transactions(TXN_TIMEOUT)?;
+    let producer = fenced::take(cfg, transactional_id)?;
     let mut ledger = read_partition(cfg, partition)?;
     let name = issuer(partition);
     let topic = &cfg.topics.invoices;
@@ -115,27 +94,12 @@ fn issue_once(
         if pending.is_empty() {
             continue;
         }
-        producer.begin_transaction()?;
-        for (_, doc) in &pending {
-            let key = doc.key();
-            let value = doc.to_json().map_err(|e| BillingError::Corrupt(format!("encoding an invoice: {e}")))?;
-            let mut record = BaseRecord::to(topic).partition(partition).key(&key).payload(&value);
-            // The local queue is far larger than a transaction's documents.
-            while let Err((e, back)) = producer.send(record) {
-                if !matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
-                    let _ = producer.abort_transaction(TXN_TIMEOUT);
-                    return Err(e.into());
-                }
-                record = back;
-                producer.poll(Duration::from_millis(10));
-            }
-        }
-        // Delivered first: commit_transaction's own wait for deliveries is slower (see
-        // runtime::record_collector).
-        if let Err(e) = clients::flush(&producer, TXN_TIMEOUT).and_then(|()| producer.commit_transaction(TXN_TIMEOUT)) {
-            let _ = producer.abort_transaction(TXN_TIMEOUT);
-            return Err(e.into());
-        }
+        let records = pending
+            .iter()
+            .map(|(_, doc)| doc.to_json().map(|v| (doc.key(), v)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| BillingError::Corrupt(format!("encoding an invoice: {e}")))?;
+        fenced::commit(&producer, topic, partition, &records)?;
         let took = started.elapsed();
         for (i, doc) in pending {
             latencies.push(took);
@@ -192,20 +156,15 @@ fn decide(
 /// Every document of `partition`, read to its end after this issuer took its id.
 fn read_partition(cfg: &Config, partition: i32) -> Result<Ledger, BillingError> {
     let topic = &cfg.topics.invoices;
-    let mut reader = PartitionsToEnd::open(&reader_config(cfg), "invoice issuer", topic, BTreeMap::new(), Some(Duration::from_secs(60)))?;
-    let (low, high) = reader.consumer().fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-    reader.assign(BTreeMap::from([(partition, Range { from: low, end: Some(high) })]))?;
     let mut docs = BTreeMap::new();
     let mut numbers = BTreeSet::new();
-    while !reader.is_done() {
-        let Some(msg) = reader.next(Duration::from_millis(500))? else { continue };
-        match msg.payload().map(serde_json::from_slice::<Invoice>) {
-            Some(Ok(doc)) => {
+    for (_, value) in fenced::read_to_end(cfg, topic, partition, "invoice issuer")? {
+        match serde_json::from_slice::<Invoice>(&value) {
+            Ok(doc) => {
                 numbers.insert(doc.number);
                 docs.insert(doc.key(), doc);
             }
-            Some(Err(e)) => tracing::error!(partition, offset = msg.offset(), "{topic}: a record that is no invoice skipped: {e}"),
-            None => {}
+            Err(e) => tracing::error!(partition, "{topic}: a record that is no invoice skipped: {e}"),
         }
     }
     let last = numbers.last().copied().unwrap_or(0);
@@ -213,4 +172,75 @@ fn read_partition(cfg: &Config, partition: i32) -> Result<Ledger, BillingError> 
         tracing::error!(partition, last, documents = numbers.len(), "{topic}[{partition}]'s numbers have gaps: were records deleted?");
     }
     Ok(Ledger { docs, next_number: last + 1 })
+}
+
+/// A re-rating job's difference for one tenant and period, to issue as a note.
+pub struct Note {
+    pub tenant_id: String,
+    pub period: String,
+    pub job_id: String,
+    pub currency: String,
+    /// Per sku and unit: the change in quantity and amount (re-rated minus billed),
+    /// with what was billed before.
+    pub lines: Vec<crate::invoice::Line>,
+}
+
+/// What issuing a note did: its id (now or before), or that the period has no invoice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoteOutcome {
+    Issued(String),
+    IssuedBefore(String),
+    NotInvoiced,
+}
+
+/// Issues `notes` (all of invoices partition `partition`) in one fenced transaction:
+/// each once (its key names the job), referencing the period's invoice.
+pub fn issue_notes(cfg: &Config, partition: i32, notes: &[Note]) -> Result<Vec<NoteOutcome>, BillingError> {
+    let transactional_id = format!("{}-invoice-{partition}", cfg.application_id);
+    fenced::retrying(&format!("issuing re-rating notes in partition {partition}"), || {
+        let producer = fenced::take(cfg, &transactional_id)?;
+        let mut ledger = read_partition(cfg, partition)?;
+        let mut outcomes = Vec::with_capacity(notes.len());
+        let mut records = Vec::new();
+        for n in notes {
+            let key = crate::invoice::records::rerating_note_key(&n.tenant_id, &n.period, &n.job_id);
+            if let Some(doc) = ledger.docs.get(&key) {
+                outcomes.push(NoteOutcome::IssuedBefore(doc.invoice_id.clone()));
+                continue;
+            }
+            let Some(invoice) = ledger.docs.get(&invoice_key(&n.tenant_id, &n.period)) else {
+                outcomes.push(NoteOutcome::NotInvoiced);
+                continue;
+            };
+            let total: rust_decimal::Decimal = n.lines.iter().map(|l| l.amount).sum();
+            let doc = Invoice {
+                invoice_id: crate::invoice::records::rerating_note_id(&n.tenant_id, &n.period, &n.job_id),
+                kind: if total.is_sign_negative() && !total.is_zero() { crate::invoice::Kind::CreditNote } else { crate::invoice::Kind::DebitNote },
+                adjusts: Some(invoice.invoice_id.clone()),
+                adjustment: None,
+                rerating_job: Some(n.job_id.clone()),
+                issuer: issuer(partition),
+                number: ledger.next_number,
+                tenant_id: n.tenant_id.clone(),
+                period: n.period.clone(),
+                period_start: invoice.period_start,
+                period_end: invoice.period_end,
+                currency: n.currency.clone(),
+                lines: n.lines.clone(),
+                subtotal: total,
+                total,
+                charges: crate::invoice::records::Covered { count: 0, last_charge_id: String::new(), last_rated_at: now_ms() },
+                issued_at: now_ms(),
+            };
+            ledger.next_number += 1;
+            let value = doc.to_json().map_err(|e| BillingError::Corrupt(format!("encoding a note: {e}")))?;
+            records.push((key.clone(), value));
+            outcomes.push(NoteOutcome::Issued(doc.invoice_id.clone()));
+            ledger.docs.insert(key, doc);
+        }
+        if !records.is_empty() {
+            fenced::commit(&producer, &cfg.topics.invoices, partition, &records)?;
+        }
+        Ok(outcomes)
+    })
 }

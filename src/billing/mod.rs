@@ -10,7 +10,9 @@
 
 pub mod charges;
 pub mod closing;
+pub mod fenced;
 pub mod issuer;
+pub mod rerating;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -41,6 +43,12 @@ pub enum BillingError {
     Corrupt(String),
     #[error("topic {0} does not exist (is `pulses run` running?)")]
     MissingTopic(String),
+    /// Refused by a decision made in log order (an overlapping re-rating job, a job
+    /// not in the state asked for): a 409 with `code`, never retried.
+    #[error("{detail}")]
+    Conflict { code: &'static str, detail: String, job_id: Option<String> },
+    #[error("{0}")]
+    NotFound(String),
 }
 
 /// What to issue.
@@ -129,9 +137,7 @@ impl Layout {
 pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
     let bounds = period::bounds(&req.period).map_err(BillingError::BadRequest)?;
     if let Some(t) = &req.tenant {
-        if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
-            return Err(BillingError::BadRequest(format!("tenant_id {t:?} is not 1-128 chars of [A-Za-z0-9._:-]")));
-        }
+        check_tenant(t).map_err(BillingError::BadRequest)?;
     }
     let layout = Layout::read(cfg)?;
     let only = |n: i32| -> Vec<i32> {
@@ -215,6 +221,14 @@ pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
     outcomes.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     let issue_ms = started.elapsed().as_millis() as u64;
     Ok(Report { period: req.period.clone(), outcomes, charges_read, closing_ms, charges_ms, issue_ms, latency_ms: percentiles(latencies) })
+}
+
+/// A tenant id as pulses accept it: 1-128 chars of `[A-Za-z0-9._:-]`.
+pub fn check_tenant(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+        return Err(format!("tenant_id {t:?} is not 1-128 chars of [A-Za-z0-9._:-]"));
+    }
+    Ok(())
 }
 
 fn percentiles(mut v: Vec<Duration>) -> [f64; 3] {

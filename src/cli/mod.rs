@@ -8,6 +8,7 @@ mod invoice;
 mod keys;
 mod rate;
 mod replay;
+mod rerate;
 mod run;
 mod serve;
 mod stub;
@@ -67,6 +68,10 @@ enum Command {
     /// Issue a billing period's invoices (and, on request, adjustments), exactly once.
     #[command(long_about = invoice::LONG_ABOUT)]
     Invoice(invoice::InvoiceArgs),
+    /// Re-rate whole billing periods with a price book into a job's own topics, see the
+    /// diff against what was billed, and apply it as credit/debit notes.
+    #[command(long_about = rerate::LONG_ABOUT)]
+    Rerate(rerate::RerateArgs),
     /// Re-compute aggregates from the source topic for a time range (re-rating).
     #[command(long_about = replay::LONG_ABOUT)]
     Replay(replay::ReplayArgs),
@@ -296,6 +301,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Rate(args) => rate::run(args),
         Command::Invoice(args) => invoice::run(args),
+        Command::Rerate(args) => rerate::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Topology(args) => topology::run(args),
         Command::Bench(args) => bench::run(args),

@@ -316,6 +316,11 @@ impl Config {
         format!("{}.api-keys", self.application_id)
     }
 
+    /// The re-rating jobs' log (one partition, compacted): `<application_id>.rerating-jobs`.
+    pub fn rerating_jobs_topic(&self) -> String {
+        format!("{}.rerating-jobs", self.application_id)
+    }
+
     /// Where checkpoints go (see [`Config::checkpoint_dir`]).
     pub fn checkpoint_root(&self) -> PathBuf {
         self.checkpoint_dir.clone().unwrap_or_else(|| self.state_dir.join("checkpoints"))

@@ -77,6 +77,7 @@ pub fn adjustment(
         kind: if total.is_sign_negative() && !total.is_zero() { Kind::CreditNote } else { Kind::DebitNote },
         adjusts: Some(invoice.invoice_id.clone()),
         adjustment: Some(n),
+        rerating_job: None,
         issuer: issuer.to_owned(),
         number,
         tenant_id: invoice.tenant_id.clone(),

@@ -125,6 +125,7 @@ impl PeriodCharges {
             kind: Kind::Invoice,
             adjusts: None,
             adjustment: None,
+            rerating_job: None,
             issuer: issuer.to_owned(),
             number,
             tenant_id: self.tenant_id.clone(),

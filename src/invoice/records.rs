@@ -83,6 +83,10 @@ pub struct Invoice {
     pub adjusts: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adjustment: Option<u32>,
+    /// A note issued by applying a re-rating job's diff: that job's id. Such notes
+    /// stand beside the charge-driven adjustments, which never count them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerating_job: Option<String>,
     /// Who numbered it: one issuer per partition of `tenant.invoices` (`P00`, `P01`, …).
     pub issuer: String,
     /// Gap-free per issuer, from 1.
@@ -120,6 +124,15 @@ pub fn invoice_key(tenant: &str, period: &str) -> String {
     format!("{tenant}|{period}")
 }
 
+/// The record key of the note applying re-rating job `job` to `tenant`'s `period`.
+pub fn rerating_note_key(tenant: &str, period: &str, job: &str) -> String {
+    format!("{}|rerating|{job}", invoice_key(tenant, period))
+}
+
+pub fn rerating_note_id(tenant: &str, period: &str, job: &str) -> String {
+    ids::stable_hash(&["rerating", tenant, period, job])
+}
+
 /// The name of partition `partition`'s issuer.
 pub fn issuer(partition: i32) -> String {
     format!("P{partition:02}")
@@ -128,9 +141,10 @@ pub fn issuer(partition: i32) -> String {
 impl Invoice {
     /// Its record key in `tenant.invoices`.
     pub fn key(&self) -> String {
-        match self.adjustment {
-            None => invoice_key(&self.tenant_id, &self.period),
-            Some(n) => format!("{}|adjustment|{n}", invoice_key(&self.tenant_id, &self.period)),
+        match (&self.rerating_job, self.adjustment) {
+            (Some(job), _) => rerating_note_key(&self.tenant_id, &self.period, job),
+            (None, None) => invoice_key(&self.tenant_id, &self.period),
+            (None, Some(n)) => format!("{}|adjustment|{n}", invoice_key(&self.tenant_id, &self.period)),
         }
     }
 

@@ -229,6 +229,10 @@ mod tests {
         let book = PriceBook::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topology/price-book.toml"))).unwrap();
         assert_eq!(book.currency, "USD");
         assert!(matches!(book.model("api.requests", "request"), Some(Model::Flat { .. })));
+        // The re-rating example: the same skus, changed prices.
+        let changed = PriceBook::from_file(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/topology/price-book-2027.toml"))).unwrap();
+        assert_eq!(changed.prices.keys().collect::<Vec<_>>(), book.prices.keys().collect::<Vec<_>>());
+        assert!(matches!(changed.model("api.requests", "request"), Some(Model::Flat { unit_price }) if unit_price.to_string() == "0.0009"));
     }
 
     #[test]

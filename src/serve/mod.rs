@@ -25,6 +25,7 @@ pub mod key_table;
 pub mod keys;
 pub mod metrics;
 pub mod quota;
+pub mod rerating;
 pub mod usage;
 pub mod view;
 
@@ -120,6 +121,9 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
         .route("/v1/charges", get(charges::get_charges))
         .route("/v1/invoices", get(invoices::list_invoices).post(invoices::post_invoices))
         .route("/v1/invoices/{id}", get(invoices::get_invoice))
+        .route("/v1/rerating-jobs", post(rerating::post_job))
+        .route("/v1/rerating-jobs/{id}", get(rerating::get_job))
+        .route("/v1/rerating-jobs/{id}/apply", post(rerating::apply_job))
         .route("/v1/quota/check", post(usage::post_quota_check))
         .route("/v1/me", get(usage::get_me))
         .with_state(Arc::clone(&app))

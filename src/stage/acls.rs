@@ -41,6 +41,8 @@ pub enum Resource {
     Group(String),
     /// Every transactional id starting with this (a replica's process id ends it).
     TransactionalIdPrefix(String),
+    /// Every topic starting with this (a re-rating job's own topics).
+    TopicPrefix(String),
 }
 
 impl Resource {
@@ -49,12 +51,13 @@ impl Resource {
             Self::Topic(_) => "Topic",
             Self::Group(_) => "Group",
             Self::TransactionalIdPrefix(_) => "TransactionalId (prefixed)",
+            Self::TopicPrefix(_) => "Topic (prefixed)",
         }
     }
 
     fn name(&self) -> &str {
         match self {
-            Self::Topic(n) | Self::Group(n) | Self::TransactionalIdPrefix(n) => n,
+            Self::Topic(n) | Self::Group(n) | Self::TransactionalIdPrefix(n) | Self::TopicPrefix(n) => n,
         }
     }
 
@@ -64,6 +67,7 @@ impl Resource {
             Self::Topic(n) => format!("--topic {n}"),
             Self::Group(n) => format!("--group {n}"),
             Self::TransactionalIdPrefix(n) => format!("--transactional-id {n} --resource-pattern-type prefixed"),
+            Self::TopicPrefix(n) => format!("--topic {n} --resource-pattern-type prefixed"),
         }
     }
 }
@@ -88,6 +92,8 @@ pub enum Command {
     Rate,
     /// `pulses invoice`, and `POST /v1/invoices` of a `serve` replica that issues.
     Invoice,
+    /// `pulses rerate`, and the re-rating jobs of a `serve` replica that runs them.
+    Rerate,
     Serve,
     Replay,
     Keys,
@@ -163,6 +169,22 @@ pub fn needed(command: Command, cfg: &Config) -> Vec<Acl> {
             acls.push(topic(&r.charges, &[Read], "the period's charges"));
             acls.push(topic(&cfg.topics.invoices, &[Read, Write, Create], "invoices and adjustments: read to number them, written; created if missing"));
             acls.push(transactional_ids(format!("{app}-invoice-"), "the issuer of each invoices partition, one id per partition"));
+        }
+        Command::Rerate => {
+            acls.extend(needed(Command::Invoice, cfg));
+            acls.push(topic(&cfg.topics.source, &[Read], "the pulses of the scope, replayed"));
+            acls.push(topic(&cfg.topics.aggregated, &[Read], "its partition count, for the job's topics"));
+            acls.push(topic(&cfg.rerating_jobs_topic(), &[Read, Write, Create], "the jobs' log: decided, progress, diffs; created when first used"));
+            acls.push(Acl {
+                resource: Resource::TopicPrefix(format!("{app}.rerating.")),
+                operations: vec![Read, Write, Create],
+                why: "each job's own aggregates and charges topics".into(),
+            });
+            acls.push(Acl {
+                resource: Resource::TransactionalIdPrefix(format!("{app}-rerating-jobs")),
+                operations: vec![Write],
+                why: "the jobs' decider".into(),
+            });
         }
         Command::Serve => {
             acls.push(topic(&cfg.topics.source, &[Write], "POST /v1/pulses writes pulses"));
@@ -240,6 +262,7 @@ pub fn command_name(command: Command) -> &'static str {
         Command::Aggregate => "run --stages aggregate",
         Command::Rate => "rate",
         Command::Invoice => "invoice",
+        Command::Rerate => "rerate",
         Command::Serve => "serve",
         Command::Replay => "replay",
         Command::Keys => "keys",
