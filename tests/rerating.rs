@@ -174,4 +174,9 @@ fn a_rerating_job_diffs_a_changed_price_book_against_what_was_billed_and_applies
     let (code, out, _) = pulses_cli(&["rerate", "--status", &id]);
     assert_eq!(code, 0);
     assert!(out.starts_with(&format!("job\t{id}\tApplied")), "{out}");
+    // The log holds the three accepted jobs only: bad requests and refusals wrote nothing.
+    let logged: std::collections::BTreeSet<String> = read_all(&format!("{}.rerating-jobs", t.app)).iter()
+        .map(|r| r.json()["job_id"].as_str().unwrap_or_default().to_owned()).collect();
+    assert_eq!(logged.len(), 3, "{logged:?}");
+    assert!(logged.contains(&id) && logged.contains(december["job_id"].as_str().unwrap()));
 }
