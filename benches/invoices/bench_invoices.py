@@ -49,6 +49,9 @@ def main():
     ap.add_argument("--tenants", type=int, default=10_000)
     ap.add_argument("--products", type=int, default=4, choices=range(1, len(PRODUCTS) + 1))
     ap.add_argument("--days", type=int, default=30, choices=range(1, 31))
+    ap.add_argument("--kill-once", action="store_true",
+                    help="SIGKILL the first invoice run once its first records are written, then run it again and check "
+                         "that every tenant has exactly one invoice")
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -118,6 +121,10 @@ def main():
         watcher.close()
         log(f"charged {time.time() - t0:.1f} s after the first pulse; running pulses invoice")
 
+        killed = None
+        if args.kill_once:
+            killed = kill_mid_run(args, cfg, topics["invoices"], work)
+            log(f"killed the first run with {killed['committed_before_restart']:,} invoices committed; running it again")
         t2 = time.time()
         out_path, err_path = os.path.join(work, "invoice.json"), os.path.join(work, "invoice.log")
         with open(out_path, "w") as out, open(err_path, "w") as err:
@@ -143,14 +150,20 @@ def main():
             "per_invoice_ms": dict(zip(["p50", "p99", "max"], report["latency_ms"])),
             "invoice_json_bytes_max": max(sizes) if sizes else 0,
             "peak_rss_mib": round(peak_rss_mib, 1),
+            "killed_first_run": killed,
+            # Committed records in tenant.invoices after the run: one per tenant, none twice.
+            "invoice_records": committed_records(args.bootstrap, topics["invoices"]),
             "targets": {"wall_s": 300, "stretch_wall_s": 30, "per_invoice_p99_ms": 100, "per_invoice_bytes": 1_048_576},
         }
         print(json.dumps(summary, indent=2))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(summary, f, indent=2)
-        if issued != args.tenants:
-            raise SystemExit(f"{issued} invoices issued for {args.tenants} tenants: see {err_path}")
+        before = killed["committed_before_restart"] if killed else 0
+        if issued + outcomes.count("already_issued") != args.tenants or outcomes.count("already_issued") != before:
+            raise SystemExit(f"{issued} issued and {outcomes.count('already_issued')} issued before for {args.tenants} tenants: see {err_path}")
+        if summary["invoice_records"] != args.tenants:
+            raise SystemExit(f"{summary['invoice_records']} committed invoice records for {args.tenants} tenants")
     finally:
         for p in procs:
             p.terminate()
@@ -160,6 +173,53 @@ def main():
             except subprocess.TimeoutExpired:
                 p.kill()
         log(f"logs in {work}")
+
+
+def committed_records(bootstrap, topic):
+    """Records a read_committed reader sees in `topic` (aborted transactions excluded)."""
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "bench-invoices-count", "isolation.level": "read_committed",
+                  "enable.auto.commit": False, "enable.partition.eof": True, "auto.offset.reset": "earliest"})
+    parts = [TopicPartition(topic, p, 0) for p in c.list_topics(topic, timeout=10).topics[topic].partitions]
+    c.assign(parts)
+    done, n = set(), 0
+    while len(done) < len(parts):
+        m = c.poll(1.0)
+        if m is None:
+            continue
+        if m.error():
+            if m.error().code() == -191:  # _PARTITION_EOF
+                done.add(m.partition())
+            continue
+        n += 1
+    c.close()
+    return n
+
+
+def kill_mid_run(args, cfg, invoices_topic, work):
+    """Starts `pulses invoice`, SIGKILLs it as soon as its first records reach the invoices
+    topic (committed or not), and says how many invoices were committed by then."""
+    watch = Consumer({"bootstrap.servers": args.bootstrap, "group.id": "bench-invoices-watch", "isolation.level": "read_uncommitted"})
+    with open(os.path.join(work, "invoice-killed.log"), "w") as err:
+        child = subprocess.Popen([args.pulses_bin, "invoice", "--config", cfg, "--period", "2026-11"],
+                                 stdout=subprocess.DEVNULL, stderr=err)
+        t0 = time.time()
+        while True:
+            try:
+                md = watch.list_topics(invoices_topic, timeout=1).topics.get(invoices_topic)
+                written = sum(watch.get_watermark_offsets(TopicPartition(invoices_topic, p), timeout=1)[1]
+                              for p in (md.partitions if md and not md.error else {}))
+            except Exception:  # the topic does not exist yet
+                written = 0
+            if written > 0 or child.poll() is not None or time.time() - t0 > 600:
+                break
+            time.sleep(0.002)
+        running = child.poll() is None
+        child.kill()
+        child.wait()
+    watch.close()
+    if not running:
+        raise SystemExit("the first invoice run ended before it could be killed")
+    return {"after_s": round(time.time() - t0, 2), "committed_before_restart": committed_records(args.bootstrap, invoices_topic)}
 
 
 if __name__ == "__main__":

@@ -122,7 +122,10 @@ class Stack:
     def start(self, name, args):
         logf = open(self.out / f"{name}.log", "w")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
-        p = subprocess.Popen([str(self.bin), *args, *self.common(), "--state-dir", str(self.dir / f"state-{name}")],
+        # A profiler around serve (e.g. PULSES_LOAD_SERVE_WRAPPER="heaptrack -o /tmp/serve"):
+        # its samples are then of the wrapper's process, so the memory verdict does not hold.
+        wrapper = os.environ.get("PULSES_LOAD_SERVE_WRAPPER", "").split() if name == "serve" else []
+        p = subprocess.Popen([*wrapper, str(self.bin), *args, *self.common(), "--state-dir", str(self.dir / f"state-{name}")],
                              stdout=logf, stderr=subprocess.STDOUT, env=env)
         self.procs[name] = p
         return p
