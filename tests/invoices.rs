@@ -288,3 +288,27 @@ fn written(watch: &rdkafka::consumer::BaseConsumer, topic: &str) -> i64 {
     use rdkafka::consumer::Consumer;
     (0..3).map(|p| watch.fetch_watermarks(topic, p, std::time::Duration::from_secs(1)).map_or(0, |(_, high)| high)).sum()
 }
+
+#[test]
+fn partitions_added_to_the_invoices_topic_stop_the_issuers_instead_of_invoicing_twice() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    let (t, cfg, charges, invoices) = setup("invoices-grown");
+    let _run = Proc::run(&t, &cfg, &[]);
+    let _rate = start_rate(&t, &cfg, tempfile::tempdir().unwrap(), Some((&charges, &format!("{}.alerts", t.app))));
+    // 40 tenants, 1 request each: spread over the 3 partitions of the invoices topic.
+    produce_pulses(&t.source, &(0..40).map(|i| p(&format!("n{i}"), &format!("n{i:02}"), "api.requests", "request", "1", NOV + i * 60_000)).collect::<Vec<_>>());
+    wait_charged(&charges, "0.040", 40);
+    let (code, _, err) = invoice_cli(&t, &cfg, &["--period", "2026-11"]);
+    assert_eq!((code, documents(&invoices).len()), (0, 40), "{err}");
+    // An operator grows the topic: tenants would move between issuers.
+    let admin: AdminClient<DefaultClientContext> = kafka_client().create().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for r in rt.block_on(admin.create_partitions(&[NewPartitions::new(&invoices, 5)], &AdminOptions::new())).unwrap() {
+        r.unwrap();
+    }
+    let (code, _, err) = invoice_cli(&t, &cfg, &["--period", "2026-11"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("partitions were added"), "{err}");
+    assert_eq!(read_all(&invoices).len(), 40, "nothing issued twice");
+}

@@ -140,6 +140,7 @@ pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
         check_tenant(t).map_err(BillingError::BadRequest)?;
     }
     let layout = Layout::read(cfg)?;
+    check_invoices_layout(cfg, layout.invoices)?;
     let only = |n: i32| -> Vec<i32> {
         match &req.tenant {
             Some(t) => vec![partition_of(t.as_bytes(), n)],
@@ -246,4 +247,45 @@ pub async fn ensure_invoices_topic(cfg: &Config) -> Result<(), crate::kafka::adm
     use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
     let n = partition_count(cfg, &cfg.topics.charges)?;
     ensure_topics(cfg, &[TopicSpec { name: &cfg.topics.invoices, partitions: n, configs: COMPACTED }]).await
+}
+
+/// A tenant's documents live in the partition Kafka's partitioner gives it, so the
+/// invoices topic's partition count must never change: with partitions added, a
+/// tenant's issuer would be one that never saw its earlier invoices. The count is
+/// recorded at the first run and every run compares it before issuing anything.
+pub(super) fn check_invoices_layout(cfg: &Config, partitions: i32) -> Result<(), BillingError> {
+    use crate::kafka::admin::{ensure_topics, TopicSpec, COMPACTED};
+    let topic = cfg.invoices_layout_topic();
+    // Created when first issuing, so a serve replica that never issues needs no ACL for it.
+    let spec = [TopicSpec { name: &topic, partitions: 1, configs: COMPACTED }];
+    let created = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.block_on(ensure_topics(cfg, &spec)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BillingError::Corrupt(format!("starting a runtime: {e}")))?
+            .block_on(ensure_topics(cfg, &spec)),
+    };
+    created.map_err(|e| BillingError::Corrupt(format!("creating {topic}: {e}")))?;
+    let recorded = fenced::read_to_end(cfg, &topic, 0, "invoices layout")?
+        .into_iter()
+        .rev()
+        .find_map(|(_, v)| serde_json::from_slice::<serde_json::Value>(&v).ok()?["partitions"].as_i64());
+    match recorded {
+        Some(n) if n == i64::from(partitions) => Ok(()),
+        Some(n) => Err(BillingError::Corrupt(format!(
+            "{} has {partitions} partitions, but its invoices were issued with {n}: partitions were added, so tenants \
+             moved between issuers that never saw their earlier invoices; nothing is issued (restore {n} partitions)",
+            cfg.topics.invoices
+        ))),
+        None => {
+            let producer = crate::kafka::clients::tracked_producer(cfg, crate::kafka::clients::DeliveryTracker::default())?;
+            let value = serde_json::json!({ "partitions": partitions }).to_string();
+            producer
+                .send(rdkafka::producer::BaseRecord::to(&topic).partition(0).key("layout").payload(&value))
+                .map_err(|(e, _)| BillingError::Kafka(e))?;
+            crate::kafka::clients::flush(&producer, Duration::from_secs(30))?;
+            Ok(())
+        }
+    }
 }

@@ -325,6 +325,7 @@ pub fn apply(cfg: &Config, job_id: &str) -> Result<Job, BillingError> {
         other => return refuse("job_not_done", format!("job {job_id} is {other:?}, not done: only a done job's diff can be applied")),
     }
     let invoices = partition_count(cfg, &cfg.topics.invoices).map_err(|e| BillingError::Corrupt(e.to_string()))?;
+    super::check_invoices_layout(cfg, invoices)?;
     let mut notes: BTreeMap<i32, Vec<Note>> = BTreeMap::new();
     let mut by_period: BTreeMap<(String, String), Note> = BTreeMap::new();
     for l in job.diff.iter().flatten().filter(|l| !l.difference.is_zero() || l.billed_quantity != l.rerated_quantity) {

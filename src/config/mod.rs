@@ -316,6 +316,12 @@ impl Config {
         format!("{}.api-keys", self.application_id)
     }
 
+    /// `<invoices topic>.layout`: one record, the invoices topic's partition count when
+    /// the first invoice was issued (see `billing`).
+    pub fn invoices_layout_topic(&self) -> String {
+        format!("{}.layout", self.topics.invoices)
+    }
+
     /// The re-rating jobs' log (one partition, compacted): `<application_id>.rerating-jobs`.
     pub fn rerating_jobs_topic(&self) -> String {
         format!("{}.rerating-jobs", self.application_id)

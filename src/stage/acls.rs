@@ -168,6 +168,7 @@ pub fn needed(command: Command, cfg: &Config) -> Vec<Acl> {
             acls.push(group(&r.consumer_group, &[Describe], "rate's committed offsets: is every final aggregate charged?"));
             acls.push(topic(&r.charges, &[Read], "the period's charges"));
             acls.push(topic(&cfg.topics.invoices, &[Read, Write, Create], "invoices and adjustments: read to number them, written; created if missing"));
+            acls.push(topic(&cfg.invoices_layout_topic(), &[Read, Write, Create], "the invoices topic's partition count, recorded at the first run and checked by every run"));
             acls.push(transactional_ids(format!("{app}-invoice-"), "the issuer of each invoices partition, one id per partition"));
         }
         Command::Rerate => {
