@@ -10,14 +10,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rdkafka::consumer::Consumer;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use super::closing::reader_config;
 use super::BillingError;
 use crate::config::Config;
 use crate::invoice::{InvoiceError, PeriodCharges};
+use crate::kafka::admin::partition_ids;
 use crate::kafka::reader::{PartitionsToEnd, Range};
+use crate::replay::bounds::{end_offsets, start_offsets};
+use crate::replay::ReplayError;
 use crate::rate::records::Charge;
 
 /// How far before the period's start reading begins: a margin for clocks.
@@ -50,30 +52,13 @@ pub fn read(cfg: &Config, partitions: &[i32], period: &str, period_start: i64, t
 pub fn for_each(cfg: &Config, partitions: &[i32], from_ms: i64, mut f: impl FnMut(Charge)) -> Result<u64, BillingError> {
     let topic = &cfg.topics.charges;
     let mut reader = PartitionsToEnd::open(&reader_config(cfg), "invoice charges", topic, BTreeMap::new(), Some(Duration::from_secs(60)))?;
-    let all: Vec<i32>;
-    let partitions = if partitions.is_empty() {
-        let md = reader.consumer().fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        all = md.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
-        &all[..]
-    } else {
-        partitions
-    };
+    let partitions = if partitions.is_empty() { partition_ids(cfg, topic)? } else { partitions.to_vec() };
     let from_ms = from_ms.saturating_sub(LOOKBACK.as_millis() as i64);
-    let mut ranges = BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Offset(from_ms))?;
-    }
-    let found = reader.consumer().offsets_for_times(tpl, Duration::from_secs(10))?;
-    for p in partitions {
-        let (low, high) = reader.consumer().fetch_watermarks(topic, *p, Duration::from_secs(10))?;
-        let from = match found.find_partition(topic, *p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o.max(low),
-            // No record stamped after it: nothing of the period.
-            _ => high,
-        };
-        ranges.insert(*p, Range { from, end: Some(high) });
-    }
+    let bounds = |e: ReplayError| BillingError::Corrupt(format!("the charges' offsets: {e}"));
+    let starts = start_offsets(reader.consumer(), topic, &partitions, from_ms).map_err(bounds)?;
+    let ends = end_offsets(reader.consumer(), topic, &partitions).map_err(bounds)?;
+    // No record stamped after the lookback's start: nothing of the period.
+    let ranges = ends.iter().map(|(p, end)| (*p, Range { from: starts.get(p).copied().flatten().unwrap_or(*end), end: Some(*end) })).collect();
     reader.assign(ranges)?;
     let mut read = 0u64;
     while !reader.is_done() {

@@ -15,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 
 use super::BillingError;
 use crate::config::Config;
-use crate::kafka::clients::{self, QuietEof};
+use crate::kafka::{batch, clients};
 use crate::kafka::reader::{PartitionsToEnd, Range};
 use crate::window::watermark::Watermark;
 
@@ -96,7 +96,10 @@ pub fn rated_through(cfg: &Config, partitions: &[i32]) -> Result<BTreeMap<i32, R
     }
     let deadline = Instant::now() + RATED_WAIT;
     loop {
-        let committed = committed(&observer, topic, partitions)?;
+        // Asked again while a fresh broker's coordinator loads; unreadable counts as
+        // nothing committed, so the period stays open rather than billed early.
+        let committed: BTreeMap<i32, i64> =
+            batch::committed(&observer, topic, partitions).into_iter().filter_map(|(p, c)| Some((p, c.offset?))).collect();
         // Behind its end by offsets: is anything but markers in between?
         let gaps: BTreeMap<i32, Range> = ends
             .iter()
@@ -119,22 +122,6 @@ pub fn rated_through(cfg: &Config, partitions: &[i32]) -> Result<BTreeMap<i32, R
     }
 }
 
-fn committed(observer: &BaseConsumer, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, BillingError> {
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition(topic, *p);
-    }
-    let got = observer.committed_offsets(tpl, METADATA_TIMEOUT)?;
-    Ok(got
-        .elements()
-        .iter()
-        .filter_map(|e| match e.offset() {
-            Offset::Offset(o) => Some((e.partition(), o)),
-            _ => None,
-        })
-        .collect())
-}
-
 /// The partitions of `ranges` holding a committed record in their range (the others
 /// hold only the markers of transactions, or records of aborted ones).
 fn with_records(cfg: &Config, topic: &str, ranges: BTreeMap<i32, Range>) -> Result<BTreeSet<i32>, BillingError> {
@@ -151,21 +138,13 @@ fn with_records(cfg: &Config, topic: &str, ranges: BTreeMap<i32, Range>) -> Resu
     Ok(found)
 }
 
-/// Billing's readers: `read_committed` readers of partitions to their ends, whose
-/// fetches return within 50 ms when there is nothing (librdkafka waits 500 ms by
-/// default, which a partition ending in a transaction marker always costs).
+/// Billing's readers: [`clients::prompt_reader`]s of partitions to their ends (a
+/// partition ending in a transaction marker would otherwise cost a 500 ms empty fetch).
 pub(super) fn reader_config(cfg: &Config) -> rdkafka::config::ClientConfig {
-    let mut c = clients::reader(cfg, &group(cfg));
-    c.set("fetch.wait.max.ms", "50");
-    c
+    clients::prompt_reader(cfg, &group(cfg))
 }
 
 /// The group id billing's readers name (never joined).
 pub(super) fn group(cfg: &Config) -> String {
     format!("{}.invoice", cfg.application_id)
-}
-
-/// A consumer for metadata questions about the billing topics.
-pub(super) fn metadata_consumer(cfg: &Config) -> Result<BaseConsumer<QuietEof>, BillingError> {
-    Ok(clients::reader(cfg, &group(cfg)).create_with_context(QuietEof { reader: "invoice" })?)
 }

@@ -70,6 +70,14 @@ pub fn commit(producer: &TrackedProducer, topic: &str, partition: i32, records: 
     Ok(())
 }
 
+/// Writes one record to partition 0 of `topic` with a plain (idempotent) producer and
+/// waits until the broker has it: the jobs' progress, the invoices' layout record.
+pub fn send_one(producer: &TrackedProducer, topic: &str, key: &str, value: &[u8]) -> Result<(), BillingError> {
+    producer.send(BaseRecord::to(topic).partition(0).key(key).payload(value)).map_err(|(e, _)| BillingError::Kafka(e))?;
+    clients::flush(producer, TXN_TIMEOUT)?;
+    Ok(())
+}
+
 /// Runs `attempt` until it succeeds, at most [`ATTEMPTS`] times, backing off between.
 pub fn retrying<T>(what: &str, mut attempt: impl FnMut() -> Result<T, BillingError>) -> Result<T, BillingError> {
     let mut n = 0;

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::{fenced, BillingError, Outcome, TenantOutcome};
 use crate::config::Config;
-use crate::invoice::adjust::adjustment;
+use crate::invoice::adjust::{adjustment, rerating_note};
 use crate::invoice::records::{invoice_key, issuer};
 use crate::invoice::{Invoice, PeriodCharges};
 use crate::pulse::time::now_ms;
@@ -212,25 +212,9 @@ pub fn issue_notes(cfg: &Config, partition: i32, notes: &[Note]) -> Result<Vec<N
                 outcomes.push(NoteOutcome::NotInvoiced);
                 continue;
             };
-            let total: rust_decimal::Decimal = n.lines.iter().map(|l| l.amount).sum();
-            let doc = Invoice {
-                invoice_id: crate::invoice::records::rerating_note_id(&n.tenant_id, &n.period, &n.job_id),
-                kind: if total.is_sign_negative() && !total.is_zero() { crate::invoice::Kind::CreditNote } else { crate::invoice::Kind::DebitNote },
-                adjusts: Some(invoice.invoice_id.clone()),
-                adjustment: None,
-                rerating_job: Some(n.job_id.clone()),
-                issuer: issuer(partition),
-                number: ledger.next_number,
-                tenant_id: n.tenant_id.clone(),
-                period: n.period.clone(),
-                period_start: invoice.period_start,
-                period_end: invoice.period_end,
-                currency: n.currency.clone(),
-                lines: n.lines.clone(),
-                subtotal: total,
-                total,
-                charges: crate::invoice::records::Covered { count: 0, last_charge_id: String::new(), last_rated_at: now_ms() },
-                issued_at: now_ms(),
+            let doc = match rerating_note(invoice, &n.job_id, &n.currency, n.lines.clone(), &issuer(partition), ledger.next_number, now_ms()) {
+                Ok(doc) => doc,
+                Err(e) => return Err(BillingError::Corrupt(e.to_string())),
             };
             ledger.next_number += 1;
             let value = doc.to_json().map_err(|e| BillingError::Corrupt(format!("encoding a note: {e}")))?;

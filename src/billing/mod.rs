@@ -17,7 +17,6 @@ pub mod rerating;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -25,6 +24,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::invoice::closing::is_closed;
 use crate::invoice::Invoice;
+use crate::kafka::admin::partition_count;
 use crate::kafka::partitioner::partition_of;
 use crate::kafka::reader::ReadError;
 use crate::pulse::time::format_ms;
@@ -41,8 +41,8 @@ pub enum BillingError {
     Read(#[from] ReadError),
     #[error("{0}")]
     Corrupt(String),
-    #[error("topic {0} does not exist (is `pulses run` running?)")]
-    MissingTopic(String),
+    #[error(transparent)]
+    Admin(#[from] crate::kafka::admin::AdminError),
     /// Refused by a decision made in log order (an overlapping re-rating job, a job
     /// not in the state asked for): a 409 with `code`, never retried.
     #[error("{detail}")]
@@ -119,14 +119,7 @@ struct Layout {
 
 impl Layout {
     fn read(cfg: &Config) -> Result<Self, BillingError> {
-        let consumer = closing::metadata_consumer(cfg)?;
-        let count = |topic: &str| -> Result<i32, BillingError> {
-            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-            match md.topics().first().map(|t| t.partitions().len()) {
-                Some(n) if n > 0 => Ok(n as i32),
-                _ => Err(BillingError::MissingTopic(topic.to_owned())),
-            }
-        };
+        let count = |topic: &str| partition_count(cfg, topic);
         let t = &cfg.topics;
         Ok(Self { grouped: count(&t.grouped)?, aggregated: count(&t.aggregated)?, charges: count(&t.charges)?, invoices: count(&t.invoices)? })
     }
@@ -137,7 +130,7 @@ impl Layout {
 pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
     let bounds = period::bounds(&req.period).map_err(BillingError::BadRequest)?;
     if let Some(t) = &req.tenant {
-        check_tenant(t).map_err(BillingError::BadRequest)?;
+        check_tenant(t)?;
     }
     let layout = Layout::read(cfg)?;
     check_invoices_layout(cfg, layout.invoices)?;
@@ -160,14 +153,32 @@ pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
                 cfg.topics.grouped, req.period, format_ms(bounds.1 + grace_ms), grace_ms));
         }
     }
-    let closed_aggregated: Vec<i32> = only(layout.aggregated);
-    for (a, rated) in closing::rated_through(cfg, &closed_aggregated)? {
+    for (a, rated) in closing::rated_through(cfg, &only(layout.aggregated))? {
         if let closing::Rated::Behind { at, end } = rated {
             let at = at.map_or("nothing committed".to_owned(), |o| format!("offset {o}"));
             open.insert(('a', a), format!("final aggregates not charged yet: pulses rate is at {at} of {end} on {}[{a}]", cfg.topics.aggregated));
         }
     }
     let closing_ms = started.elapsed().as_millis() as u64;
+    // What is still open on `tenant`'s partitions.
+    let still_open = |tenant: &str| -> Vec<String> {
+        let t = tenant.as_bytes();
+        [('g', partition_of(t, layout.grouped)), ('a', partition_of(t, layout.aggregated))].iter().filter_map(|k| open.get(k).cloned()).collect()
+    };
+    let report = |outcomes, charges_read, charges_ms, issue_ms, latencies| Report {
+        period: req.period.clone(),
+        outcomes,
+        charges_read,
+        closing_ms,
+        charges_ms,
+        issue_ms,
+        latency_ms: percentiles(latencies),
+    };
+    if let Some(t) = req.tenant.as_deref().filter(|t| !still_open(t).is_empty()) {
+        // One tenant whose period is open: its charges need not be read.
+        let outcome = Outcome::PeriodOpen { reason: still_open(t).join("; ") };
+        return Ok(report(vec![TenantOutcome { tenant_id: t.to_owned(), outcome }], 0, 0, 0, Vec::new()));
+    }
 
     // 2. The period's charges.
     let started = Instant::now();
@@ -182,17 +193,13 @@ pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
     let mut outcomes = Vec::new();
     let mut work: BTreeMap<i32, Vec<issuer::Work>> = BTreeMap::new();
     for (tenant, fold) in folds {
-        let t = tenant.as_bytes();
-        let still_open = [('g', partition_of(t, layout.grouped)), ('a', partition_of(t, layout.aggregated))]
-            .iter()
-            .filter_map(|k| open.get(k).cloned())
-            .collect::<Vec<_>>();
+        let open_here = still_open(&tenant);
         let outcome = match fold {
-            _ if !still_open.is_empty() => Some(Outcome::PeriodOpen { reason: still_open.join("; ") }),
+            _ if !open_here.is_empty() => Some(Outcome::PeriodOpen { reason: open_here.join("; ") }),
             Err(e) => Some(Outcome::Failed { reason: e.to_string() }),
             Ok(f) if f.is_empty() => Some(Outcome::NothingToBill),
             Ok(charges) => {
-                work.entry(partition_of(t, layout.invoices)).or_default().push(issuer::Work { tenant_id: tenant.clone(), charges });
+                work.entry(partition_of(tenant.as_bytes(), layout.invoices)).or_default().push(issuer::Work { tenant_id: tenant.clone(), charges });
                 None
             }
         };
@@ -220,25 +227,33 @@ pub fn issue(cfg: &Config, req: &Request) -> Result<Report, BillingError> {
         latencies.extend(l);
     }
     outcomes.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    let issue_ms = started.elapsed().as_millis() as u64;
-    Ok(Report { period: req.period.clone(), outcomes, charges_read, closing_ms, charges_ms, issue_ms, latency_ms: percentiles(latencies) })
+    Ok(report(outcomes, charges_read, charges_ms, started.elapsed().as_millis() as u64, latencies))
 }
 
-/// A tenant id as pulses accept it: 1-128 chars of `[A-Za-z0-9._:-]`.
-pub fn check_tenant(t: &str) -> Result<(), String> {
-    if t.is_empty() || t.len() > 128 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
-        return Err(format!("tenant_id {t:?} is not 1-128 chars of [A-Za-z0-9._:-]"));
-    }
-    Ok(())
+/// A tenant id as a pulse's `tenant_id` must be (stage 1's own check).
+pub fn check_tenant(t: &str) -> Result<(), BillingError> {
+    crate::pulse::validate::identifier("tenant_id", Some(t)).map(drop).map_err(|r| BillingError::BadRequest(r.detail))
 }
 
-fn percentiles(mut v: Vec<Duration>) -> [f64; 3] {
-    if v.is_empty() {
-        return [0.0; 3];
-    }
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1].as_secs_f64() * 1e3;
-    [at(0.5), at(0.99), at(1.0)]
+/// p50, p99 and max of `latencies`, in ms (nearest rank, as `pulses bench` reports).
+fn percentiles(latencies: Vec<Duration>) -> [f64; 3] {
+    let ms: Vec<f64> = latencies.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    [0.5, 0.99, 1.0].map(|q| crate::bench::stats::percentile(&ms, q).unwrap_or(0.0))
+}
+
+/// Runs an admin call from synchronous code: on the runtime this thread is in (a
+/// blocking task of `pulses serve`), else on a runtime of its own (the CLI, a job's
+/// thread).
+pub(super) fn admin_blocking<T>(call: impl std::future::Future<Output = Result<T, crate::kafka::admin::AdminError>>) -> Result<T, BillingError> {
+    let result = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.block_on(call),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BillingError::Corrupt(format!("starting a runtime: {e}")))?
+            .block_on(call),
+    };
+    Ok(result?)
 }
 
 /// Creates `tenant.invoices` (compacted) if missing, with as many partitions as the
@@ -257,16 +272,7 @@ pub(super) fn check_invoices_layout(cfg: &Config, partitions: i32) -> Result<(),
     use crate::kafka::admin::{ensure_topics, TopicSpec, COMPACTED};
     let topic = cfg.invoices_layout_topic();
     // Created when first issuing, so a serve replica that never issues needs no ACL for it.
-    let spec = [TopicSpec { name: &topic, partitions: 1, configs: COMPACTED }];
-    let created = match tokio::runtime::Handle::try_current() {
-        Ok(rt) => rt.block_on(ensure_topics(cfg, &spec)),
-        Err(_) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| BillingError::Corrupt(format!("starting a runtime: {e}")))?
-            .block_on(ensure_topics(cfg, &spec)),
-    };
-    created.map_err(|e| BillingError::Corrupt(format!("creating {topic}: {e}")))?;
+    admin_blocking(ensure_topics(cfg, &[TopicSpec { name: &topic, partitions: 1, configs: COMPACTED }]))?;
     let recorded = fenced::read_to_end(cfg, &topic, 0, "invoices layout")?
         .into_iter()
         .rev()
@@ -280,12 +286,8 @@ pub(super) fn check_invoices_layout(cfg: &Config, partitions: i32) -> Result<(),
         ))),
         None => {
             let producer = crate::kafka::clients::tracked_producer(cfg, crate::kafka::clients::DeliveryTracker::default())?;
-            let value = serde_json::json!({ "partitions": partitions }).to_string();
-            producer
-                .send(rdkafka::producer::BaseRecord::to(&topic).partition(0).key("layout").payload(&value))
-                .map_err(|(e, _)| BillingError::Kafka(e))?;
-            crate::kafka::clients::flush(&producer, Duration::from_secs(30))?;
-            Ok(())
+            let value = serde_json::json!({ "partitions": partitions }).to_string().into_bytes();
+            fenced::send_one(&producer, &topic, "layout", &value)
         }
     }
 }

@@ -26,15 +26,14 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::BaseRecord;
 use rdkafka::Message;
-use rust_decimal::Decimal;
 
 use super::issuer::{issue_notes, Note, NoteOutcome};
-use super::{charges, closing::reader_config, fenced, BillingError};
+use super::{admin_blocking, charges, closing::reader_config, fenced, BillingError};
 use crate::codec::AggregateInput;
 use crate::config::Config;
 use crate::invoice::records::Billed;
 use crate::invoice::Line;
-use crate::kafka::admin::{ensure_topics, partition_count, TopicSpec, COMPACTED};
+use crate::kafka::admin::{ensure_topics, partition_count, partition_ids, TopicSpec, COMPACTED};
 use crate::kafka::clients::{self, DeliveryTracker, TrackedProducer};
 use crate::kafka::partitioner::partition_of;
 use crate::kafka::reader::{PartitionsToEnd, Range};
@@ -59,35 +58,54 @@ pub struct JobRequest {
     pub price_book: String,
 }
 
+/// Why a job request is refused before any job exists.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// A time, scope, tenant or window that is not right.
+    #[error("{0}")]
+    Invalid(String),
+    /// The price book cannot be read or does not parse.
+    #[error("{0}")]
+    PriceBook(String),
+}
+
 impl JobRequest {
-    /// The job asked for, checked: whole periods, a price book that parses (a file, or a
-    /// name: `topology/<name>.toml`).
-    pub fn parse(from: &str, to: &str, tenant_id: Option<String>, price_book: Option<&str>, window: Option<String>) -> Result<JobRequest, String> {
-        let time = |name: &str, v: &str| crate::pulse::time::parse_rfc3339_ms(v).ok_or_else(|| format!("{name}={v:?} is not an RFC 3339 time"));
+    /// The job asked for, checked against `cfg`: whole periods, a configured window
+    /// [default: minute, as `pulses rate`], a price book that parses (a file, or a name:
+    /// `topology/<name>.toml`).
+    pub fn parse(
+        cfg: &Config,
+        from: &str,
+        to: &str,
+        tenant_id: Option<String>,
+        price_book: Option<&str>,
+        window: Option<String>,
+    ) -> Result<JobRequest, RequestError> {
+        use RequestError::{Invalid, PriceBook as Book};
+        let time = |name: &str, v: &str| crate::pulse::time::parse_rfc3339_ms(v).ok_or_else(|| Invalid(format!("{name}={v:?} is not an RFC 3339 time")));
         if let Some(t) = &tenant_id {
-            super::check_tenant(t)?;
+            super::check_tenant(t).map_err(|e| Invalid(e.to_string()))?;
         }
-        let scope = Scope::new(time("from", from)?, time("to", to)?, tenant_id)?;
+        let scope = Scope::new(time("from", from)?, time("to", to)?, tenant_id).map_err(Invalid)?;
+        let window = window.unwrap_or_else(|| "minute".into());
+        if !cfg.windows.iter().any(|w| w.name == window) {
+            return Err(Invalid(format!("window {window:?} is not configured")));
+        }
         let source = match price_book {
             None => "topology/price-book.toml".to_owned(),
             Some(p) if p.contains('/') || p.ends_with(".toml") => p.to_owned(),
             Some(name) => format!("topology/{name}.toml"),
         };
-        let text = std::fs::read_to_string(&source).map_err(|e| format!("price book {source}: {e}"))?;
-        PriceBook::from_toml(&text).map_err(|e| format!("price book {source} does not parse: {e}"))?;
-        Ok(JobRequest { scope, window: window.unwrap_or_else(|| "minute".into()), price_book_source: source, price_book: text })
+        let text = std::fs::read_to_string(&source).map_err(|e| Book(format!("price book {source}: {e}")))?;
+        PriceBook::from_toml(&text).map_err(|e| Book(format!("price book {source} does not parse: {e}")))?;
+        Ok(JobRequest { scope, window, price_book_source: source, price_book: text })
     }
 }
 
-/// Creates the jobs' log if missing (when jobs are first used, so a serve replica that
-/// never re-rates needs no ACL for it).
-pub fn ensure_jobs_log(cfg: &Config, rt: &tokio::runtime::Handle) -> Result<(), BillingError> {
-    let log = [TopicSpec { name: &cfg.rerating_jobs_topic(), partitions: 1, configs: COMPACTED }];
-    rt.block_on(ensure_topics(cfg, &log)).map_err(|e| BillingError::Corrupt(format!("creating {}: {e}", cfg.rerating_jobs_topic())))
-}
-
-/// Every job in the log, latest state of each.
+/// Every job in the log, latest state of each. The log is created when jobs are first
+/// used, so a serve replica that never re-rates needs no ACL for it.
 fn jobs(cfg: &Config) -> Result<BTreeMap<String, Job>, BillingError> {
+    admin_blocking(ensure_topics(cfg, &[TopicSpec { name: &cfg.rerating_jobs_topic(), partitions: 1, configs: COMPACTED }]))?;
     let mut out = BTreeMap::new();
     for (_, value) in fenced::read_to_end(cfg, &cfg.rerating_jobs_topic(), 0, "rerating jobs")? {
         match serde_json::from_slice::<Job>(&value) {
@@ -180,10 +198,7 @@ impl StatusWriter {
     fn write(&mut self, job: &mut Job) -> Result<(), BillingError> {
         job.updated_at = now_ms();
         let (key, value) = encode(job)?;
-        self.producer
-            .send(BaseRecord::to(&self.topic).partition(0).key(&key).payload(&value))
-            .map_err(|(e, _)| BillingError::Kafka(e))?;
-        clients::flush(&self.producer, Duration::from_secs(30))?;
+        fenced::send_one(&self.producer, &self.topic, &key, &value)?;
         self.last = Instant::now();
         Ok(())
     }
@@ -200,11 +215,11 @@ impl StatusWriter {
 
 /// Runs an accepted job to its end (done or failed), writing its state as it goes;
 /// returns the final state.
-pub fn run(cfg: &Config, rt: &tokio::runtime::Handle, mut job: Job, shutdown: &AtomicBool) -> Result<Job, BillingError> {
+pub fn run(cfg: &Config, mut job: Job, shutdown: &AtomicBool) -> Result<Job, BillingError> {
     let mut status = StatusWriter::new(cfg)?;
     job.status = Status::Running;
     status.write(&mut job)?;
-    match run_steps(cfg, rt, &mut job, &mut status, shutdown) {
+    match run_steps(cfg, &mut job, &mut status, shutdown) {
         Ok(()) => job.status = Status::Done,
         Err(e) => {
             tracing::error!(job = %job.job_id, "re-rating job failed: {e}");
@@ -216,19 +231,19 @@ pub fn run(cfg: &Config, rt: &tokio::runtime::Handle, mut job: Job, shutdown: &A
     Ok(job)
 }
 
-fn run_steps(cfg: &Config, rt: &tokio::runtime::Handle, job: &mut Job, status: &mut StatusWriter, shutdown: &AtomicBool) -> Result<(), BillingError> {
+fn run_steps(cfg: &Config, job: &mut Job, status: &mut StatusWriter, shutdown: &AtomicBool) -> Result<(), BillingError> {
     let book = PriceBook::from_toml(&job.price_book).map_err(|e| BillingError::BadRequest(format!("the price book: {e}")))?;
     let mut replay_cfg = cfg.clone();
     replay_cfg.windows.retain(|w| w.name == job.window);
     if replay_cfg.windows.is_empty() {
         return Err(BillingError::BadRequest(format!("window {:?} is not configured", job.window)));
     }
-    let partitions = partition_count(cfg, &cfg.topics.aggregated).map_err(|e| BillingError::Corrupt(e.to_string()))?;
+    let partitions = partition_count(cfg, &cfg.topics.aggregated)?;
     let own = [
         TopicSpec { name: &job.aggregates_topic, partitions, configs: &[] },
         TopicSpec { name: &job.charges_topic, partitions, configs: &[] },
     ];
-    rt.block_on(ensure_topics(cfg, &own)).map_err(|e| BillingError::Corrupt(format!("creating the job's topics: {e}")))?;
+    admin_blocking(ensure_topics(cfg, &own))?;
 
     // 1. The scope's aggregates, recomputed by the live code into the job's topic.
     job.progress.step = "replaying".into();
@@ -259,7 +274,7 @@ fn run_steps(cfg: &Config, rt: &tokio::runtime::Handle, job: &mut Job, status: &
     let scope = job.scope.clone();
     let window = job.window.clone();
     let only = match &scope.tenant_id {
-        Some(t) => vec![partition_of(t.as_bytes(), partition_count(cfg, &cfg.topics.charges).map_err(|e| BillingError::Corrupt(e.to_string()))?)],
+        Some(t) => vec![partition_of(t.as_bytes(), partition_count(cfg, &cfg.topics.charges)?)],
         None => Vec::new(),
     };
     charges::for_each(cfg, &only, scope.from, |c| {
@@ -279,9 +294,8 @@ fn rate(cfg: &Config, job: &mut Job, book: &PriceBook, status: &mut StatusWriter
     let registry = Registry::from_config(&cfg.schema_registry).map_err(|e| BillingError::Corrupt(e.to_string()))?.map(Arc::new);
     let input = AggregateInput::aggregates(registry);
     let mut reader = PartitionsToEnd::open(&reader_config(cfg), "rerating", &job.aggregates_topic, BTreeMap::new(), Some(Duration::from_secs(60)))?;
-    let md = reader.consumer().fetch_metadata(Some(&job.aggregates_topic), Duration::from_secs(10))?;
     let mut ranges = BTreeMap::new();
-    for p in md.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()) {
+    for p in partition_ids(cfg, &job.aggregates_topic)? {
         let (low, high) = reader.consumer().fetch_watermarks(&job.aggregates_topic, p, Duration::from_secs(10))?;
         ranges.insert(p, Range { from: low, end: Some(high) });
     }
@@ -324,7 +338,7 @@ pub fn apply(cfg: &Config, job_id: &str) -> Result<Job, BillingError> {
         Status::Applied => return refuse("already_applied", format!("job {job_id} was applied: notes {}", job.notes.join(", "))),
         other => return refuse("job_not_done", format!("job {job_id} is {other:?}, not done: only a done job's diff can be applied")),
     }
-    let invoices = partition_count(cfg, &cfg.topics.invoices).map_err(|e| BillingError::Corrupt(e.to_string()))?;
+    let invoices = partition_count(cfg, &cfg.topics.invoices)?;
     super::check_invoices_layout(cfg, invoices)?;
     let mut notes: BTreeMap<i32, Vec<Note>> = BTreeMap::new();
     let mut by_period: BTreeMap<(String, String), Note> = BTreeMap::new();
@@ -359,9 +373,4 @@ pub fn apply(cfg: &Config, job_id: &str) -> Result<Job, BillingError> {
     job.status = Status::Applied;
     StatusWriter::new(cfg)?.write(&mut job)?;
     Ok(job)
-}
-
-/// The total of a job's diff, for logs and the CLI.
-pub fn total(job: &Job) -> Decimal {
-    job.difference.unwrap_or_default()
 }

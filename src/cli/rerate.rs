@@ -62,21 +62,16 @@ pub fn run(args: RerateArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let shutdown = super::shutdown_on_signal(&rt);
     super::connect(&cfg, &|_| {})?;
-    rerating::ensure_jobs_log(&cfg, rt.handle())?;
     let job = if let Some(id) = &args.status {
         rerating::get(&cfg, id)?.with_context(|| format!("no re-rating job {id:?}"))?
     } else if let Some(id) = &args.apply {
         refused(rerating::apply(&cfg, id))?
     } else {
         let (from, to) = (args.from.as_deref().unwrap_or_default(), args.to.as_deref().unwrap_or_default());
-        let req = rerating::JobRequest::parse(from, to, args.tenant.clone(), args.price_book.as_deref(), Some(args.window.clone()))
-            .map_err(anyhow::Error::msg)?;
-        if !cfg.windows.iter().any(|w| w.name == req.window) {
-            anyhow::bail!("--window {:?} is not a configured window", req.window);
-        }
+        let req = rerating::JobRequest::parse(&cfg, from, to, args.tenant.clone(), args.price_book.as_deref(), Some(args.window.clone()))?;
         let job = refused(rerating::submit(&cfg, &req))?;
         eprintln!("rerate: job {} accepted; replaying and rating", job.job_id);
-        rerating::run(&cfg, rt.handle(), job, &shutdown)?
+        rerating::run(&cfg, job, &shutdown)?
     };
     print(&job);
     if job.status == Status::Failed {

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use super::fold::{sum, PeriodCharges};
-use super::records::{adjustment_id, Billed, Covered, Invoice, Kind, Line};
+use super::records::{adjustment_id, rerating_note_id, Billed, Covered, Invoice, Kind, Line};
 use super::InvoiceError;
 
 /// What `documents` (an invoice and its adjustments) billed, per sku and unit.
@@ -68,15 +68,46 @@ pub fn adjustment(
     if lines.is_empty() {
         return Ok(None);
     }
-    let total = sum(lines.iter().map(|l| l.amount), &invoice.tenant_id)?;
     let n = u32::try_from(earlier.len() + 1).unwrap_or(u32::MAX);
     let counted: u64 = std::iter::once(invoice).chain(earlier.iter().copied()).map(|d| d.charges.count).sum();
     let all = now.covered();
     Ok(Some(Invoice {
         invoice_id: adjustment_id(&invoice.tenant_id, &invoice.period, n),
-        kind: if total.is_sign_negative() && !total.is_zero() { Kind::CreditNote } else { Kind::DebitNote },
-        adjusts: Some(invoice.invoice_id.clone()),
         adjustment: Some(n),
+        charges: Covered { count: all.count.saturating_sub(counted), ..all },
+        ..note_on(invoice, lines, issuer, number, issued_at)?
+    }))
+}
+
+/// The note applying re-rating job `job_id` to `invoice`'s period: `lines` are the
+/// job's differences per sku and unit (re-rated minus billed), numbered `number` by
+/// `issuer`. It covers no charge: it changes prices, not usage.
+pub fn rerating_note(
+    invoice: &Invoice,
+    job_id: &str,
+    currency: &str,
+    lines: Vec<Line>,
+    issuer: &str,
+    number: u64,
+    issued_at: i64,
+) -> Result<Invoice, InvoiceError> {
+    Ok(Invoice {
+        invoice_id: rerating_note_id(&invoice.tenant_id, &invoice.period, job_id),
+        rerating_job: Some(job_id.to_owned()),
+        currency: currency.to_owned(),
+        ..note_on(invoice, lines, issuer, number, issued_at)?
+    })
+}
+
+/// A credit or debit note of `lines` on `invoice`, numbered `number` by `issuer`; the
+/// callers give it its id and say what it adjusts for.
+fn note_on(invoice: &Invoice, lines: Vec<Line>, issuer: &str, number: u64, issued_at: i64) -> Result<Invoice, InvoiceError> {
+    let total = sum(lines.iter().map(|l| l.amount), &invoice.tenant_id)?;
+    Ok(Invoice {
+        invoice_id: String::new(),
+        kind: Kind::of_adjustment(total),
+        adjusts: Some(invoice.invoice_id.clone()),
+        adjustment: None,
         rerating_job: None,
         issuer: issuer.to_owned(),
         number,
@@ -88,7 +119,7 @@ pub fn adjustment(
         lines,
         subtotal: total,
         total,
-        charges: Covered { count: all.count.saturating_sub(counted), ..all },
+        charges: Covered { count: 0, last_charge_id: String::new(), last_rated_at: issued_at },
         issued_at,
-    }))
+    })
 }

@@ -23,6 +23,15 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind of an adjustment whose total is `total`: less owed is a credit note.
+    pub fn of_adjustment(total: Decimal) -> Self {
+        if total.is_sign_negative() && !total.is_zero() {
+            Kind::CreditNote
+        } else {
+            Kind::DebitNote
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Invoice => "invoice",

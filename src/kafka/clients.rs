@@ -96,6 +96,16 @@ pub fn reader(cfg: &Config, group_id: &str) -> ClientConfig {
     with_user_overrides(c, cfg)
 }
 
+/// A [`reader`] whose fetches return within 50 ms when there is nothing new
+/// (librdkafka parks a fetch up to `fetch.wait.max.ms`, 500 ms): what a reader waiting
+/// on a transaction's records, or on the end of a partition that ends in a transaction
+/// marker, would otherwise pay each time (serve's views, billing's questions).
+pub fn prompt_reader(cfg: &Config, group_id: &str) -> ClientConfig {
+    let mut c = record_reader_defaults(cfg, group_id);
+    c.set("enable.partition.eof", "true").set("fetch.wait.max.ms", "50");
+    with_user_overrides(c, cfg)
+}
+
 /// A consumer that only looks at consumer group `group_id` from outside: its committed
 /// offsets, and the ends of the partitions it reads as its read_committed members see
 /// them. It never subscribes, so it never joins the group.

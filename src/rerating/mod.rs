@@ -113,7 +113,7 @@ pub struct Job {
     pub updated_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diff: Option<Vec<DiffLine>>,
-    /// The sum of the diff's differences, by currency.
+    /// The sum of the diff's differences (in the job's price book's currency).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub difference: Option<Decimal>,
     /// Applied: the notes issued, and the (tenant, period)s not invoiced yet.

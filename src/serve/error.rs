@@ -89,3 +89,33 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// A billing failure as an answer: a bad request is a 400, a refusal decided in log
+/// order a 409 with its code (and the job in the way), a missing job a 404; Kafka
+/// trouble a 503 to retry.
+impl From<crate::billing::BillingError> for ApiError {
+    fn from(e: crate::billing::BillingError) -> Self {
+        use crate::billing::BillingError;
+        match e {
+            BillingError::BadRequest(detail) => ApiError::bad_request("invalid_parameter", detail),
+            BillingError::Conflict { code, detail, job_id } => ApiError::new(StatusCode::CONFLICT, code, detail).with("job_id", job_id),
+            BillingError::NotFound(detail) => ApiError::new(StatusCode::NOT_FOUND, "not_found", detail),
+            other => ApiError::unavailable(other.to_string(), 5),
+        }
+    }
+}
+
+impl From<super::view::ViewError> for ApiError {
+    fn from(e: super::view::ViewError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+/// Runs blocking work (Kafka clients, RocksDB reads) off the async workers.
+pub(super) async fn blocking<R, E>(work: impl FnOnce() -> Result<R, E> + Send + 'static) -> Result<R, ApiError>
+where
+    R: Send + 'static,
+    E: Into<ApiError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(Into::into)
+}

@@ -11,10 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use super::error::{blocking, ApiError};
 use super::usage::{read_view, tenant_of};
 use super::{invoice_page, App};
-use crate::billing::{self, BillingError, Outcome, Request};
+use crate::billing::{self, Outcome, Request};
 use crate::invoice::Invoice;
 use crate::rate::period;
 
@@ -40,13 +40,7 @@ pub async fn post_invoices(State(app): State<Arc<App>>, headers: HeaderMap, body
     };
     let request = Request { period: body.period, tenant: tenant.clone(), adjustments: body.adjustments };
     let cfg = Arc::clone(&app.cfg);
-    let report = tokio::task::spawn_blocking(move || billing::issue(&cfg, &request))
-        .await
-        .map_err(|e| ApiError::internal(format!("issuing: {e}")))?
-        .map_err(|e| match e {
-            BillingError::BadRequest(detail) => ApiError::bad_request("invalid_parameter", detail),
-            other => ApiError::unavailable(format!("issuing invoices: {other}"), 5),
-        })?;
+    let report = blocking(move || billing::issue(&cfg, &request)).await?;
     if tenant.is_none() {
         return Ok(Json(report).into_response());
     }

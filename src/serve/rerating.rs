@@ -12,11 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 
-use super::error::ApiError;
+use super::error::{blocking, ApiError};
 use super::keys::Caller;
 use super::App;
-use crate::billing::rerating::{self, JobRequest};
-use crate::billing::BillingError;
+use crate::billing::rerating::{self, JobRequest, RequestError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,35 +36,23 @@ fn admin_only(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-pub fn api_error(e: BillingError) -> ApiError {
-    match e {
-        BillingError::BadRequest(detail) => ApiError::bad_request("invalid_parameter", detail),
-        BillingError::Conflict { code, detail, job_id } => ApiError::new(StatusCode::CONFLICT, code, detail).with("job_id", job_id),
-        BillingError::NotFound(detail) => ApiError::new(StatusCode::NOT_FOUND, "not_found", detail),
-        other => ApiError::unavailable(other.to_string(), 5),
-    }
-}
-
 /// `POST /v1/rerating-jobs`: 202 with the queued job, which this replica runs.
 pub async fn post_job(State(app): State<Arc<App>>, headers: HeaderMap, body: axum::body::Bytes) -> Result<Response, ApiError> {
     admin_only(&app, &headers)?;
     let body: JobBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request("invalid_body", format!("expected {{\"from\":…,\"to\":…,\"tenant_id\"?,\"price_book\"?,\"window\"?}}: {e}")))?;
-    let req = JobRequest::parse(&body.from, &body.to, body.tenant_id, body.price_book.as_deref(), body.window).map_err(|e| {
-        let code = if e.contains("price book") { "invalid_price_book" } else { "invalid_parameter" };
-        ApiError::bad_request(code, e)
+    let req = JobRequest::parse(&app.cfg, &body.from, &body.to, body.tenant_id, body.price_book.as_deref(), body.window).map_err(|e| {
+        let code = match e {
+            RequestError::Invalid(_) => "invalid_parameter",
+            RequestError::PriceBook(_) => "invalid_price_book",
+        };
+        ApiError::bad_request(code, e.to_string())
     })?;
-    if !app.cfg.windows.iter().any(|w| w.name == req.window) {
-        return Err(ApiError::bad_request("invalid_parameter", format!("window {:?} is not configured", req.window)));
-    }
-    let (cfg, rt) = (Arc::clone(&app.cfg), tokio::runtime::Handle::current());
-    let job = tokio::task::spawn_blocking(move || rerating::ensure_jobs_log(&cfg, &rt).and_then(|()| rerating::submit(&cfg, &req)))
-        .await
-        .map_err(|e| ApiError::internal(format!("deciding: {e}")))?
-        .map_err(api_error)?;
-    let (cfg, handle, queued) = (Arc::clone(&app.cfg), tokio::runtime::Handle::current(), job.clone());
+    let cfg = Arc::clone(&app.cfg);
+    let job = blocking(move || rerating::submit(&cfg, &req)).await?;
+    let (cfg, queued) = (Arc::clone(&app.cfg), job.clone());
     let spawned = std::thread::Builder::new().name("rerating-job".into()).spawn(move || {
-        if let Err(e) = rerating::run(&cfg, &handle, queued, &AtomicBool::new(false)) {
+        if let Err(e) = rerating::run(&cfg, queued, &AtomicBool::new(false)) {
             tracing::error!("re-rating job: {e}");
         }
     });
@@ -78,12 +65,10 @@ pub async fn post_job(State(app): State<Arc<App>>, headers: HeaderMap, body: axu
 /// `GET /v1/rerating-jobs/{id}`.
 pub async fn get_job(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     admin_only(&app, &headers)?;
-    let (cfg, rt) = (Arc::clone(&app.cfg), tokio::runtime::Handle::current());
+    let cfg = Arc::clone(&app.cfg);
     let lookup = id.clone();
-    let job = tokio::task::spawn_blocking(move || rerating::ensure_jobs_log(&cfg, &rt).and_then(|()| rerating::get(&cfg, &lookup)))
-        .await
-        .map_err(|e| ApiError::internal(format!("reading the jobs: {e}")))?
-        .map_err(api_error)?
+    let job = blocking(move || rerating::get(&cfg, &lookup))
+        .await?
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no re-rating job {id:?}")))?;
     Ok(Json(job).into_response())
 }
@@ -91,10 +76,7 @@ pub async fn get_job(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): 
 /// `POST /v1/rerating-jobs/{id}/apply`: the job, applied.
 pub async fn apply_job(State(app): State<Arc<App>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     admin_only(&app, &headers)?;
-    let (cfg, rt) = (Arc::clone(&app.cfg), tokio::runtime::Handle::current());
-    let job = tokio::task::spawn_blocking(move || rerating::ensure_jobs_log(&cfg, &rt).and_then(|()| rerating::apply(&cfg, &id)))
-        .await
-        .map_err(|e| ApiError::internal(format!("applying: {e}")))?
-        .map_err(api_error)?;
+    let cfg = Arc::clone(&app.cfg);
+    let job = blocking(move || rerating::apply(&cfg, &id)).await?;
     Ok(Json(job).into_response())
 }

@@ -97,10 +97,7 @@ impl From<view::AsOf> for AsOf {
 
 /// Runs `read` of a view off the async workers (RocksDB reads block).
 pub(super) async fn read_view<R: Send + 'static>(read: impl FnOnce() -> Result<R, view::ViewError> + Send + 'static) -> Result<R, ApiError> {
-    tokio::task::spawn_blocking(read)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(e.to_string()))
+    super::error::blocking(read).await
 }
 
 impl App {

@@ -335,11 +335,8 @@ pub fn follow<T: Viewed>(
     stop: Arc<AtomicBool>,
 ) -> Result<std::thread::JoinHandle<()>, ViewError> {
     let topic = topic.to_owned();
-    let mut config = clients::reader(cfg, &format!("{}.{}", cfg.application_id, T::NAME));
-    // A fetch parked at the broker may wait out fetch.wait.max.ms (librdkafka: 500 ms)
-    // before a committed transaction's records reach a read_committed reader: with
-    // 50 ms, a correction is in the view well within SPEC §8's second.
-    config.set("fetch.wait.max.ms", "50");
+    // A prompt reader: a correction is in the view well within SPEC §8's second.
+    let config = clients::prompt_reader(cfg, &format!("{}.{}", cfg.application_id, T::NAME));
     let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof { reader: T::NAME })?;
     let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions()).map(|p| p.id()).collect();
