@@ -57,6 +57,7 @@ fn main() {
         event_time: base,
         attributes: None,
         source: SourceRef { topic: "bench".into(), partition: 0, offset: 0 },
+        latest_id: None,
     };
     for i in 0..total {
         pulse.pulse_id = format!("p{i}");

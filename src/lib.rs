@@ -20,6 +20,7 @@ pub mod codec;
 pub mod config;
 pub mod invoice;
 pub mod kafka;
+pub mod meter;
 pub mod ops;
 pub mod pulse;
 pub mod rate;

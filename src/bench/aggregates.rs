@@ -123,6 +123,8 @@ mod tests {
             last_event_time: t(last),
             is_final,
             emitted_at: t(last),
+            meter: None,
+            latest: None,
         }
     }
 

@@ -71,6 +71,9 @@ pub struct Config {
     pub schema_registry: SchemaRegistryConfig,
     /// `pulses serve` (SPEC §8).
     pub serve: ServeSettings,
+    /// Meters over CloudEvents (`[[meters]]`, SPEC §10): read by `run` (stage 1 meters
+    /// the events), `replay` (re-meters history) and `serve` (answers queries).
+    pub meters: crate::meter::Meters,
 }
 
 /// `pulses serve` settings.
@@ -257,6 +260,7 @@ impl Default for Config {
             output_format: OutputFormat::Json,
             schema_registry: SchemaRegistryConfig::default(),
             serve: ServeSettings::default(),
+            meters: Default::default(),
         }
     }
 }
@@ -411,6 +415,9 @@ impl Config {
             if self.kafka.contains_key(*key) {
                 return invalid(format!("[kafka] may not set {key:?}: {why}"));
             }
+        }
+        if !self.meters.is_empty() && self.output_format == OutputFormat::Avro {
+            return invalid("[[meters]] need output_format = \"json\": the Avro aggregate schema has no meter fields".into());
         }
         let max_poll = self.kafka.get("max.poll.interval.ms").map(String::as_str);
         self.schema_registry.check(self.output_format, max_poll).map_err(ConfigError::Invalid)?;

@@ -18,6 +18,11 @@ pub struct GroupMetrics {
     pub dlq: [AtomicU64; RejectReason::ALL.len()],
     /// Offset commits that succeeded.
     pub commits: AtomicU64,
+    /// CloudEvents read, by whether a meter counted them (SPEC §10): metered events
+    /// became one grouped record per meter; unmetered ones match no meter's type and
+    /// stay in the source topic only (a replay with such a meter counts them).
+    pub events_metered: AtomicU64,
+    pub events_unmetered: AtomicU64,
 }
 
 impl GroupMetrics {

@@ -103,6 +103,10 @@ impl Collector for PipelineMetrics {
                 (vec![("stage", "group"), ("topic", t.grouped.as_str())], n(get(&g.grouped))),
                 (vec![("stage", "aggregate"), ("topic", t.aggregated.as_str())], n(get(&a.emitted))),
             ])?;
+        family(&mut e, "pulses_cloudevents", "CloudEvents read by stage 1: metered (counted by at least one meter) or unmetered (no meter reads their type).", Counter, [
+            (vec![("outcome", "metered")], n(get(&g.events_metered))),
+            (vec![("outcome", "unmetered")], n(get(&g.events_unmetered))),
+        ])?;
         family(&mut e, "pulses_dlq_records", "Invalid records sent to the DLQ, by error.reason.", Counter,
             RejectReason::ALL.iter().zip(&g.dlq).map(|(reason, c)| (vec![("topic", t.dlq.as_str()), ("reason", reason.as_str())], n(get(c)))))?;
         family(&mut e, "pulses_late_records", "Pulses sent to the late topic (counted in no window).", Counter,

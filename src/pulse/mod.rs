@@ -44,6 +44,10 @@ pub struct GroupedPulse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<Attributes>,
     pub source: SourceRef,
+    /// A `latest` meter's event id ([`crate::meter`]): its windows keep the value of the
+    /// event with the greatest time, ties broken by this id. Absent for pulses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_id: Option<String>,
 }
 
 /// A pulse's free-form `attributes`: a JSON object, kept as its JSON text. pulses only

@@ -37,10 +37,13 @@ pub enum RejectReason {
     /// Avro wire format whose schema could not be fetched: the registry stayed
     /// unreachable for the whole retry budget (`schema_registry.retry_max`).
     RegistryUnavailable,
+    /// A CloudEvent whose value a meter cannot read: missing, null, or not a number
+    /// (SPEC §10); the detail names the meter.
+    InvalidMeterValue,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 10] = [
+    pub const ALL: [RejectReason; 11] = [
         Self::InvalidJson,
         Self::MissingField,
         Self::InvalidField,
@@ -51,6 +54,7 @@ impl RejectReason {
         Self::UnknownSchema,
         Self::InvalidAvro,
         Self::RegistryUnavailable,
+        Self::InvalidMeterValue,
     ];
 
     /// The stable machine code used in the `error.reason` header and in metrics.
@@ -66,6 +70,7 @@ impl RejectReason {
             Self::UnknownSchema => "unknown_schema",
             Self::InvalidAvro => "invalid_avro",
             Self::RegistryUnavailable => "registry_unavailable",
+            Self::InvalidMeterValue => "invalid_meter_value",
         }
     }
 }
@@ -146,6 +151,7 @@ pub fn normalise(raw: RawPulse<'_>, ctx: &RecordContext<'_>) -> Result<GroupedPu
         event_time,
         attributes: raw.attributes,
         source: SourceRef { topic: ctx.topic.to_owned(), partition: ctx.partition, offset: ctx.offset },
+        latest_id: None,
     })
 }
 

@@ -41,6 +41,7 @@ use crate::kafka::clients::{self, send_with_backpressure, DeliveryTracker, Track
 use crate::kafka::reader::{PartitionsToEnd, Range};
 use crate::pulse::RejectReason;
 use crate::pulse::time::now_ms;
+use crate::meter::apply::meter_record;
 use crate::pulse::validate::RecordContext;
 use crate::registry::{Registry, RegistryError, Wait};
 use crate::stage::merge::Merge;
@@ -250,13 +251,23 @@ fn replay_one(
         record_time_ms: m.timestamp().to_millis(),
     };
     let mut outs = Vec::new();
-    match io.input.decode(m.payload().unwrap_or(&[]), &ctx, io.wait) {
+    let payload = m.payload().unwrap_or(&[]);
+    match io.input.decode(payload, &ctx, io.wait) {
         Err(RegistryError::Interrupted) => return Err(ReplayError::Interrupted),
         Err(e) => return Err(e.into()),
         Ok(Ok(pulse)) => op.process(&pulse, now_ms(), store, &mut outs)?,
         Ok(Err(rejection)) if rejection.reason == RejectReason::RegistryUnavailable => {
             return Err(ReplayError::RegistryUnavailable { partition, offset: m.offset(), detail: rejection.detail });
         }
+        // A CloudEvent: metered by the meters configured now (SPEC §10: re-metering).
+        Ok(Err(_)) if crate::meter::event::is_cloud_event(payload) => match meter_record(&cfg.meters, payload, &ctx) {
+            Ok(pulses) => {
+                for pulse in &pulses {
+                    op.process(pulse, now_ms(), store, &mut outs)?;
+                }
+            }
+            Err(_) => sum.rejected += 1,
+        },
         Ok(Err(_)) => sum.rejected += 1,
     }
     emit(s, &io.codec, outs, producer, sum)

@@ -31,7 +31,8 @@ pub const MAX_PULSES: usize = 10_000;
 /// pulse_id limit.
 pub const MAX_IDEMPOTENCY_KEY: usize = 200;
 
-/// A pulse checked and ready to write: its id and the record value.
+/// A pulse (or CloudEvent) checked and ready to write: its id (the record key) and the
+/// record value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prepared {
     pub pulse_id: String,
@@ -141,17 +142,7 @@ fn with_pulse_id(item: &RawValue, id: &str) -> Result<Vec<u8>, ApiError> {
 /// `POST /v1/pulses`.
 pub async fn post_pulses(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let caller = app.authenticate(&headers)?;
-    // Bounded memory: a request holds its declared size (or the largest allowed) of
-    // the in-flight byte budget until it is answered.
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-        .unwrap_or(MAX_BODY_BYTES);
-    if declared > MAX_BODY_BYTES {
-        return Err(too_large());
-    }
-    let _bytes = app.limits.reserve_bytes(declared)?;
-    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| too_large())?;
+    let (body, _bytes) = read_body(&app, &headers, body).await?;
     let idempotency_key = headers.get("idempotency-key").map(|v| v.to_str().unwrap_or(""));
     let now_ms = crate::pulse::time::now_ms();
     let prepared = prepare(&body, &caller, idempotency_key, now_ms, &app.cfg.topics.source).inspect_err(|e| {
@@ -165,14 +156,30 @@ pub async fn post_pulses(State(app): State<Arc<App>>, headers: HeaderMap, body: 
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: pulse_ids.len(), pulse_ids })))
 }
 
+/// Reads a request body of at most [`MAX_BODY_BYTES`] (else 413). Bounded memory: the
+/// request holds its declared size (or the largest allowed) of the in-flight byte
+/// budget until it is answered (the permit returned).
+pub(super) async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<(axum::body::Bytes, tokio::sync::OwnedSemaphorePermit), ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(MAX_BODY_BYTES);
+    if declared > MAX_BODY_BYTES {
+        return Err(too_large());
+    }
+    let permit = app.limits.reserve_bytes(declared)?;
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| too_large())?;
+    Ok((body, permit))
+}
+
 fn too_large() -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body is larger than {MAX_BODY_BYTES} bytes"))
 }
 
 impl App {
-    /// Writes `pulses` to the source topic and waits until the broker acknowledged
-    /// every one, for at most the ack timeout.
-    async fn write(&self, pulses: &[Prepared], now_ms: i64) -> Result<(), ApiError> {
+    /// Writes `pulses` (or CloudEvents) to the source topic and waits until the broker
+    /// acknowledged every one, for at most the ack timeout.
+    pub(super) async fn write(&self, pulses: &[Prepared], now_ms: i64) -> Result<(), ApiError> {
         let retry_after = self.settings.ack_timeout.as_secs().max(1);
         let mut deliveries = Vec::with_capacity(pulses.len());
         for p in pulses {

@@ -39,6 +39,8 @@ pub struct ServeMetrics {
     pub requests: Family<RequestLabels, Counter>,
     pub latency: LatencyFamily,
     pub pulses_accepted: Counter,
+    /// CloudEvents `POST /api/v1/events` answered 204 for.
+    pub events_accepted: Counter,
     pub pulses_rejected: Family<ReasonLabels, Counter>,
     pub producer_errors: Counter,
     pub in_flight: Gauge,
@@ -77,6 +79,7 @@ impl ServeMetrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
             pulses_accepted: Counter::default(),
+            events_accepted: Counter::default(),
             pulses_rejected: Family::default(),
             producer_errors: Counter::default(),
             in_flight: Gauge::default(),
@@ -88,6 +91,11 @@ impl ServeMetrics {
             "pulses_ingest_pulses_accepted",
             "Pulses POST /v1/pulses answered 202 for: the broker acknowledged each.",
             m.pulses_accepted.clone(),
+        );
+        registry.register(
+            "pulses_ingest_events_accepted",
+            "CloudEvents POST /api/v1/events answered 204 for: the broker acknowledged each.",
+            m.events_accepted.clone(),
         );
         registry.register(
             "pulses_ingest_pulses_rejected",

@@ -8,6 +8,7 @@
 //! - [`usage`]: `GET /v1/usage` (alias `GET /v1/aggregations`), `POST /v1/quota/check`,
 //!   `GET /v1/me`, from the usage view;
 //! - [`charges`]: `GET /v1/charges`, from the charges view;
+//! - [`openmeter`]: OpenMeter's events and meters API over CloudEvents (SPEC §10);
 //! - [`quota`]: the quota file and the check (pure);
 //! - [`dashboard`]: `GET /`, the usage dashboard, embedded;
 //! - [`keys`]: what an API key is and how its secret is checked (pure);
@@ -24,6 +25,7 @@ pub mod invoices;
 pub mod key_table;
 pub mod keys;
 pub mod metrics;
+pub mod openmeter;
 pub mod quota;
 pub mod rerating;
 pub mod usage;
@@ -72,9 +74,15 @@ pub struct App {
 }
 
 impl App {
-    /// Who the request's `X-API-Key` acts for; 401 if nobody.
+    /// Who the request's `X-API-Key` (or `Authorization: Bearer <secret>`, which
+    /// OpenMeter's clients send) acts for; 401 if nobody.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
-        let secret = headers.get(API_KEY_HEADER).map(|v| v.to_str().unwrap_or(""));
+        let bearer = || {
+            let value = headers.get(axum::http::header::AUTHORIZATION)?.to_str().unwrap_or("");
+            let (scheme, secret) = value.split_once(' ')?;
+            Some(if scheme.eq_ignore_ascii_case("bearer") { secret.trim() } else { "" })
+        };
+        let secret = headers.get(API_KEY_HEADER).map(|v| v.to_str().unwrap_or("")).or_else(bearer);
         keys::authenticate(secret, |id| self.keys.get(id)).map_err(|why| {
             tracing::debug!("API key refused: {why}");
             ApiError::unauthorized(format!("a valid {API_KEY_HEADER} header is required ({why})"))
@@ -126,6 +134,10 @@ pub fn router(app: Arc<App>, ops: Ops) -> Router {
         .route("/v1/rerating-jobs/{id}/apply", post(rerating::apply_job))
         .route("/v1/quota/check", post(usage::post_quota_check))
         .route("/v1/me", get(usage::get_me))
+        .route("/api/v1/events", post(openmeter::post_events))
+        .route("/api/v1/meters", get(openmeter::list_meters))
+        .route("/api/v1/meters/{slug}", get(openmeter::get_meter))
+        .route("/api/v1/meters/{slug}/query", get(openmeter::query_meter))
         .with_state(Arc::clone(&app))
         // Every API request holds a place among those in flight while it is answered.
         .layer(axum::middleware::from_fn(move |request: axum::extract::Request, next: axum::middleware::Next| {

@@ -183,7 +183,7 @@ mod tests {
 
     fn agg(sku: &str, unit: &str, total: &str, count: u64) -> WindowAggregate {
         let total: Decimal = total.parse().unwrap();
-        let acc = crate::window::Accumulator { total, count, min: total, max: total, first_event_time: 0, last_event_time: 0 };
+        let acc = crate::window::Accumulator { total, count, min: total, max: total, first_event_time: 0, last_event_time: 0, latest: None };
         let key = crate::window::GroupKey::new("acme", sku, unit);
         WindowAggregate::new(&key, "minute", 0, 60_000, &acc, 0, true, 0)
     }

@@ -63,7 +63,18 @@ pub trait Viewed: Serialize + DeserializeOwned + Send + Sync + 'static {
 
 impl Viewed for WindowAggregate {
     const NAME: &'static str = "usage-view";
+    /// A pulse's window under `a` tenant ∅ window ∅ start sku ∅ unit; a meter's window
+    /// under `m` slug ∅ window ∅ start tenant ∅ unit, so a meter query scans one meter's
+    /// windows of one size in a time range, and usage never sees them.
     fn key(&self) -> Vec<u8> {
+        if self.meter.is_some() {
+            let mut k = range_prefix(METER, &[&self.product_sku, &self.window]);
+            k.extend_from_slice(&ordered(self.window_start));
+            k.extend_from_slice(self.tenant_id.as_bytes());
+            k.push(0);
+            k.extend_from_slice(self.use_unit.as_bytes());
+            return k;
+        }
         let mut k = range_prefix(AGGREGATE, &[&self.tenant_id, &self.window]);
         k.extend_from_slice(&ordered(self.window_start));
         for (i, part) in [&self.product_sku, &self.use_unit].into_iter().enumerate() {
@@ -156,6 +167,7 @@ pub type ChargesView = View<Charge>;
 pub type InvoicesView = View<Invoice>;
 
 const AGGREGATE: u8 = b'a';
+const METER: u8 = b'm';
 const CHARGE: u8 = b'c';
 const OFFSET: u8 = b'o';
 const INVOICE: u8 = b'i';
@@ -297,6 +309,13 @@ impl UsageView {
     /// `tenant`'s aggregates of `window` whose start is in `[from, to)`, by start.
     pub fn windows(&self, tenant: &str, window: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
         self.range(&range_prefix(AGGREGATE, &[tenant, window]), from, to)
+    }
+}
+
+impl UsageView {
+    /// Meter `slug`'s windows of `window` whose start is in `[from, to)`, by start.
+    pub fn meter_windows(&self, slug: &str, window: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
+        self.range(&range_prefix(METER, &[slug, window]), from, to)
     }
 }
 

@@ -31,7 +31,10 @@ use crate::kafka::dlq;
 use crate::runtime::record_collector::RecordCollector;
 use crate::ops::metrics::{self, GroupMetrics, Metrics};
 use crate::pulse::json::encode_grouped;
-use crate::pulse::validate::{RecordContext, RejectReason};
+use crate::meter::apply::meter_record;
+use crate::meter::event;
+use crate::meter::Meters;
+use crate::pulse::validate::{RecordContext, RejectReason, Rejection};
 use crate::registry::{Registry, Wait};
 use crate::state::instance;
 
@@ -42,7 +45,7 @@ pub fn run(cfg: &Config, shutdown: &AtomicBool, metrics: Arc<Metrics>) -> Result
     let wiring = Topology::of(cfg).group;
     let codec = OutputCodec::new(cfg.output_format, registry.as_deref(), &wiring.grouped, GROUPED_SCHEMA,
         cfg.schema_registry.auto_register, Wait::until(&stop))?;
-    let reader = GroupIo { input: PulseInput::new(registry), codec, metrics: Arc::clone(&metrics) };
+    let reader = GroupIo { input: PulseInput::new(registry), codec, metrics: Arc::clone(&metrics), meters: cfg.meters.clone() };
     let (transactional_id, _claim) = instance::transactional_id(cfg, wiring.name)?;
     let outputs = RecordCollector::new(cfg, wiring.name, &transactional_id, None)?.with_metrics(Arc::clone(&metrics));
     let stage = Grouping { order: InputOrder::new(&wiring.input), wiring: wiring.clone(), metrics: Arc::clone(&metrics) };
@@ -63,6 +66,8 @@ struct GroupIo {
     input: PulseInput,
     codec: OutputCodec,
     metrics: Arc<Metrics>,
+    /// What CloudEvents are counted as ([`crate::meter`]).
+    meters: Meters,
 }
 
 impl RecordReader for GroupIo {
@@ -76,6 +81,9 @@ impl RecordReader for GroupIo {
 /// A validated record's output, held until its turn ([`InputOrder`]).
 enum Routed {
     Grouped { tenant_id: String, value: Vec<u8> },
+    /// A CloudEvent: one grouped record per meter that reads its type (none: it is
+    /// only counted in the metrics).
+    Metered(Vec<(String, Vec<u8>)>),
     Dlq { reason: RejectReason, key: Option<Vec<u8>>, payload: Vec<u8>, headers: OwnedHeaders },
 }
 
@@ -90,19 +98,45 @@ fn route(io: &GroupIo, msg: &impl Message, m: &GroupMetrics, wait: Wait<'_>) -> 
         offset: msg.offset(),
         record_time_ms: msg.timestamp().to_millis(),
     };
-    Ok(match io.input.decode(payload, &ctx, wait)? {
+    // Not a pulse: a CloudEvent, if it says so (checked only now, so pulses pay nothing).
+    let decoded = match io.input.decode(payload, &ctx, wait)? {
+        Err(_) if event::is_cloud_event(payload) => {
+            return meter(io, payload, &ctx, m).map(|routed| routed.unwrap_or_else(|r| to_dlq(msg, &ctx, payload, r)));
+        }
+        decoded => decoded,
+    };
+    Ok(match decoded {
         Ok(pulse) => {
             let value = io.codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
             (pulse.event_time, Routed::Grouped { tenant_id: pulse.tenant_id, value })
         }
-        Err(rejection) => {
-            tracing::debug!(reason = %rejection.reason, detail = %rejection.detail, partition = ctx.partition,
-                offset = ctx.offset, "pulse rejected");
-            let headers = dlq::headers(&rejection, ctx.topic, ctx.partition, ctx.offset);
-            let routed = Routed::Dlq { reason: rejection.reason, key: msg.key().map(<[u8]>::to_vec), payload: payload.to_vec(), headers };
-            (i64::MIN, routed)
-        }
+        Err(rejection) => to_dlq(msg, &ctx, payload, rejection),
     })
+}
+
+/// A rejected record's way to the DLQ, with its reason in the headers.
+fn to_dlq(msg: &impl Message, ctx: &RecordContext<'_>, payload: &[u8], rejection: Rejection) -> (i64, Routed) {
+    tracing::debug!(reason = %rejection.reason, detail = %rejection.detail, partition = ctx.partition,
+        offset = ctx.offset, "record rejected");
+    let headers = dlq::headers(&rejection, ctx.topic, ctx.partition, ctx.offset);
+    (i64::MIN, Routed::Dlq { reason: rejection.reason, key: msg.key().map(<[u8]>::to_vec), payload: payload.to_vec(), headers })
+}
+
+/// Meters a CloudEvent: its grouped records (by the event's time), or why it cannot be.
+fn meter(io: &GroupIo, payload: &[u8], ctx: &RecordContext<'_>, m: &GroupMetrics)
+    -> Result<Result<(i64, Routed), Rejection>, StageError> {
+    let pulses = match meter_record(&io.meters, payload, ctx) {
+        Ok(p) => p,
+        Err(r) => return Ok(Err(r)),
+    };
+    metrics::add(if pulses.is_empty() { &m.events_unmetered } else { &m.events_metered }, 1);
+    let event_time = pulses.first().map_or(i64::MIN, |p| p.event_time);
+    let mut records = Vec::with_capacity(pulses.len());
+    for pulse in pulses {
+        let value = io.codec.encode(|| encode_grouped(&pulse), || grouped_to_value(&pulse))?;
+        records.push((pulse.tenant_id, value));
+    }
+    Ok(Ok((event_time, Routed::Metered(records))))
 }
 
 /// Enqueues a routed record's output.
@@ -111,6 +145,12 @@ fn send(wiring: &GroupWiring, outputs: &RecordCollector, routed: Routed, m: &Gro
         Routed::Grouped { tenant_id, value } => {
             outputs.send(BaseRecord::to(&wiring.grouped).key(&tenant_id).payload(&value))?;
             metrics::add(&m.grouped, 1);
+        }
+        Routed::Metered(records) => {
+            for (tenant_id, value) in &records {
+                outputs.send(BaseRecord::to(&wiring.grouped).key(tenant_id).payload(value))?;
+            }
+            metrics::add(&m.grouped, records.len() as u64);
         }
         Routed::Dlq { reason, key, payload, headers } => {
             let mut record = BaseRecord::to(&wiring.dlq).payload(&payload).headers(headers);

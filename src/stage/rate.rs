@@ -286,7 +286,8 @@ fn rate_one(settings: &RateSettings, store: &mut PartitionStore, record: Aggrega
             return Ok(Vec::new());
         }
     };
-    if !agg.is_final || agg.window != settings.window {
+    // Meters' windows (SPEC §10) are answered by the meter API, not priced.
+    if !agg.is_final || agg.window != settings.window || agg.meter.is_some() {
         summary.ignored += 1;
         return Ok(Vec::new());
     }

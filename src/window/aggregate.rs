@@ -6,6 +6,7 @@ use std::hash::{Hash, Hasher};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
+use crate::meter::key::MeterOf;
 use crate::pulse::{ids, time};
 
 /// What windows are grouped by.
@@ -147,6 +148,44 @@ pub struct Accumulator {
     pub max: Decimal,
     pub first_event_time: i64,
     pub last_event_time: i64,
+    /// A `latest` meter's window only ([`crate::meter`]): the value of the event with
+    /// the greatest time, ties broken by the greater event id. Boxed: pulses' windows
+    /// never have one and stay as small as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<Box<Latest>>,
+}
+
+/// The latest value a window saw, and which event it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latest {
+    #[serde(with = "time::rfc3339_ms")]
+    pub event_time: i64,
+    pub id: String,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub value: Decimal,
+}
+
+impl Latest {
+    /// Whether an event at `event_ms` with `id` is later than this one (the order is
+    /// total and the same in every process, so replicas and replays agree).
+    pub fn is_before(&self, event_ms: i64, id: &str) -> bool {
+        (self.event_time, self.id.as_str()) < (event_ms, id)
+    }
+}
+
+/// One pulse as a window takes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sample<'a> {
+    pub amount: Decimal,
+    pub event_ms: i64,
+    /// Set for a `latest` meter's event: its id ([`crate::pulse::GroupedPulse::latest_id`]).
+    pub latest_id: Option<&'a str>,
+}
+
+impl<'a> Sample<'a> {
+    pub fn of(pulse: &'a crate::pulse::GroupedPulse) -> Self {
+        Self { amount: pulse.used_amount, event_ms: pulse.event_time, latest_id: pulse.latest_id.as_deref() }
+    }
 }
 
 /// Adding would lose digits: the total no longer fits rust_decimal's 96-bit mantissa
@@ -160,7 +199,28 @@ pub struct InexactSum {
 
 impl Accumulator {
     pub fn first(amount: Decimal, event_ms: i64) -> Self {
-        Self { total: amount, count: 1, min: amount, max: amount, first_event_time: event_ms, last_event_time: event_ms }
+        Self { total: amount, count: 1, min: amount, max: amount, first_event_time: event_ms, last_event_time: event_ms, latest: None }
+    }
+
+    /// The accumulator of a window whose first pulse is `s`.
+    pub fn of_sample(s: Sample<'_>) -> Self {
+        let mut acc = Self::first(s.amount, s.event_ms);
+        if let Some(id) = s.latest_id {
+            acc.latest = Some(Box::new(Latest { event_time: s.event_ms, id: id.to_owned(), value: s.amount }));
+        }
+        acc
+    }
+
+    /// Adds `s` exactly, or refuses (the accumulator is then unchanged).
+    pub fn add_sample(&mut self, s: Sample<'_>) -> Result<(), InexactSum> {
+        self.add(s.amount, s.event_ms)?;
+        if let Some(id) = s.latest_id {
+            match &mut self.latest {
+                Some(l) if !l.is_before(s.event_ms, id) => {}
+                slot => *slot = Some(Box::new(Latest { event_time: s.event_ms, id: id.to_owned(), value: s.amount })),
+            }
+        }
+        Ok(())
     }
 
     /// Sums exactly, or refuses (the accumulator is then unchanged).
@@ -232,6 +292,13 @@ pub struct WindowAggregate {
     pub is_final: bool,
     #[serde(with = "time::rfc3339_ms")]
     pub emitted_at: i64,
+    /// A meter's window (SPEC §10): the meter's slug, aggregation and group-by values
+    /// (and, for `unique_count`, the value counted), read from its sku and unit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<MeterOf>,
+    /// A `latest` meter's window: the latest value and its event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<Latest>,
 }
 
 impl WindowAggregate {
@@ -263,6 +330,8 @@ impl WindowAggregate {
             last_event_time: acc.last_event_time,
             is_final,
             emitted_at,
+            meter: MeterOf::of(key.product_sku(), key.use_unit()),
+            latest: acc.latest.as_deref().cloned(),
         }
     }
 
@@ -321,6 +390,21 @@ mod tests {
         acc.add(d("0.5"), 50).unwrap();
         acc.add(d("9.0"), 200).unwrap();
         assert_eq!((acc.min, acc.max, acc.first_event_time, acc.last_event_time), (d("0.5"), d("9.0"), 50, 200));
+    }
+
+    #[test]
+    fn latest_keeps_the_greatest_time_then_the_greatest_id() {
+        let s = |v: &str, ms: i64, id: &'static str| Sample { amount: d(v), event_ms: ms, latest_id: Some(id) };
+        let mut acc = Accumulator::of_sample(s("1", 10, "b"));
+        for sample in [s("2", 5, "z"), s("3", 10, "a"), s("4", 10, "c"), s("5", 9, "zz")] {
+            acc.add_sample(sample).unwrap();
+        }
+        let l = acc.latest.as_deref().unwrap();
+        assert_eq!((l.value, l.event_time, l.id.as_str()), (d("4"), 10, "c"));
+        assert_eq!(acc.count, 5);
+        let plain = Accumulator::of_sample(Sample { amount: d("1"), event_ms: 1, latest_id: None });
+        assert!(plain.latest.is_none());
+        assert!(!serde_json::to_string(&plain).unwrap().contains("latest"));
     }
 
     #[test]

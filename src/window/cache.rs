@@ -10,9 +10,8 @@
 use std::collections::{btree_map, BTreeMap};
 
 use hashbrown::hash_map::{self, HashMap};
-use rust_decimal::Decimal;
 
-use super::aggregate::{GroupKey, GroupKeyRef};
+use super::aggregate::{GroupKey, GroupKeyRef, Sample};
 use super::keys::{GroupId, KeyTable};
 use super::store::{Bucket, WindowKey, WindowState, WindowStore};
 
@@ -144,12 +143,12 @@ impl WindowCache {
         self.keys.window_key(bucket, id)
     }
 
-    /// Adds a pulse of `amount` at `event_ms` to the open window `at`: in place if
+    /// Adds pulse `sample` to the open window `at`: in place if
     /// cached, else read from the store (or new) into the cache. False, with nothing
     /// changed, if the sum would be inexact. The change is pending until
     /// [`keep_changes`](Self::keep_changes) or [`undo_changes`](Self::undo_changes).
     #[inline]
-    pub fn add<S: WindowStore>(&mut self, at: WindowRef, amount: Decimal, event_ms: i64, store: &mut S) -> Result<bool, S::Error> {
+    pub fn add<S: WindowStore>(&mut self, at: WindowRef, sample: Sample<'_>, store: &mut S) -> Result<bool, S::Error> {
         let (open, new_bucket) = match self.open.entry(at.bucket) {
             btree_map::Entry::Occupied(e) => (e.into_mut(), false),
             btree_map::Entry::Vacant(e) => (e.insert(OpenBucket { all_cached: true, ..Default::default() }), true),
@@ -158,7 +157,7 @@ impl WindowCache {
             hash_map::Entry::Occupied(mut e) => {
                 let c = e.get_mut();
                 let prior = Prior { state: c.state.clone(), dirty: c.dirty, used: c.used };
-                if !c.state.add_pulse(amount, event_ms) {
+                if !c.state.add_pulse(sample) {
                     return Ok(false);
                 }
                 c.touch(self.flushes);
@@ -168,7 +167,7 @@ impl WindowCache {
                 // Not cached: the store has it only if its bucket is not all cached.
                 let stored = if open.all_cached { None } else { store.get_open(&self.keys.window_key(at.bucket, at.group))? };
                 let in_store = stored.is_some();
-                let Some(state) = WindowState::with_pulse(stored, amount, event_ms) else {
+                let Some(state) = WindowState::with_pulse(stored, sample) else {
                     if new_bucket {
                         self.open.remove(&at.bucket);
                     }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use super::aggregate::{GroupKey, GroupKeyRef, WindowAggregate};
+use super::aggregate::{GroupKey, GroupKeyRef, Sample, WindowAggregate};
 use super::assign::window_bounds;
 use super::cache::{Closing, WindowCache, WindowRef};
 use super::keys::GroupId;
@@ -183,7 +183,7 @@ impl WindowOperator {
     /// the cache (pending there), closed ones as corrections to write. False if a sum
     /// would be inexact (the caller then undoes the changes, as it does on an error).
     fn count<S: WindowStore>(&mut self, pulse: &GroupedPulse, group: GroupId, store: &mut S) -> Result<bool, S::Error> {
-        let (amount, event_ms) = (pulse.used_amount, pulse.event_time);
+        let sample = Sample::of(pulse);
         let w = self.watermark.current;
         let started = self.watermark.is_started();
         let grace = self.settings.grace_ms;
@@ -191,11 +191,11 @@ impl WindowOperator {
             let bucket = Bucket { end, window: self.slots.slot(i), start };
             if started && end.saturating_add(grace) <= w {
                 let key = self.windows.window_key(bucket, group);
-                let Some(state) = WindowState::with_pulse(store.get_closed(&key)?, amount, event_ms) else { return Ok(false) };
+                let Some(state) = WindowState::with_pulse(store.get_closed(&key)?, sample) else { return Ok(false) };
                 self.corrections.push((key, state));
                 continue;
             }
-            if !self.windows.add(WindowRef { bucket, group }, amount, event_ms, store)? {
+            if !self.windows.add(WindowRef { bucket, group }, sample, store)? {
                 return Ok(false);
             }
         }

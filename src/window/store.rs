@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::aggregate::{Accumulator, GroupKey};
+use super::aggregate::{Accumulator, GroupKey, Sample};
 use super::slots::WindowId;
 use super::watermark::Watermark;
 
@@ -59,16 +58,16 @@ impl WindowState {
         Self { acc, next_revision: 0, updated_since_emit: true, last_emit_wall_ms: i64::MIN }
     }
 
-    /// `state` with a pulse of `amount` at `event_ms` added (a new window's state if
-    /// there is none), or None if the sum would be inexact.
-    pub fn with_pulse(state: Option<Self>, amount: Decimal, event_ms: i64) -> Option<Self> {
-        let Some(mut st) = state else { return Some(Self::new(Accumulator::first(amount, event_ms))) };
-        st.add_pulse(amount, event_ms).then_some(st)
+    /// `state` with pulse `s` added (a new window's state if there is none), or None
+    /// if the sum would be inexact.
+    pub fn with_pulse(state: Option<Self>, s: Sample<'_>) -> Option<Self> {
+        let Some(mut st) = state else { return Some(Self::new(Accumulator::of_sample(s))) };
+        st.add_pulse(s).then_some(st)
     }
 
     /// Adds a pulse; false, with the state unchanged, if the sum would be inexact.
-    pub fn add_pulse(&mut self, amount: Decimal, event_ms: i64) -> bool {
-        if self.acc.add(amount, event_ms).is_err() {
+    pub fn add_pulse(&mut self, s: Sample<'_>) -> bool {
+        if self.acc.add_sample(s).is_err() {
             return false;
         }
         self.updated_since_emit = true;

@@ -39,6 +39,7 @@ fn pulse(id: &str, tenant: &str, amount: &str, event_ms: i64) -> GroupedPulse {
         event_time: event_ms,
         attributes: None,
         source: SourceRef { topic: "t".into(), partition: 0, offset: 0 },
+        latest_id: None,
     }
 }
 

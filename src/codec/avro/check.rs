@@ -142,6 +142,7 @@ fn sample_grouped() -> GroupedPulse {
         event_time: 1_795_341_600_123,
         attributes: Attributes::from_map(&attributes).ok(),
         source: SourceRef { topic: "source.pulses".into(), partition: 2, offset: 7 },
+        latest_id: None,
     }
 }
 

@@ -361,6 +361,7 @@ pub fn grouped_from_value(value: Value) -> Result<GroupedPulse, ReadError> {
         event_time: f.long("event_time")?,
         attributes,
         source: SourceRef { topic: source.string("topic")?, partition: source.int("partition")?, offset: source.long("offset")? },
+        latest_id: None,
     })
 }
 
@@ -387,6 +388,12 @@ pub fn aggregate_from_value(value: Value) -> Result<WindowAggregate, ReadError> 
             v => return Err(ReadError(format!("final is Avro {}, not a boolean", kind(&v)))),
         },
         emitted_at: f.long("emitted_at")?,
+        meter: None,
+        latest: None,
+    })
+    .map(|mut a| {
+        a.meter = crate::meter::key::MeterOf::of(&a.product_sku, &a.use_unit);
+        a
     })
 }
 
