@@ -56,7 +56,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the processor: group and validate pulses, aggregate them in event-time windows.
+    /// Run the processor: group and validate pulses (and meter CloudEvents by the
+    /// configured [[meters]]), aggregate them in event-time windows.
     Run(run::RunArgs),
     /// Produce synthetic pulses to the source topic (for demos, tests, benchmarks).
     Stub(stub::StubArgs),

@@ -22,7 +22,14 @@ GET /v1/usage (also GET /v1/aggregations) and POST /v1/quota/check answer from t
 replica's copy of the aggregates topic (RocksDB under --state-dir/serve-view, resumed
 from its stored positions after a restart); GET /v1/charges from its copy of the charges
 topic (--state-dir/serve-charges-view); /readyz waits until both have caught up. Quotas
-come from --quotas FILE. Settings: the [serve] section of the config file.";
+come from --quotas FILE. Settings: the [serve] section of the config file.
+
+OpenMeter's API over the configured [[meters]] (SPEC §10): POST /api/v1/events takes
+CloudEvents (application/cloudevents+json, application/cloudevents-batch+json or
+application/json; all or nothing, 204 once acknowledged), GET /api/v1/meters[/{slug}]
+lists them and GET /api/v1/meters/{slug}/query answers from, to, windowSize
+(MINUTE|HOUR|DAY), windowTimeZone, subject, groupBy and filterGroupBy exactly from the
+stored windows, or 400 inexact_query. Keys also as Authorization: Bearer <secret>.";
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {

@@ -19,10 +19,11 @@ pub use security::{is_secret_property, KafkaSecurity, SaslMechanism, Secret, Sec
 /// Errors reading or checking the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is not valid: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    // The cause is in the message and not a `source`: an error chain would print it twice.
+    #[error("cannot read config file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
+    #[error("config file {path} is not valid: {cause}")]
+    Parse { path: PathBuf, cause: toml::de::Error },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -291,8 +292,8 @@ impl Config {
     /// Reads a TOML file over the defaults.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+            .map_err(|cause| ConfigError::Read { path: path.to_owned(), cause })?;
+        Self::from_toml(&text).map_err(|cause| ConfigError::Parse { path: path.to_owned(), cause })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {

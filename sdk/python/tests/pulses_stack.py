@@ -115,14 +115,14 @@ class Proc:
 class Stack:
     """Topics + ``pulses run`` + ``pulses serve`` under a fresh application id."""
 
-    def __init__(self, tmp: Path, serve_port: Optional[int] = None) -> None:
+    def __init__(self, tmp: Path, serve_port: Optional[int] = None, config: str = CONFIG) -> None:
         if not BIN or not os.access(BIN, os.X_OK):
             raise RuntimeError(f"PULSES_BIN={BIN!r} is not an executable")
         self.tmp = tmp
         self.app = f"sdk-{uuid.uuid4().hex[:8]}"
         self.topics = {k: f"{self.app}.{k}" for k in ("source", "grouped", "aggregated", "dlq", "late")}
         self.config = tmp / "pulses.toml"
-        self.config.write_text(CONFIG)
+        self.config.write_text(config)
         self.procs: List[Proc] = []
         self.serve_port = serve_port or free_port()
         create_topic(self.topics["source"], 6)
