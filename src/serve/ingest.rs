@@ -172,6 +172,15 @@ pub(super) async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Res
     Ok((body, permit))
 }
 
+/// Room for the key, headers and record-batch framing within `message.max.bytes`.
+const RECORD_OVERHEAD: usize = 1024;
+
+/// The largest record the producer sends: librdkafka's `message.max.bytes` (its
+/// default, 1,000,000, unless `[kafka]` sets it).
+fn record_limit(cfg: &crate::config::Config) -> usize {
+    cfg.kafka.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(1_000_000)
+}
+
 fn too_large() -> ApiError {
     ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("the body is larger than {MAX_BODY_BYTES} bytes"))
 }
@@ -181,6 +190,15 @@ impl App {
     /// acknowledged every one, for at most the ack timeout.
     pub(super) async fn write(&self, pulses: &[Prepared], now_ms: i64) -> Result<(), ApiError> {
         let retry_after = self.settings.ack_timeout.as_secs().max(1);
+        // A record the producer would refuse as too large is the client's error, not a
+        // reason to retry; checked before anything is written, so none of the request is.
+        let limit = record_limit(&self.cfg);
+        if let Some((index, p)) = pulses.iter().enumerate().find(|(_, p)| p.value.len() + p.pulse_id.len() + RECORD_OVERHEAD > limit) {
+            return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "record_too_large", format!(
+                "item {index} is {} bytes; one record may be at most {} (the producer's message.max.bytes, {limit}); nothing was accepted",
+                p.value.len(), limit - RECORD_OVERHEAD
+            )));
+        }
         let mut deliveries = Vec::with_capacity(pulses.len());
         for p in pulses {
             let record = FutureRecord::to(&self.cfg.topics.source).key(&p.pulse_id).payload(&p.value).timestamp(now_ms);

@@ -7,7 +7,7 @@
 //! - `GET /api/v1/meters/{idOrSlug}/query`: usage folded from the stored windows
 //!   ([`crate::meter::query`]), values as exact decimal JSON numbers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -281,25 +281,64 @@ pub async fn query_meter(
     }
     let sizes: Vec<StoredSize> = app.cfg.windows.iter().map(|w| StoredSize { name: w.name.clone(), size_ms: w.size_ms() }).collect();
     let inexact = |e: query::Inexact| ApiError::bad_request("inexact_query", e.0);
-    let mut refused = None;
-    for size in query::candidates(&q, &sizes).map_err(inexact)? {
-        let view = Arc::clone(&app.view);
-        let (slug, name, from, to) = (meter.slug.clone(), size.name.clone(), q.from.unwrap_or(i64::MIN), q.to.unwrap_or(i64::MAX));
-        let windows: Vec<StoredWindow> = super::usage::read_view(move || view.meter_windows(&slug, &name, from, to)).await?
-            .into_iter().filter_map(stored).collect();
-        let from = q.from.or_else(|| windows.iter().map(|w| w.start).min());
-        let to = q.to.or_else(|| windows.iter().map(|w| w.end).max());
+    let mut usable = query::candidates(&q, &sizes).map_err(inexact)?;
+    loop {
+        let (view, slug, sizes, query) = (Arc::clone(&app.view), meter.slug.clone(), usable.clone(), q.clone());
+        let gathered = super::usage::read_view(move || gather(&view, &slug, &sizes, &query)).await?;
+        let from = q.from.or_else(|| gathered.iter().map(|(_, w)| w.start).min());
+        let to = q.to.or_else(|| gathered.iter().map(|(_, w)| w.end).max());
         let (Some(from), Some(to)) = (from, to) else {
             return Ok(answer(&q, Vec::new()));
         };
-        if let Err(e) = query::check(&q, &size, from, to) {
-            refused = Some(e);
+        // Every size that answered must have the asked windows' boundaries; a size that
+        // does not is left out and the windows gathered again without it.
+        let used: BTreeSet<usize> = gathered.iter().map(|(size, _)| *size).collect();
+        let refused: Vec<(usize, query::Inexact)> =
+            used.iter().filter_map(|&i| query::check(&q, &usable[i], from, to).err().map(|e| (i, e))).collect();
+        if let Some((_, why)) = refused.first() {
+            let why = why.clone();
+            let out: BTreeSet<usize> = refused.iter().map(|(i, _)| *i).collect();
+            usable = usable.into_iter().enumerate().filter(|(i, _)| !out.contains(i)).map(|(_, s)| s).collect();
+            if usable.is_empty() {
+                return Err(inexact(why));
+            }
             continue;
         }
+        let windows: Vec<StoredWindow> = gathered.into_iter().map(|(_, w)| w).collect();
         let rows = query::fold(&q, meter.aggregation, &windows, from, to).map_err(inexact)?;
         return Ok(answer(&q, rows));
     }
-    Err(inexact(refused.unwrap_or_else(|| query::Inexact("no stored window can answer this query".into()))))
+}
+
+/// The stored windows that answer `q`, each with the index of its size in `sizes`
+/// (coarsest first). Windows are emitted when they close, so a coarse size lags the
+/// finer ones: per subject, the coarsest size's windows are taken, then each finer
+/// size fills in after the last window of the coarser ones (every window of a
+/// subject's partition closed before the last one that did, so the gap is only at the
+/// end). Coarse windows keep the scan short; the fill keeps the answer whole.
+fn gather(view: &super::view::UsageView, slug: &str, sizes: &[StoredSize], q: &Query) -> Result<Vec<(usize, StoredWindow)>, super::view::ViewError> {
+    let Some(finest) = sizes.last() else { return Ok(Vec::new()) };
+    let subjects = if q.subjects.is_empty() { view.meter_subjects(slug, &finest.name)? } else { q.subjects.clone() };
+    let (from, to) = (q.from.unwrap_or(i64::MIN), q.to.unwrap_or(i64::MAX));
+    let mut out = Vec::new();
+    for subject in &subjects {
+        let mut cursor = from;
+        let mut coarser: Option<i64> = None;
+        for (i, size) in sizes.iter().enumerate() {
+            // A finer size fills in only if its windows tile the coarser ones'.
+            if coarser.is_some_and(|c| c % size.size_ms != 0) {
+                break;
+            }
+            coarser = Some(size.size_ms);
+            let windows: Vec<StoredWindow> =
+                view.meter_windows(slug, &size.name, subject, cursor, to)?.into_iter().filter_map(stored).collect();
+            if let Some(end) = windows.iter().map(|w| w.end).max() {
+                cursor = cursor.max(end);
+            }
+            out.extend(windows.into_iter().map(|w| (i, w)));
+        }
+    }
+    Ok(out)
 }
 
 fn answer(q: &Query, rows: Vec<query::Row>) -> axum::response::Response {

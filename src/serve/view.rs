@@ -64,14 +64,12 @@ pub trait Viewed: Serialize + DeserializeOwned + Send + Sync + 'static {
 impl Viewed for WindowAggregate {
     const NAME: &'static str = "usage-view";
     /// A pulse's window under `a` tenant ∅ window ∅ start sku ∅ unit; a meter's window
-    /// under `m` slug ∅ window ∅ start tenant ∅ unit, so a meter query scans one meter's
-    /// windows of one size in a time range, and usage never sees them.
+    /// under `m` slug ∅ window ∅ subject ∅ start unit, so a meter query scans one
+    /// subject's windows of one size in a time range, and usage never sees them.
     fn key(&self) -> Vec<u8> {
         if self.meter.is_some() {
-            let mut k = range_prefix(METER, &[&self.product_sku, &self.window]);
+            let mut k = range_prefix(METER, &[&self.product_sku, &self.window, &self.tenant_id]);
             k.extend_from_slice(&ordered(self.window_start));
-            k.extend_from_slice(self.tenant_id.as_bytes());
-            k.push(0);
             k.extend_from_slice(self.use_unit.as_bytes());
             return k;
         }
@@ -313,9 +311,30 @@ impl UsageView {
 }
 
 impl UsageView {
-    /// Meter `slug`'s windows of `window` whose start is in `[from, to)`, by start.
-    pub fn meter_windows(&self, slug: &str, window: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
-        self.range(&range_prefix(METER, &[slug, window]), from, to)
+    /// Meter `slug`'s windows of `window` for `subject` whose start is in `[from, to)`,
+    /// by start.
+    pub fn meter_windows(&self, slug: &str, window: &str, subject: &str, from: i64, to: i64) -> Result<Vec<WindowAggregate>, ViewError> {
+        self.range(&range_prefix(METER, &[slug, window, subject]), from, to)
+    }
+
+    /// The subjects meter `slug` has windows of `window` for: one seek per subject (each
+    /// seek skips the rest of the subject's keys).
+    pub fn meter_subjects(&self, slug: &str, window: &str) -> Result<Vec<String>, ViewError> {
+        let prefix = range_prefix(METER, &[slug, window]);
+        let mut subjects = Vec::new();
+        let mut seek = prefix.clone();
+        loop {
+            let Some(item) = self.db.iterator(IteratorMode::From(&seek, Direction::Forward)).next() else { break };
+            let (k, _) = item.map_err(|e| self.store_err(e))?;
+            let Some(rest) = k.strip_prefix(prefix.as_slice()) else { break };
+            let Some(end) = rest.iter().position(|b| *b == 0) else { break };
+            subjects.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            // `subject` then 0x01 sorts after every `subject ∅ …` key and before the next subject.
+            seek.truncate(prefix.len());
+            seek.extend_from_slice(&rest[..end]);
+            seek.push(1);
+        }
+        Ok(subjects)
     }
 }
 

@@ -63,9 +63,12 @@ fn stored(events: &[Ev], aggregation: Aggregation, size: i64) -> Vec<StoredWindo
     map.into_values().collect()
 }
 
+/// Rows by (window start, subject, model): the value's normalised text.
+type Answer = BTreeMap<(i64, Option<String>, Option<String>), String>;
+
 /// The answer computed straight from the events: each event's window found with
 /// chrono in the zone, values folded per row.
-fn expected(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i64) -> BTreeMap<(i64, Option<String>, Option<String>), String> {
+fn expected(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i64) -> Answer {
     let mut groups: BTreeMap<(i64, Option<String>, Option<String>), Vec<&Ev>> = BTreeMap::new();
     for e in events.iter().filter(|e| e.at >= from && e.at < to) {
         if !q.subjects.is_empty() && !q.subjects.iter().any(|s| s == e.subject) {
@@ -109,7 +112,7 @@ fn expected(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i
 }
 
 /// What [`candidates`], [`check`] and [`fold`] answer, keyed like [`expected`].
-fn answered(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i64) -> Result<BTreeMap<(i64, Option<String>, Option<String>), String>, Inexact> {
+fn answered(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i64) -> Result<Answer, Inexact> {
     let mut last = None;
     for size in candidates(q, &sizes())? {
         if let Err(e) = check(q, &size, from, to) {
