@@ -63,13 +63,15 @@ fn stored(events: &[Ev], aggregation: Aggregation, size: i64) -> Vec<StoredWindo
     map.into_values().collect()
 }
 
-/// Rows by (window start, subject, model): the value's normalised text.
-type Answer = BTreeMap<(i64, Option<String>, Option<String>), String>;
+/// A row: window start, subject, model.
+type RowOf = (i64, Option<String>, Option<String>);
+/// Rows with the value's normalised text.
+type Answer = BTreeMap<RowOf, String>;
 
 /// The answer computed straight from the events: each event's window found with
 /// chrono in the zone, values folded per row.
 fn expected(events: &[Ev], aggregation: Aggregation, q: &Query, from: i64, to: i64) -> Answer {
-    let mut groups: BTreeMap<(i64, Option<String>, Option<String>), Vec<&Ev>> = BTreeMap::new();
+    let mut groups: BTreeMap<RowOf, Vec<&Ev>> = BTreeMap::new();
     for e in events.iter().filter(|e| e.at >= from && e.at < to) {
         if !q.subjects.is_empty() && !q.subjects.iter().any(|s| s == e.subject) {
             continue;
