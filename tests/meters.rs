@@ -128,11 +128,10 @@ fn check_and_run_refuse_a_bad_meter_naming_the_problem_and_its_line() {
     let cases: Vec<(&str, String, Vec<&str>, usize)> = vec![
         // The value itself is pointed at.
         ("median.toml", median.clone(), vec!["unknown aggregation \"median\""], line_of(&median, "aggregation", 0)),
-        // A property checked against the rest of the entry: the entry's header, and the
-        // message names the meter and the property.
-        ("no_dollar.toml", no_dollar, vec!["meter tokens_total", "value_property \"tokens\"", "starts with $"], meters_at),
-        ("descent.toml", descent, vec!["meter tokens_total", "value_property \"$..x\"", "one value per path"], meters_at),
-        ("bad_group.toml", bad_group, vec!["meter tokens_total", "group_by.model \"$.models[*]\""], meters_at),
+        // A JSONPath is checked where it is read: its own line, and the path named.
+        ("no_dollar.toml", no_dollar.clone(), vec!["JSONPath \"tokens\"", "starts with $"], line_of(&no_dollar, "value_property", 0)),
+        ("descent.toml", descent.clone(), vec!["JSONPath \"$..x\"", "one value per path"], line_of(&descent, "value_property", 0)),
+        ("bad_group.toml", bad_group.clone(), vec!["JSONPath \"$.models[*]\""], line_of(&bad_group, "group_by", 0)),
         // Slugs are checked across the entries: the array's first line.
         ("dup.toml", dup, vec!["meter slug \"prompts\" is defined twice"], meters_at),
     ];

@@ -114,9 +114,9 @@ struct MeterSpec {
     event_type: String,
     aggregation: Aggregation,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    value_property: Option<String>,
+    value_property: Option<JsonPath>,
     #[serde(default)]
-    group_by: BTreeMap<String, String>,
+    group_by: BTreeMap<String, JsonPath>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,26 +139,22 @@ impl TryFrom<MeterSpec> for Meter {
         if s.event_type.is_empty() {
             return Err(at("event_type is empty"));
         }
-        let value_property = match (&s.value_property, s.aggregation.needs_value()) {
-            (Some(p), _) => Some(JsonPath::parse(p).map_err(|e| at(&format!("value_property {p:?}: {e}")))?),
-            (None, true) => return Err(at(&format!("aggregation {} needs a value_property", s.aggregation))),
-            (None, false) => None,
-        };
-        let mut group_by = BTreeMap::new();
-        for (name, p) in &s.group_by {
+        if s.value_property.is_none() && s.aggregation.needs_value() {
+            return Err(at(&format!("aggregation {} needs a value_property", s.aggregation)));
+        }
+        for name in s.group_by.keys() {
             let name_ok = !name.is_empty() && name.len() <= MAX_SLUG_LEN && name != "subject"
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !name_ok {
                 return Err(at(&format!("group_by name {name:?} must be 1-{MAX_SLUG_LEN} chars of [A-Za-z0-9_], not \"subject\"")));
             }
-            group_by.insert(name.clone(), JsonPath::parse(p).map_err(|e| at(&format!("group_by.{name} {p:?}: {e}")))?);
         }
         Ok(Self {
             slug: s.slug,
             event_type: s.event_type,
             aggregation: s.aggregation,
-            value_property,
-            group_by,
+            value_property: s.value_property,
+            group_by: s.group_by,
             name: s.name,
             description: s.description,
         })
@@ -171,8 +167,8 @@ impl From<Meter> for MeterSpec {
             slug: m.slug,
             event_type: m.event_type,
             aggregation: m.aggregation,
-            value_property: m.value_property.map(|p| p.to_string()),
-            group_by: m.group_by.into_iter().map(|(k, p)| (k, p.to_string())).collect(),
+            value_property: m.value_property,
+            group_by: m.group_by,
             name: m.name,
             description: m.description,
         }
@@ -272,7 +268,7 @@ aggregation = "COUNT"
         let unknown = parse("\n\n[[meters]]\nslug = \"a\"\nevent_type = \"t\"\naggregation = \"median\"\nvalue_property = \"$.v\"\n").unwrap_err();
         assert!(unknown.contains("unknown aggregation \"median\"") && unknown.contains("line 6"), "{unknown}");
         let path = parse("[[meters]]\nslug = \"a\"\nevent_type = \"t\"\naggregation = \"sum\"\nvalue_property = \"tokens\"\n").unwrap_err();
-        assert!(path.contains("value_property \"tokens\"") && path.contains("line 1"), "{path}");
+        assert!(path.contains("JSONPath \"tokens\"") && path.contains("line 5"), "{path}");
         let twice = "[[meters]]\nslug = \"a\"\nevent_type = \"t\"\naggregation = \"count\"\n";
         let dup = parse(&format!("{twice}{twice}")).unwrap_err();
         assert!(dup.contains("\"a\" is defined twice"), "{dup}");
