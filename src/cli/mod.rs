@@ -296,6 +296,13 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Commands that only print (to a pager, `head`, `jq`) end quietly when the reader
+    // goes away, as Unix tools do, instead of panicking on the broken pipe. Not the
+    // ones holding sockets: there a closed peer is an error to handle, not a signal.
+    if matches!(cli.command, Command::Check(_) | Command::Topology(_) | Command::Acls(_)) {
+        // SAFETY: restores the default action before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Stub(args) => stub::run(args),
