@@ -56,7 +56,8 @@ fn ten_thousand_stub_pulses_are_grouped_by_tenant() {
 fn invalid_records_go_to_the_dlq_with_their_reason() {
     let t = Topics::create("dlq", PARTITIONS);
     let long = "x".repeat(129);
-    let kinds: Vec<(&str, Box<dyn Fn(usize) -> String>)> = vec![
+    type Kind = (&'static str, Box<dyn Fn(usize) -> String>);
+    let kinds: Vec<Kind> = vec![
         ("invalid_json", Box::new(|i| format!("{{not json {i}"))),
         ("missing_field", Box::new(|i| format!(r#"{{"pulse_id":"m{i}","product_sku":"s","use_unit":"u","used_amount":"1"}}"#))),
         ("negative_amount", Box::new(|i| format!(r#"{{"pulse_id":"n{i}","tenant_id":"t","product_sku":"s","use_unit":"u","used_amount":"-{i}.5"}}"#))),

@@ -38,7 +38,8 @@ fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
         })
         .collect();
     let resent: Vec<P> = valid.iter().step_by(40).cloned().collect();
-    let invalid: [(&str, usize, fn(usize) -> String); 4] = [
+    type Invalid = (&'static str, usize, fn(usize) -> String);
+    let invalid: [Invalid; 4] = [
         ("invalid_json", 2, |i| format!("{{broken {i}")),
         ("missing_field", 3, |i| format!(r#"{{"pulse_id":"m{i}","product_sku":"s","use_unit":"u","used_amount":"1"}}"#)),
         ("negative_amount", 4, |i| {

@@ -54,9 +54,12 @@ fn broker_answers_offsets_for_times() {
     assert_eq!(offset_for_time(&topic, base + 20_001), Offset::End, "past the last record");
 }
 
-/// Latest final revision of every aggregate: aggregate_id → (total, count, start, end).
-fn finals_by_id(topic: &str) -> BTreeMap<String, (Decimal, u64, i64, i64)> {
-    let mut latest: BTreeMap<String, (u32, (Decimal, u64, i64, i64))> = BTreeMap::new();
+/// An aggregate's (total, count, start, end).
+type Totals = (Decimal, u64, i64, i64);
+
+/// Latest final revision of every aggregate: aggregate_id → its totals.
+fn finals_by_id(topic: &str) -> BTreeMap<String, Totals> {
+    let mut latest: BTreeMap<String, (u32, Totals)> = BTreeMap::new();
     for r in read_all(topic) {
         let v = r.json();
         if !v["final"].as_bool().unwrap() {

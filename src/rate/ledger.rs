@@ -49,6 +49,9 @@ pub enum LedgerError {
 
 /// What rating one aggregate did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Returned once per aggregate and consumed at once, never stored: a box would only add
+// an allocation per charge.
+#[allow(clippy::large_enum_variant)]
 pub enum Rated {
     /// A charge (possibly of 0 when a correction did not change the quantity), and the
     /// alerts for thresholds it made the balance reach.

@@ -89,14 +89,9 @@ mod tests {
         let ms = Duration::from_millis;
         let mut now = t0;
         let mut delays = Vec::new();
-        loop {
-            match o.failed(&P, now) {
-                Step::Retry(d) => {
-                    delays.push(d.as_millis());
-                    now += d;
-                }
-                Step::GiveUp => break,
-            }
+        while let Step::Retry(d) = o.failed(&P, now) {
+            delays.push(d.as_millis());
+            now += d;
         }
         assert_eq!(delays, vec![100, 200, 400, 800, 1000, 500]);
         assert_eq!(now - t0, ms(3000));

@@ -192,7 +192,7 @@ pub fn run(
         }
         while let Some((p, m)) = merge.pop() {
             replay_one(cfg, s, &io, &m, p, &mut op, &mut store, &producer, &mut sum)?;
-            if sum.read % FLUSH_EVERY == 0 {
+            if sum.read.is_multiple_of(FLUSH_EVERY) {
                 op.flush(&mut store)?;
                 store.commit(None)?;
             }

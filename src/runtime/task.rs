@@ -73,6 +73,10 @@ impl<S> Tasks<S> {
         self.tasks.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
     fn contains(&self, partition: i32) -> bool {
         self.tasks.contains_key(&partition)
     }
