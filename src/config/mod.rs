@@ -499,7 +499,11 @@ mod tests {
         cfg.check().unwrap();
         assert_eq!(cfg.topics, Topics::default());
         assert_eq!(cfg.window_settings(), WindowSettings::default());
-        assert_eq!(cfg, Config::default(), "the shipped file documents the defaults");
+        // Besides the defaults, the file ships example meters (there are none by default).
+        let slugs: Vec<&str> = cfg.meters.all().iter().map(|m| m.slug.as_str()).collect();
+        assert_eq!(slugs, ["tokens_total", "active_users"]);
+        let without_meters = Config { meters: Default::default(), ..cfg };
+        assert_eq!(without_meters, Config::default(), "the shipped file documents the defaults");
     }
 
     #[test]
