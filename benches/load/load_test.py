@@ -233,8 +233,11 @@ class Sampler(threading.Thread):
                 text = r.read().decode()
         except OSError:
             return {}
-        buckets, in_flight = defaultdict(list), None
+        buckets, in_flight, views = defaultdict(list), None, 0.0
         for line in text.splitlines():
+            if line.startswith("pulses_view_memory_bytes{"):
+                # What serve's RocksDB views hold (memtables, block caches, table readers).
+                views += float(line.rsplit(" ", 1)[1])
             if line.startswith("pulses_http_request_duration_seconds_bucket{"):
                 labels, value = line[len("pulses_http_request_duration_seconds_bucket{"):].rsplit("} ", 1)
                 fields = dict(f.split("=", 1) for f in labels.split(","))
@@ -242,7 +245,7 @@ class Sampler(threading.Thread):
                 buckets[fields["route"].strip('"')].append((float("inf") if le == "+Inf" else float(le), float(value)))
             elif line.startswith("pulses_http_requests_in_flight "):
                 in_flight = float(line.split()[1])
-        return {"server_buckets": dict(buckets), "serve_in_flight": in_flight}
+        return {"server_buckets": dict(buckets), "serve_in_flight": in_flight, "serve_views_mb": views / 2**20}
 
     def locust_tree(self):
         try:
@@ -516,6 +519,7 @@ def chart(path, requests, samples, t0, title):
     ax[1].set_ylabel("requests/s")
     xs = [s["t"] - t0 for s in samples]
     ax[2].plot(xs, [s.get("serve_rss_mb") for s in samples], label="serve RSS MiB")
+    ax[2].plot(xs, [s.get("serve_views_mb") for s in samples], label="of which RocksDB views MiB")
     ax2 = ax[2].twinx()
     ax2.plot(xs, [s.get("serve_fds") for s in samples], color="tab:red", label="serve open fds")
     ax2.set_ylabel("fds")
@@ -671,6 +675,7 @@ def main():
         "cpu_mean_percent_of_one_core": {n: round(sum(cpu(n)) / max(len(cpu(n)), 1), 1) for n in ("serve", "run", "rate", "broker", "locust")},
         "serve_rss_mb_peak": max((s.get("serve_rss_mb", 0) for s in sampler.samples), default=None),
         "serve_fds_peak": max((s.get("serve_fds", 0) for s in sampler.samples), default=None),
+        "serve_views_mb_peak": max((s.get("serve_views_mb", 0) for s in sampler.samples), default=None),
         "phases": stage_rows,
         "checks": checks, "ok": all(c["ok"] for c in checks),
         "series": series(requests, t0, CHART_BUCKET_S), "samples": sampler.samples,

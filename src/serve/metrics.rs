@@ -63,7 +63,20 @@ impl prometheus_client::collector::Collector for ViewMetrics {
         let read = ConstCounter::new(self.0.records_read.load(std::sync::atomic::Ordering::Relaxed));
         read.encode(e.encode_descriptor("pulses_view_records_read", "Aggregate records the usage view read since this process started (a restart resumes from stored positions).", None, read.metric_type())?)?;
         let lag = ConstGauge::new(self.1.as_of().lag);
-        lag.encode(e.encode_descriptor("pulses_charges_view_lag", "Charge records the charges view has yet to read (all partitions).", None, lag.metric_type())?)
+        lag.encode(e.encode_descriptor("pulses_charges_view_lag", "Charge records the charges view has yet to read (all partitions).", None, lag.metric_type())?)?;
+        let mut memory = e.encode_descriptor(
+            "pulses_view_memory_bytes",
+            "Memory a view's RocksDB store holds, by view and kind: memtables and block cache (bounded by configuration), table readers' index and filter blocks (grow with the data).",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (view, kinds) in [("usage", self.0.memory()), ("charges", self.1.memory())] {
+            for (kind, bytes) in kinds {
+                let labels = [("view", view), ("kind", kind)];
+                ConstGauge::new(bytes as i64).encode(memory.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -150,6 +150,8 @@ pub struct AsOf {
 /// A view's store and status.
 pub struct View<T> {
     db: DB,
+    /// The store's block cache, to report what it holds.
+    cache: Cache,
     path: PathBuf,
     as_of: Mutex<AsOf>,
     /// Records read since this process started (a restart resumes, so few).
@@ -215,11 +217,12 @@ impl<T: Viewed> View<T> {
         // bound. Index blocks stay outside it (they are small, one per file); inside a
         // cache this small, scans evicted them and serve's CPU doubled under load.
         let mut table = BlockBasedOptions::default();
-        table.set_block_cache(&Cache::new_lru_cache(VIEW_BLOCK_CACHE_BYTES));
+        let cache = Cache::new_lru_cache(VIEW_BLOCK_CACHE_BYTES);
+        table.set_block_cache(&cache);
         opts.set_block_based_table_factory(&table);
         let db = DB::open(&opts, path).map_err(|source| ViewError::Store { path: path.to_owned(), source })?;
         let as_of = Mutex::new(AsOf::default());
-        Ok(Self { db, path: path.to_owned(), as_of, records_read: Default::default(), kept: std::marker::PhantomData })
+        Ok(Self { db, cache, path: path.to_owned(), as_of, records_read: Default::default(), kept: std::marker::PhantomData })
     }
 
     fn store_err(&self, source: rocksdb::Error) -> ViewError {
@@ -290,6 +293,18 @@ impl<T: Viewed> View<T> {
             }
         }
         Ok(out)
+    }
+
+    /// What the store holds in memory, by kind: memtables (bounded by the write buffer
+    /// settings), the block cache (bounded by its capacity) and the table readers'
+    /// index and filter blocks (outside the cache: they grow with the data on disk).
+    pub fn memory(&self) -> [(&'static str, u64); 3] {
+        let property = |name: &str| self.db.property_int_value(name).ok().flatten().unwrap_or(0);
+        [
+            ("memtables", property("rocksdb.cur-size-all-mem-tables")),
+            ("block_cache", self.cache.get_usage() as u64),
+            ("table_readers", property("rocksdb.estimate-table-readers-mem")),
+        ]
     }
 
     pub fn as_of(&self) -> AsOf {
