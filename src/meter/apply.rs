@@ -12,7 +12,7 @@ use super::event::CloudEvent;
 use super::key::MeterKey;
 use super::path::Found;
 use super::{Aggregation, Meter, Meters};
-use crate::pulse::validate::{exact_decimal, RecordContext, RejectReason, Rejection};
+use crate::pulse::validate::{exact_decimal, json_decimal, RecordContext, RejectReason, Rejection};
 use crate::pulse::{ids, GroupedPulse, SourceRef};
 
 /// The grouped pulses a CloudEvent record's JSON becomes (stage 1 and replay alike).
@@ -94,18 +94,9 @@ fn meter_path(meter: &Meter) -> String {
     meter.value_property.as_ref().map(|p| p.to_string()).unwrap_or_default()
 }
 
-/// A value as an exact decimal: a JSON number as written, or a numeric string.
+/// A value as an exact decimal, read as pulses' amounts are ([`json_decimal`]).
 pub fn number(v: &RawValue) -> Result<Decimal, String> {
-    let text = v.get();
-    if text.starts_with('"') {
-        let s: String = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        exact_decimal(s.trim()).map_err(|e| format!("{text} is not a decimal number ({e})"))
-    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        exact_decimal(text).map_err(|e| format!("{text} is not an exact decimal ({e})"))
-    } else {
-        let shown: String = text.chars().take(40).collect();
-        Err(format!("{shown} is not a number or a numeric string"))
-    }
+    json_decimal(v).map_err(|why| format!("{}: {why}", v.get().chars().take(40).collect::<String>()))
 }
 
 /// A group-by value as text: a string's content, anything else its JSON text.

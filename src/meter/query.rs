@@ -18,6 +18,7 @@ use chrono_tz::Tz;
 use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::Aggregation;
+use crate::pulse::decimal::exact_add;
 
 /// Decimal places of an `avg` (half to even): sum / count is rarely a finite decimal.
 pub const AVG_SCALE: u32 = 10;
@@ -266,8 +267,7 @@ pub fn fold(q: &Query, aggregation: Aggregation, windows: &[StoredWindow], from:
         let subject = q.by_subject().then(|| w.subject.clone());
         let groups = names.iter().map(|n| w.group_by.get(*n).cloned()).collect();
         let f = rows.entry((start, end, subject, groups)).or_default();
-        f.total = f.total.checked_add(w.total)
-            .filter(|t| t.scale() >= f.total.scale().max(w.total.scale()))
+        f.total = exact_add(f.total, w.total)
             .ok_or_else(|| Inexact(format!("the sum of {} and {} does not fit an exact decimal", f.total, w.total)))?;
         f.count += w.count;
         f.min = Some(f.min.map_or(w.min, |m| m.min(w.min)));

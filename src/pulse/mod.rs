@@ -3,6 +3,7 @@
 //! validation makes of it ([`validate`]) and what stage 1 writes to the grouped topic
 //! ([`GroupedPulse`]). Plain types only: no Kafka, no RocksDB.
 
+pub mod decimal;
 pub mod ids;
 pub mod json;
 pub mod time;

@@ -184,15 +184,8 @@ pub fn identifier(field: &str, value: Option<&str>) -> Result<String, Rejection>
 pub fn amount(raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
     let raw = raw.ok_or_else(|| Rejection::new(RejectReason::MissingField, "used_amount is required"))?;
     let text = raw.get();
-    let invalid = |why: &str| Rejection::new(RejectReason::InvalidAmount, format!("used_amount {text}: {why}"));
-    let mut value = if text.starts_with('"') {
-        let s = json_string(text).ok_or_else(|| invalid("not a string"))?;
-        exact_decimal(s.trim()).map_err(|e| invalid(&e))?
-    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        exact_decimal(text).map_err(|e| invalid(&e))?
-    } else {
-        return Err(invalid("must be a JSON number or a decimal string"));
-    };
+    let mut value = json_decimal(raw)
+        .map_err(|why| Rejection::new(RejectReason::InvalidAmount, format!("used_amount {text}: {why}")))?;
     if value.is_sign_negative() {
         if !value.is_zero() {
             return Err(Rejection::new(RejectReason::NegativeAmount, format!("used_amount {value} is negative")));
@@ -200,6 +193,20 @@ pub fn amount(raw: Option<&RawValue>) -> Result<Decimal, Rejection> {
         value.set_sign_positive(true);
     }
     Ok(value)
+}
+
+/// A JSON value as an exact decimal: a number's literal text, or a decimal string (as
+/// pulses' `used_amount` and meters' values are written); why not, otherwise.
+pub fn json_decimal(raw: &RawValue) -> Result<Decimal, String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s = json_string(text).ok_or("not a string")?;
+        exact_decimal(s.trim())
+    } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        exact_decimal(text)
+    } else {
+        Err("must be a JSON number or a decimal string".into())
+    }
 }
 
 /// A decimal in plain (`0.000000651`) or exponent notation (`6.51E-7`, `1E+3`,

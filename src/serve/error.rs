@@ -50,6 +50,11 @@ impl ApiError {
         Self { errors, ..Self::bad_request("invalid_pulse", detail) }
     }
 
+    pub fn invalid_events(errors: Vec<PulseError>) -> Self {
+        let detail = format!("{} invalid event(s); nothing was accepted", errors.len());
+        Self { errors, ..Self::bad_request("invalid_event", detail) }
+    }
+
     pub fn unavailable(detail: impl Into<String>, retry_after: u64) -> Self {
         Self { retry_after: Some(retry_after), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail) }
     }

@@ -110,20 +110,35 @@ pub fn prepare(body: &[u8], caller: &Caller, idempotency_key: Option<&str>, now_
 
 /// The pulses of a body: a JSON array of them, or one.
 fn pulses_of(body: &[u8]) -> Result<Vec<&RawValue>, ApiError> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(first) => items_of(body, *first == b'[', Items { noun: "pulse", array: "array", too_many: "too_many_pulses" }),
+        None => Err(ApiError::bad_request("invalid_json", "the body is empty; send a pulse or an array of pulses")),
+    }
+}
+
+/// What a request body holds, for its error answers.
+pub(super) struct Items {
+    pub noun: &'static str,
+    /// What a client calls the array (`array`, `batch`).
+    pub array: &'static str,
+    /// The error code of a body with more than [`MAX_PULSES`] items.
+    pub too_many: &'static str,
+}
+
+/// The items of a body that is one JSON value, or an array of at least one and at most
+/// [`MAX_PULSES`] (pulses and CloudEvents alike), each kept as its JSON text.
+pub(super) fn items_of(body: &[u8], array: bool, what: Items) -> Result<Vec<&RawValue>, ApiError> {
     let invalid = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}"));
-    let items: Vec<&RawValue> = match body.iter().find(|b| !b.is_ascii_whitespace()) {
-        Some(b'[') => serde_json::from_slice(body).map_err(invalid)?,
-        Some(_) => vec![serde_json::from_slice(body).map_err(invalid)?],
-        None => return Err(ApiError::bad_request("invalid_json", "the body is empty; send a pulse or an array of pulses")),
-    };
+    let items: Vec<&RawValue> =
+        if array { serde_json::from_slice(body).map_err(invalid)? } else { vec![serde_json::from_slice(body).map_err(invalid)?] };
     if items.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "the array is empty; send at least one pulse"));
+        return Err(ApiError::bad_request("invalid_json", format!("the {} is empty; send at least one {}", what.array, what.noun)));
     }
     if items.len() > MAX_PULSES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "too_many_pulses",
-            format!("{} pulses in one request; at most {MAX_PULSES}", items.len()),
+            what.too_many,
+            format!("{} {}s in one request; at most {MAX_PULSES}", items.len(), what.noun),
         ));
     }
     Ok(items)

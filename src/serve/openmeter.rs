@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 
 use super::error::{ApiError, PulseError};
-use super::ingest::{read_body, Prepared};
+use super::ingest::{items_of, read_body, Items, Prepared};
 use super::App;
 use crate::meter::apply::read;
 use crate::meter::event::CloudEvent;
@@ -27,9 +27,6 @@ use crate::meter::query::{self, Query, StoredSize, StoredWindow, WindowSize};
 use crate::meter::{Meter, Meters};
 use crate::pulse::time;
 use crate::window::WindowAggregate;
-
-/// Most events in one request (as for pulses).
-pub const MAX_EVENTS: usize = super::ingest::MAX_PULSES;
 
 /// Checks a request's events for `caller`: every one a CloudEvent every meter of its
 /// type can read, every subject one the caller may act for. The events are written as
@@ -47,18 +44,7 @@ pub fn prepare_events(body: &[u8], content_type: &str, caller: &super::keys::Cal
             )))
         }
     };
-    let invalid = |e: serde_json::Error| ApiError::bad_request("invalid_json", format!("the body is not JSON: {e}"));
-    let items: Vec<&RawValue> = if batch {
-        serde_json::from_slice(body).map_err(invalid)?
-    } else {
-        vec![serde_json::from_slice(body).map_err(invalid)?]
-    };
-    if items.is_empty() {
-        return Err(ApiError::bad_request("invalid_json", "the batch is empty; send at least one event"));
-    }
-    if items.len() > MAX_EVENTS {
-        return Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_many_events", format!("{} events in one request; at most {MAX_EVENTS}", items.len())));
-    }
+    let items = items_of(body, batch, Items { noun: "event", array: "batch", too_many: "too_many_events" })?;
     let mut prepared = Vec::with_capacity(items.len());
     let mut errors = Vec::new();
     for (index, item) in items.iter().enumerate() {
@@ -82,8 +68,7 @@ pub fn prepare_events(body: &[u8], content_type: &str, caller: &super::keys::Cal
     if errors.is_empty() {
         Ok(prepared)
     } else {
-        let detail = format!("{} invalid event(s); nothing was accepted", errors.len());
-        Err(ApiError { errors, ..ApiError::bad_request("invalid_event", detail) })
+        Err(ApiError::invalid_events(errors))
     }
 }
 
@@ -234,8 +219,8 @@ fn stored(a: WindowAggregate) -> Option<StoredWindow> {
 
 /// A decimal as a JSON number, digit for digit (a `serde_json::Value` would hold it
 /// as an f64: `0.20` would be written `0.2`, `6.51E-7` as `6.51e-7`, large sums rounded).
-fn number(d: rust_decimal::Decimal) -> Box<RawValue> {
-    RawValue::from_string(d.to_string()).unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
+fn number(d: rust_decimal::Decimal) -> Option<Box<RawValue>> {
+    RawValue::from_string(d.to_string()).ok()
 }
 
 /// OpenMeter's `MeterQueryResult`.
@@ -251,7 +236,7 @@ struct QueryAnswer {
 /// OpenMeter's `MeterQueryRow`.
 #[derive(serde::Serialize)]
 struct QueryRow {
-    value: Box<RawValue>,
+    value: Option<Box<RawValue>>,
     #[serde(rename = "windowStart")]
     window_start: String,
     #[serde(rename = "windowEnd")]
