@@ -98,6 +98,22 @@ fn metrics_count_what_was_sent_and_readyz_waits_for_the_restore() {
     assert!(value(&m, "pulses_end_to_end_latency_seconds_count{window=\"inflight\"}") > 0.0);
     assert_eq!(value(&m, "pulses_corrections_total"), 0.0);
     assert_eq!(value(&m, "pulses_ready"), 1.0);
+    // Every transaction's Kafka part is timed once, and every stage commit is timed
+    // (polled: a commit may be between its count and its timing at a scrape).
+    wait_until("commit and transaction timings", DEADLINE, || {
+        let m = scrape(&addr);
+        for stage in ["group", "aggregate"] {
+            let v = |series: String| value(&m, &series);
+            let outcomes = v(format!("pulses_transactions_total{{stage=\"{stage}\",outcome=\"committed\"}}"))
+                + v(format!("pulses_transactions_total{{stage=\"{stage}\",outcome=\"aborted\"}}"));
+            let timed = v(format!("pulses_transaction_duration_seconds_count{{stage=\"{stage}\"}}"));
+            let commits = v(format!("pulses_commit_duration_seconds_count{{stage=\"{stage}\"}}"));
+            if timed != outcomes || timed == 0.0 || commits < timed {
+                return Err(format!("{stage}: {outcomes} transactions, {timed} timed, {commits} commits timed"));
+            }
+        }
+        Ok(())
+    });
     // Lag comes from librdkafka statistics every 5 s: a series per partition, and once
     // the pipeline is done each is 0, or 1 where the partition ends in a transaction
     // marker (committed offsets point past the last record, before its marker).

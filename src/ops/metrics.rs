@@ -156,14 +156,23 @@ impl LabeledHistograms {
     }
 
     pub fn observe_ms(&self, label: &str, ms: i64) {
-        let h = {
-            let Ok(mut m) = self.by_label.lock() else { return };
-            match m.get(label) {
-                Some(h) => Arc::clone(h),
-                None => Arc::clone(m.entry(label.to_owned()).or_insert_with(|| Arc::new(Histogram::new(self.bounds)))),
-            }
-        };
-        h.observe_ms(ms);
+        if let Some(h) = self.histogram(label) {
+            h.observe_ms(ms);
+        }
+    }
+
+    pub fn observe(&self, label: &str, elapsed: std::time::Duration) {
+        if let Some(h) = self.histogram(label) {
+            h.observe(elapsed.as_secs_f64());
+        }
+    }
+
+    fn histogram(&self, label: &str) -> Option<Arc<Histogram>> {
+        let mut m = self.by_label.lock().ok()?;
+        Some(match m.get(label) {
+            Some(h) => Arc::clone(h),
+            None => Arc::clone(m.entry(label.to_owned()).or_insert_with(|| Arc::new(Histogram::new(self.bounds)))),
+        })
     }
 
     pub fn snapshot(&self) -> Vec<(String, HistogramSnapshot)> {
@@ -211,6 +220,11 @@ pub struct OpsMetrics {
     /// By window: last_event_time of a final aggregate → its commit.
     pub end_to_end: LabeledHistograms,
     pub checkpoint_duration: Histogram,
+    /// By stage: a commit of the stage loop, which blocks it (state changes handed to
+    /// the producer, the transaction or flush, the local state write).
+    pub commit_duration: LabeledHistograms,
+    /// By stage: the Kafka part of it (flush, offsets, transaction commit).
+    pub transaction_duration: LabeledHistograms,
     pub transactions: Mutex<BTreeMap<(String, TxnOutcome), u64>>,
     /// By stage: times a failed stage was replaced in-process (see `runtime::supervise`).
     pub stage_restarts: Mutex<BTreeMap<String, u64>>,
@@ -225,6 +239,8 @@ impl Default for OpsMetrics {
             close_delay: LabeledHistograms::new(LATENCY_BUCKETS),
             end_to_end: LabeledHistograms::new(LATENCY_BUCKETS),
             checkpoint_duration: Histogram::new(CHECKPOINT_BUCKETS),
+            commit_duration: LabeledHistograms::new(CHECKPOINT_BUCKETS),
+            transaction_duration: LabeledHistograms::new(CHECKPOINT_BUCKETS),
             transactions: Mutex::new(BTreeMap::new()),
             stage_restarts: Mutex::new(BTreeMap::new()),
             lag: Mutex::new(BTreeMap::new()),

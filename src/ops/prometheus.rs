@@ -66,10 +66,17 @@ fn family<'a>(
 }
 
 /// One histogram family; a non-empty label value becomes `window="…"`.
-fn histograms(encoder: &mut DescriptorEncoder, name: &str, help: &str, series: &[(String, HistogramSnapshot)]) -> std::fmt::Result {
+/// Histograms by the value of one label (`label`; an empty value: no label).
+fn histograms(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    series: &[(String, HistogramSnapshot)],
+) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-    for (window, h) in series {
-        let labels: Labels<'_> = if window.is_empty() { vec![] } else { vec![("window", window.as_str())] };
+    for (value, h) in series {
+        let labels: Labels<'_> = if value.is_empty() { vec![] } else { vec![(label, value.as_str())] };
         // The snapshot's buckets are cumulative; the encoder wants each bucket's own count.
         let mut below = 0;
         let buckets: Vec<(f64, u64)> = h
@@ -154,13 +161,21 @@ impl Collector for PipelineMetrics {
         histograms(&mut e, "pulses_window_close_delay_seconds",
             "Wall-clock time from the moment stage 2 saw a partition's watermark pass window_end + grace (and emitted the \
              final aggregate) to the commit of the transaction that published it. Revision 0 only.",
-            &ops.close_delay.snapshot())?;
+            "window", &ops.close_delay.snapshot())?;
         histograms(&mut e, "pulses_end_to_end_latency_seconds",
             "Commit wall time of a final aggregate (revisions included) minus its last_event_time: how long after the \
              newest pulse it counts the result is readable downstream. Includes the window size and grace.",
-            &ops.end_to_end.snapshot())?;
+            "window", &ops.end_to_end.snapshot())?;
         histograms(&mut e, "pulses_checkpoint_duration_seconds", "Time to write one partition's checkpoint (RocksDB snapshot).",
-            &[(String::new(), ops.checkpoint_duration.snapshot())])?;
+            "", &[(String::new(), ops.checkpoint_duration.snapshot())])?;
+        histograms(&mut e, "pulses_commit_duration_seconds",
+            "A stage's commit, during which it processes nothing: its state changes handed to the producer, the \
+             Kafka part (pulses_transaction_duration_seconds), then its local state written.",
+            "stage", &ops.commit_duration.snapshot())?;
+        histograms(&mut e, "pulses_transaction_duration_seconds",
+            "The Kafka part of a stage's commit: outputs flushed, offsets sent, transaction committed (exactly_once), \
+             or outputs flushed (at_least_once; its offsets commit after the local state).",
+            "stage", &ops.transaction_duration.snapshot())?;
 
         family(&mut e, "pulses_restored_records", "Changelog records applied while restoring stores.", Counter,
             [(vec![], n(get(&a.restored_records)))])?;
@@ -193,6 +208,7 @@ mod tests {
         add(&m.group.consumed, 7);
         add(m.group.dlq_for(RejectReason::NegativeAmount), 2);
         m.ops.close_delay.observe_ms("minute", 120);
+        m.ops.commit_duration.observe("aggregate", std::time::Duration::from_millis(30));
         let text = render(&pipeline_registry(Arc::clone(&m), &Config::default()));
         assert!(text.contains("# TYPE pulses_records_consumed_total counter\n"), "{text}");
         assert!(text.contains("pulses_records_consumed_total{stage=\"group\",topic=\"source.pulses\"} 7\n"));
@@ -203,6 +219,9 @@ mod tests {
         assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"0.25\"} 1\n"));
         assert!(text.contains("pulses_window_close_delay_seconds_bucket{window=\"minute\",le=\"+Inf\"} 1\n"));
         assert!(text.contains("pulses_window_close_delay_seconds_count{window=\"minute\"} 1\n"));
+        assert!(text.contains("pulses_commit_duration_seconds_bucket{stage=\"aggregate\",le=\"0.01\"} 0\n"), "{text}");
+        assert!(text.contains("pulses_commit_duration_seconds_bucket{stage=\"aggregate\",le=\"0.05\"} 1\n"));
+        assert!(text.contains("pulses_commit_duration_seconds_sum{stage=\"aggregate\"} 0.03\n"));
         assert!(text.contains("pulses_ready 0\n"));
         // Every sample line belongs to a family declared before it.
         let mut declared = std::collections::HashSet::new();

@@ -166,6 +166,13 @@ impl RecordCollector {
         }
     }
 
+    /// The Kafka part of a commit took since `started`.
+    fn timed(&self, started: std::time::Instant) {
+        if let Some(m) = &self.metrics {
+            m.ops.transaction_duration.observe(self.stage, started.elapsed());
+        }
+    }
+
     /// Whether a transaction is open: records were sent since the last commit.
     pub fn in_transaction(&self) -> bool {
         self.in_transaction.get()
@@ -227,8 +234,10 @@ impl RecordCollector {
         advanced: bool,
     ) -> Result<Durable, TxnError> {
         self.check_not_failed()?;
+        let started = std::time::Instant::now();
         if !self.transactional {
             self.failing(clients::flush(&self.producer, FLUSH_TIMEOUT).map_err(TxnError::from))?;
+            self.timed(started);
             let ctx = self.producer.context();
             if ctx.failed() > 0 {
                 return Err(self.fail(TxnError::Delivery(ctx.failed(), ctx.last_error().unwrap_or_default())));
@@ -242,6 +251,7 @@ impl RecordCollector {
         let _span = tracing::info_span!("transaction", stage = self.stage, partitions = offsets.len()).entered();
         let result = self.commit_transaction(consumer, topic, &offsets);
         self.count(if result.is_ok() { TxnOutcome::Committed } else { TxnOutcome::Aborted });
+        self.timed(started);
         self.failing(result)?;
         Ok(Durable { tracked_next: self.producer.context().next_offsets(), offsets: BTreeMap::new(), committed: !offsets.is_empty() })
     }

@@ -160,7 +160,7 @@ where
                 // open while it is waited for, then wait.
                 Read::CommitFirst => {
                     stage.punctuate(&mut tasks, &consumer)?;
-                    commit(&consumer, &mut stage, &mut tasks)?;
+                    commit(&consumer, &mut stage, &mut tasks, &metrics)?;
                     policy.committed(Instant::now());
                     reader.read(msg, Wait::until(&stop))
                 }
@@ -183,12 +183,12 @@ where
         policy.handled(records);
         stage.punctuate(&mut tasks, &consumer)?;
         if policy.due(Instant::now()).is_some() {
-            commit(&consumer, &mut stage, &mut tasks)?;
+            commit(&consumer, &mut stage, &mut tasks, &metrics)?;
             policy.committed(Instant::now());
             stage.maintain(&mut tasks, false)?;
         }
     }
-    commit(&consumer, &mut stage, &mut tasks)?;
+    commit(&consumer, &mut stage, &mut tasks, &metrics)?;
     stage.maintain(&mut tasks, true)?;
     let all: Vec<i32> = tasks.iter_mut().map(|t| t.partition).collect();
     stage.closed(tasks.close(&all));
@@ -236,10 +236,12 @@ fn read<R: RecordReader, M: Message>(reader: &R, msg: &M, stop: &dyn Fn() -> boo
 
 /// Commits the running tasks: their state changes to their outputs, outputs and
 /// offsets together, then their local state.
-fn commit<S: Stage>(consumer: &StageConsumer, stage: &mut S, tasks: &mut Tasks<S::State>) -> Result<(), StageError> {
+fn commit<S: Stage>(consumer: &StageConsumer, stage: &mut S, tasks: &mut Tasks<S::State>, metrics: &Metrics) -> Result<(), StageError> {
+    let started = Instant::now();
     stage.prepare_commit(tasks)?;
     let offsets = tasks.commit(consumer, |task, tracked_next| stage.write_state(task, tracked_next))?;
     stage.committed(offsets);
+    metrics.ops.commit_duration.observe(S::NAME, started.elapsed());
     Ok(())
 }
 
@@ -274,7 +276,7 @@ fn on_rebalances<S: Stage>(
                 } else {
                     tracing::info!(stage = S::NAME, ?partitions, "partitions revoked; committing and closing their tasks");
                     any_commit = true;
-                    commit(consumer, stage, tasks)
+                    commit(consumer, stage, tasks, metrics)
                 };
                 // A task revoked while restoring no longer holds readiness back.
                 for p in tasks.restoring().into_iter().filter(|p| partitions.contains(p)) {

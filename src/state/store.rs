@@ -1,6 +1,7 @@
-//! The RocksDB [`WindowStore`]. Writes of a batch go to a `WriteBatch` (plus an
-//! in-memory overlay, so reads within the batch see them) and reach disk in one atomic
-//! write at [`PartitionStore::commit`], which stage 2 calls before committing offsets.
+//! The RocksDB [`WindowStore`]. Writes of a batch are kept in an in-memory overlay (so
+//! reads within the batch see them) and reach disk in one atomic, key-ordered
+//! `WriteBatch` at [`PartitionStore::commit`], which the stage calls once its
+//! transaction committed.
 //!
 //! Key layout (one byte of prefix, then big-endian fields so keys sort by time):
 //! - `m`                                 → watermark (JSON)
@@ -66,8 +67,8 @@ impl StoreResources {
 pub struct PartitionStore {
     db: DB,
     path: PathBuf,
-    batch: WriteBatch,
-    /// Writes of the current batch: `None` is a delete.
+    /// Writes of the current batch, the last of each key: `None` is a delete. The
+    /// batch written at commit is built from it.
     overlay: HashMap<Vec<u8>, Option<Vec<u8>>>,
     /// The open-window keys among them, in order, for reading a bucket's range.
     overlay_open: BTreeSet<Vec<u8>>,
@@ -119,7 +120,6 @@ impl PartitionStore {
         Ok(Self {
             db,
             path: path.to_owned(),
-            batch: WriteBatch::default(),
             overlay: HashMap::new(),
             overlay_open: BTreeSet::new(),
             purged_closed: None,
@@ -152,12 +152,25 @@ impl PartitionStore {
         if !moved && self.overlay.is_empty() {
             return Ok(());
         }
-        if let (true, Some(next)) = (moved, changelog_next) {
-            self.batch.put(POSITION_KEY, sortable(next));
-            self.position = Some(next);
+        // In key order: RocksDB's memtable inserts keys that follow the previous one
+        // without searching its skip list again, and dedupe ids are random; inserted as
+        // they came, the write took most of stage 2's commit (docs/performance.md).
+        let mut writes: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self.overlay.iter().collect();
+        writes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut batch = WriteBatch::default();
+        for (key, value) in writes {
+            match value {
+                Some(v) => batch.put(key, v),
+                None => batch.delete(key),
+            }
         }
-        let batch = std::mem::take(&mut self.batch);
+        if let (true, Some(next)) = (moved, changelog_next) {
+            batch.put(POSITION_KEY, sortable(next));
+        }
         self.db.write(batch).map_err(|e| self.rocks(e))?;
+        if moved {
+            self.position = changelog_next;
+        }
         self.overlay.clear();
         self.overlay_open.clear();
         Ok(())
@@ -255,13 +268,11 @@ impl PartitionStore {
     }
 
     fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.batch.put(&key, &value);
         self.note_open(&key);
         self.overlay.insert(key, Some(value));
     }
 
     fn delete(&mut self, key: Vec<u8>) {
-        self.batch.delete(&key);
         self.note_open(&key);
         self.overlay.insert(key, None);
     }
