@@ -8,7 +8,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::Config;
@@ -144,7 +144,7 @@ fn transactional_config(cfg: &Config, transactional_id: &str) -> ClientConfig {
 
 /// Waits until every record `producer` has enqueued is delivered or has failed, for
 /// at most `timeout`, asking librdkafka to send what lingers at once. For producers
-/// whose delivery reports a thread of their own serves ([`ThreadedProducer`], and
+/// whose delivery reports a thread of their own serves ([`TrackedProducer`], and
 /// rdkafka's `FutureProducer`): every producer pulses creates.
 ///
 /// It is librdkafka's own `rd_kafka_flush`, which in event mode (how rdkafka sets it
@@ -259,8 +259,8 @@ impl ProducerContext for DeliveryTracker {
     }
 }
 
-/// A producer whose delivery reports are polled by a background thread.
-pub type TrackedProducer = ThreadedProducer<DeliveryTracker>;
+/// A producer whose delivery reports a thread of its own serves as they arrive.
+pub type TrackedProducer = super::reports::ReportedProducer<DeliveryTracker>;
 
 pub fn tracked_producer(cfg: &Config, tracker: DeliveryTracker) -> Result<TrackedProducer, KafkaError> {
     producer_config(cfg).create_with_context(tracker)
@@ -278,7 +278,7 @@ pub fn transactional_producer(
 /// Enqueues a record, waiting while librdkafka's local queue is full instead of
 /// failing: back-pressure, not loss.
 pub fn send_with_backpressure<'a, K, P, C>(
-    producer: &ThreadedProducer<C>,
+    producer: &BaseProducer<C>,
     mut record: rdkafka::producer::BaseRecord<'a, K, P, ()>,
 ) -> Result<(), KafkaError>
 where

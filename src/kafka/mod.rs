@@ -8,6 +8,7 @@ pub mod clients;
 pub mod dlq;
 pub mod partitioner;
 pub mod reader;
+pub mod reports;
 pub mod security;
 pub mod startup;
 pub mod upstream;

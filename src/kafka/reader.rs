@@ -152,8 +152,7 @@ impl PartitionsToEnd {
             if self.is_done() {
                 return Ok(None);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.consumer.poll(left) {
+            match self.consumer.poll(crate::kafka::batch::poll_wait_left(deadline)) {
                 None => {
                     if let Some(stall) = self.stall.filter(|s| self.last_event.elapsed() > *s) {
                         let (&partition, &offset) = self.positions.iter().find(|(p, _)| !self.finished.contains(p)).unwrap_or((&-1, &-1));
