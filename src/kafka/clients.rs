@@ -2,14 +2,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::KafkaError;
 use rdkafka::message::DeliveryResult;
-use rdkafka::producer::{BaseProducer, Producer, ProducerContext};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::{BaseProducer, ProducerContext};
 
 use crate::config::Config;
 
@@ -142,31 +140,7 @@ fn transactional_config(cfg: &Config, transactional_id: &str) -> ClientConfig {
     with_user_overrides(c, cfg)
 }
 
-/// Waits until every record `producer` has enqueued is delivered or has failed, for
-/// at most `timeout`, asking librdkafka to send what lingers at once. For producers
-/// whose delivery reports a thread of their own serves ([`TrackedProducer`], and
-/// rdkafka's `FutureProducer`): every producer pulses creates.
-///
-/// It is librdkafka's own `rd_kafka_flush`, which in event mode (how rdkafka sets it
-/// up) sleeps on a condition until the count of records in flight reaches zero.
-/// rdkafka's `Producer::flush` instead polls the delivery queue in a loop against the
-/// background thread that serves it: at 10,000 pulses/s under exactly_once that loop
-/// was 40% of pulses' CPU (two commits a stage every 100 ms, each spinning until the
-/// broker acknowledged), and its steps of up to 100 ms made a 3 ms flush take 100.
-pub fn flush<C, P>(producer: &P, timeout: Duration) -> KafkaResult<()>
-where
-    C: ProducerContext,
-    P: Producer<C>,
-{
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: the handle belongs to `producer`, which the borrow keeps alive for the call;
-    // rd_kafka_flush is safe to call from any thread.
-    let err = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms) };
-    match RDKafkaErrorCode::from(err) {
-        RDKafkaErrorCode::NoError => Ok(()),
-        code => Err(KafkaError::Flush(code)),
-    }
-}
+pub use super::reports::flush;
 
 /// Counts failed deliveries so a batch is never committed past a lost record, and
 /// remembers where the records of one topic (stage 2's changelog) landed, so a store
