@@ -50,15 +50,10 @@ pub fn read_to_end(cfg: &Config, topic: &str, partition: i32, name: &'static str
 pub fn commit(producer: &TrackedProducer, topic: &str, partition: i32, records: &[(String, Vec<u8>)]) -> Result<(), BillingError> {
     producer.begin_transaction()?;
     for (key, value) in records {
-        let mut record = BaseRecord::to(topic).partition(partition).key(key).payload(value);
-        // The local queue is far larger than a transaction's records.
-        while let Err((e, back)) = producer.send(record) {
-            if !matches!(e.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::QueueFull)) {
-                let _ = producer.abort_transaction(TXN_TIMEOUT);
-                return Err(e.into());
-            }
-            record = back;
-            producer.poll(Duration::from_millis(10));
+        let record = BaseRecord::to(topic).partition(partition).key(key).payload(value);
+        if let Err(e) = clients::send_with_backpressure(producer, record) {
+            let _ = producer.abort_transaction(TXN_TIMEOUT);
+            return Err(e.into());
         }
     }
     // Delivered first: commit_transaction's own wait for deliveries is slower (see

@@ -65,8 +65,8 @@ fn family<'a>(
     Ok(())
 }
 
-/// One histogram family; a non-empty label value becomes `window="…"`.
-/// Histograms by the value of one label (`label`; an empty value: no label).
+/// One histogram family, a series per value of one label: a non-empty value becomes
+/// `label="…"`; an empty one, a series without labels.
 fn histograms(
     encoder: &mut DescriptorEncoder,
     name: &str,
